@@ -1,0 +1,50 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create the virtual environment and install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.aurora-installed
+EXTRAS ?= runtime,operator,dev
+
+.PHONY: demo test unit integration e2e lint typecheck install model clean help
+
+help:
+	@echo "make demo   - run the whole loop locally (aurora local) on the default model"
+	@echo "make test   - lint, type-check and run every test (unit, integration, e2e)"
+	@echo "make unit | integration | e2e | lint | typecheck | model | clean"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade "pip>=23.2"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/aurora models pull smollm2-135m
+
+lint: install
+	$(BIN)/ruff check aurora operator runtime tests
+	$(BIN)/ruff format --check aurora operator runtime tests
+
+typecheck: install
+	$(BIN)/python scripts/typecheck.py
+
+unit: install
+	$(BIN)/pytest -m unit
+
+integration: model
+	$(BIN)/pytest -m integration
+
+e2e: install
+	$(BIN)/pytest -m e2e
+
+test: model lint typecheck
+	$(BIN)/pytest
+
+demo: model
+	$(BIN)/aurora local
+
+clean:
+	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info

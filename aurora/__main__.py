@@ -1,0 +1,3 @@
+from aurora.cli import main
+
+raise SystemExit(main())
