@@ -1,0 +1,414 @@
+"""Draft proposers: the EAGLE-3 style draft head and the model-free n-gram proposer.
+
+Both sit behind one interface: ``proposer.start(prompt_ids)`` returns a per-request
+session whose ``propose(tokens, features, k, temperature, generator)`` returns the
+next ``k`` draft tokens (and their draft probabilities when sampled).
+
+The draft head (EAGLE-3): target hidden states from a low, a middle and a high
+layer are fused by one linear layer; one Llama-style decoder layer takes the
+fused feature together with the embedding of the next token and predicts the
+token after it, through a reduced draft vocabulary (``d2t`` maps draft ids to
+target ids). Chain drafting feeds the layer's own output back as the next
+feature. Training uses the same two functions (``step1`` over a sequence with
+target features, ``chain`` for the unrolled steps), so what is trained is what
+is served.
+
+Indexing, used throughout: the target has features ``F[i]`` for every position
+``i`` it processed; the draft pairs ``F[i]`` with token ``x[i+1]`` and predicts
+``x[i+2]``. A chain from anchor ``p`` runs steps ``s = 1..k``: step 1 is the pair
+``(F[p], x[p+1])``; step ``s > 1`` is ``(g[s-1], c[s])`` at position ``p+s-1``,
+attending to step-1 keys at positions ``<= p`` and to its own earlier chain keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """The draft head's architecture; stored in every checkpoint's metadata."""
+
+    target: str
+    hidden_size: int
+    target_vocab_size: int
+    fuse_layers: tuple[int, int, int]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    draft_vocab_size: int = 2048
+    kind: str = "eagle3"
+
+    @classmethod
+    def for_target(
+        cls,
+        target_config: Any,
+        target: str,
+        *,
+        fuse_layers: tuple[int, int, int] | None = None,
+        draft_vocab_size: int = 2048,
+    ) -> DraftConfig:
+        """A draft shaped for a Hugging Face target config (Llama-like attention)."""
+        n = int(target_config.num_hidden_layers)
+        layers = fuse_layers or (2, n // 2, n - 3)
+        if not all(0 <= i < n for i in layers):
+            raise ValueError(
+                f"fuse_layers {layers} out of range: the target has {n} layers (0..{n - 1})"
+            )
+        hidden = int(target_config.hidden_size)
+        heads = int(target_config.num_attention_heads)
+        return cls(
+            target=target,
+            hidden_size=hidden,
+            target_vocab_size=int(target_config.vocab_size),
+            fuse_layers=(int(layers[0]), int(layers[1]), int(layers[2])),
+            num_heads=heads,
+            num_kv_heads=int(getattr(target_config, "num_key_value_heads", heads) or heads),
+            head_dim=int(getattr(target_config, "head_dim", None) or hidden // heads),
+            intermediate_size=int(target_config.intermediate_size),
+            rms_eps=float(getattr(target_config, "rms_norm_eps", 1e-5)),
+            rope_theta=float(_rope_theta(target_config)),
+            draft_vocab_size=min(draft_vocab_size, int(target_config.vocab_size)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fuse_layers"] = list(self.fuse_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DraftConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"draft_config has unknown fields {sorted(unknown)}")
+        values = dict(data)
+        values["fuse_layers"] = tuple(values["fuse_layers"])
+        return cls(**values)
+
+
+def _rope_theta(config: Any) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        params = getattr(config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta", 10000.0)
+    return float(theta)
+
+
+# ---------------------------------------------------------------------------- head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary position embedding for x [N, heads, head_dim] at integer positions [N]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
+    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class EagleDraftHead(nn.Module):
+    """EAGLE-3 draft head. The target's token embedding is used frozen and is not
+    part of the head's weights (nor of its checkpoints)."""
+
+    def __init__(self, config: DraftConfig, target_embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.config = config
+        h, nh, nkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        # Not registered as a submodule: frozen, owned by the target, never saved.
+        self.__dict__["target_embedding"] = target_embedding
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.embed_norm = RMSNorm(h, config.rms_eps)
+        self.feature_norm = RMSNorm(h, config.rms_eps)
+        self.q_proj = nn.Linear(2 * h, nh * hd, bias=False)
+        self.k_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(2 * h, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        self.post_norm = RMSNorm(h, config.rms_eps)
+        self.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.final_norm = RMSNorm(h, config.rms_eps)
+        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+        # d2t[j] is the target token id of draft token j (sorted ascending).
+        self.register_buffer("d2t", torch.arange(config.draft_vocab_size), persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+        # Start as a residual pass-through of the fused feature plus attention.
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def set_vocabulary(self, token_ids: Tensor) -> None:
+        """Choose the draft vocabulary (target ids); resets the LM head rows' meaning."""
+        ids = torch.unique(token_ids.to(torch.long))
+        if ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(
+                f"draft vocabulary has {ids.numel()} ids, the config says "
+                f"draft_vocab_size={self.config.draft_vocab_size}"
+            )
+        self.d2t.copy_(ids.to(self.d2t.device))
+
+    def target_to_draft(self) -> Tensor:
+        """t2d [target_vocab]: draft index of each target id, -1 where absent."""
+        t2d = torch.full((self.config.target_vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        t2d[self.d2t] = torch.arange(self.d2t.numel(), device=self.d2t.device)
+        return t2d
+
+    # -- the two computations shared by serving and training -------------------
+
+    def fuse(self, hidden_states: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+        """Pick the fused layers from a target's per-layer hidden states, [..., 3H]."""
+        # hidden_states[0] is the embedding output; layer i's output is at i + 1.
+        low, mid, high = (hidden_states[i + 1] for i in self.config.fuse_layers)
+        return torch.cat([low, mid, high], dim=-1)
+
+    def _qkv(self, feature: Tensor, tokens: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
+        c = self.config
+        emb = self.target_embedding(tokens).to(feature.dtype)
+        x = torch.cat([self.embed_norm(emb), self.feature_norm(feature)], dim=-1)
+        q = self.q_proj(x).view(-1, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(-1, c.num_kv_heads, c.head_dim)
+        return rotate(q, positions, c.rope_theta), rotate(k, positions, c.rope_theta), v
+
+    def _finish(self, residual: Tensor, attn: Tensor) -> Tensor:
+        h = residual + self.o_proj(attn)
+        m = self.post_norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """q [N, nh, hd], keys/values [N, M, nkv, hd] or [M, nkv, hd], mask [N, M] -> [N, nh*hd]."""
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        if keys.dim() == 3:
+            keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        keys = keys.repeat_interleave(group, dim=2)
+        values = values.repeat_interleave(group, dim=2)
+        scores = torch.einsum("nhd,nmhd->nhm", q, keys.expand(q.shape[0], -1, -1, -1))
+        scores = scores / math.sqrt(c.head_dim)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.einsum("nhm,nmhd->nhd", probs, values.expand(q.shape[0], -1, -1, -1))
+        return out.reshape(q.shape[0], -1)
+
+    def step1(
+        self, features: Tensor, tokens: Tensor, positions: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 1 over T consecutive positions: raw target features [T, 3H], next
+        tokens [T], positions [T]; attends causally to ``past`` keys/values
+        [P, nkv, hd] then to itself. Returns (hidden [T, H], keys, values) where
+        keys/values include the past."""
+        fused = self.fc(features)
+        q, k, v = self._qkv(fused, tokens, positions)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=0)
+            v = torch.cat([past[1], v], dim=0)
+        t, m = q.shape[0], k.shape[0]
+        mask = torch.ones(t, m, dtype=torch.bool, device=q.device).tril(diagonal=m - t)
+        if t == 1 or m <= 4096:
+            attn = self._attend_causal(q, k, v, mask)
+        else:  # pragma: no cover - very long sequences
+            attn = self._attend(q, k, v, mask)
+        return self._finish(fused, attn), k, v
+
+    def _attend_causal(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, nh, T, hd]
+        kh = k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        vh = v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[None, None])
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+    def chain(
+        self, prev_hidden: Tensor, tokens: Tensor, positions: Tensor,
+        step1_keys: Tensor, step1_values: Tensor, anchors: Tensor,
+        chain_keys: Tensor | None, chain_values: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One unrolled step for A chains at once: previous hidden [A, H], input
+        tokens [A], positions [A]; each chain attends to step-1 keys at positions
+        <= its anchor [A] and to its own earlier chain keys [A, r, nkv, hd].
+        Returns (hidden [A, H], chain_keys, chain_values) with this step appended."""
+        q, k, v = self._qkv(prev_hidden, tokens, positions)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)
+        chain_keys = k if chain_keys is None else torch.cat([chain_keys, k], dim=1)
+        chain_values = v if chain_values is None else torch.cat([chain_values, v], dim=1)
+        length = step1_keys.shape[0]
+        visible = torch.arange(length, device=q.device)[None, :] <= anchors[:, None]
+        keys = torch.cat([step1_keys.unsqueeze(0).expand(q.shape[0], -1, -1, -1), chain_keys], 1)
+        values = torch.cat([step1_values.unsqueeze(0).expand(q.shape[0], -1, -1, -1), chain_values], 1)
+        mask = torch.cat(
+            [visible, torch.ones(q.shape[0], chain_keys.shape[1], dtype=torch.bool, device=q.device)], 1
+        )
+        return self._finish(prev_hidden, self._attend(q, keys, values, mask)), chain_keys, chain_values
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Draft-vocabulary logits [..., V_draft]."""
+        return self.lm_head(self.final_norm(hidden))
+
+
+# ---------------------------------------------------------------------------- proposers
+
+
+@dataclass
+class Proposal:
+    """k draft tokens; ``probs`` [k, target_vocab] when they were sampled, None when
+    the proposer is deterministic (each token then counts as probability one)."""
+
+    tokens: list[int]
+    probs: Tensor | None = None
+
+
+class DraftSession(Protocol):
+    def propose(
+        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        generator: torch.Generator | None,
+    ) -> Proposal: ...
+
+
+class Proposer(Protocol):
+    """Anything that drafts tokens. ``needs_features`` asks the engine for the
+    target's per-layer hidden states."""
+
+    revision: str
+    needs_features: bool
+
+    def start(self, prompt_ids: list[int]) -> DraftSession: ...
+
+
+class NgramProposer:
+    """Prompt lookup: continue the most recent earlier occurrence of the context's
+    last n tokens (longest n first). Model-free; a day-0 draft and a baseline."""
+
+    needs_features = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, revision: str = "ngram") -> None:
+        self.max_ngram, self.min_ngram, self.revision = max_ngram, min_ngram, revision
+
+    def start(self, prompt_ids: list[int]) -> NgramSession:
+        return NgramSession(self.max_ngram, self.min_ngram)
+
+
+@dataclass
+class NgramSession:
+    max_ngram: int
+    min_ngram: int
+    # n-gram -> start of the continuation after its latest occurrence
+    index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0
+
+    def propose(
+        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        # Index every n-gram whose continuation start is an existing token.
+        for start in range(max(self.indexed, 1), len(tokens)):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if start - n >= 0:
+                    self.index[tuple(tokens[start - n:start])] = start
+        self.indexed = max(self.indexed, len(tokens))
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(tokens) < n:
+                continue
+            start = self.index.get(tuple(tokens[-n:]))
+            if start is not None:
+                return Proposal(tokens[start:start + k])
+        return Proposal([])
+
+
+class EagleProposer:
+    """Serves an EagleDraftHead: catch up on new target features, then chain."""
+
+    needs_features = True
+
+    def __init__(self, head: EagleDraftHead, revision: str) -> None:
+        self.head, self.revision = head, revision
+
+    def start(self, prompt_ids: list[int]) -> EagleSession:
+        return EagleSession(self.head)
+
+
+@dataclass
+class EagleSession:
+    head: EagleDraftHead
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    consumed: int = 0  # target positions whose features the draft has taken in
+
+    def propose(
+        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        """features: raw fused-layer target features [m, 3H] for the target
+        positions consumed..consumed+m-1; tokens: the whole committed sequence."""
+        if features is None or features.shape[0] == 0 or k <= 0:
+            return Proposal([])
+        head = self.head
+        m, start = features.shape[0], self.consumed
+        device = features.device
+        next_tokens = torch.tensor(tokens[start + 1:start + m + 1], device=device)
+        positions = torch.arange(start, start + m, device=device)
+        past = None if self.keys is None else (self.keys, self.values)
+        hidden, self.keys, self.values = head.step1(features, next_tokens, positions, past)  # type: ignore[arg-type]
+        self.consumed = start + m
+        anchor = torch.tensor([start + m - 1], device=device)
+        g = hidden[-1:]
+        chain_k = chain_v = None
+        drafted: list[int] = []
+        probs: list[Tensor] = []
+        for s in range(1, k + 1):
+            logits = head.logits(g)[0]
+            if temperature > 0:
+                q = torch.softmax(logits.float() / temperature, dim=-1)
+                j = int(torch.multinomial(q, 1, generator=generator))
+                full = torch.zeros(head.config.target_vocab_size, device=device)
+                full[head.d2t] = q
+                probs.append(full)
+            else:
+                j = int(torch.argmax(logits))
+            token = int(head.d2t[j])
+            drafted.append(token)
+            if s == k:
+                break
+            g, chain_k, chain_v = head.chain(
+                g, torch.tensor([token], device=device), anchor + s, self.keys, self.values,  # type: ignore[arg-type]
+                anchor, chain_k, chain_v,
+            )
+        return Proposal(drafted, torch.stack(probs) if probs else None)
+
+
+def load_draft_head(
+    tensors: dict[str, Tensor], config: DraftConfig, target_embedding: nn.Embedding,
+    device: torch.device | str = "cpu",
+) -> EagleDraftHead:
+    """Build a head from checkpoint tensors (strict: every weight must be present)."""
+    head = EagleDraftHead(config, target_embedding)
+    head.load_state_dict(tensors, strict=True)
+    return head.to(device).eval().requires_grad_(False)
