@@ -1,0 +1,731 @@
+"""The rollout policy: which draft revision serves, and when a candidate replaces it.
+
+Pure and deterministic (stdlib + pydantic): the operator's kopf timer and `aurora local`
+call `decide` on a timer with what they observed, persist `Decision.new_state`, publish
+`Decision.desired` and turn `Decision.events` into Kubernetes Events. Same inputs, same
+decision.
+
+State machine (`RolloutState.phase`; event actions in brackets, kept in the bounded history)::
+
+    Idle        -> Canary          newest eligible candidate [StartCanary]
+    Idle        -> Idle            newest eligible candidate is not loadable [Reject]
+    Canary      -> Promoting       lower bound >= minSpeedup [Promote]
+    Canary      -> Idle            upper bound < regressionThreshold [Rollback] (RolledBack);
+                                   a server failed to load it [Reject] (Rejected)
+    Canary      -> Hold | Idle     inconclusive at maxCanarySamples: onInconclusive Hold [Hold]
+                                   or Rollback [Rollback]
+    Canary|Hold -> Canary          a newer candidate supersedes it [Superseded, StartCanary]
+    Canary|Hold -> Promoting|Idle  a person's `Override` [Promote | Rollback]
+    Promoting   -> Idle            every server reports it as stable [Promoted]; a server
+                                   failed to load it [Reject], the old stable stays
+
+- Idle: the stable revision serves alone (None = no draft, plain decoding). The newest
+  candidate (by `created`) that is newer than every candidate already tried, not rejected
+  and not the stable one starts a canary; older ones are skipped for good.
+- Canary: the candidate serves `canaryShare` of requests (or replicas; the caller decides),
+  `baselineShare` is served without speculation. A candidate arriving mid-canary waits for
+  the canary to resolve, except that with `replaceCanaryWithNewer` a candidate trained from
+  the canary (its `parent` is the canary) supersedes it at once.
+- Hold: inconclusive; the candidate keeps its canary share and a person decides (an
+  `Override`), like an Argo Rollouts pause. A newer candidate supersedes a held one, so the
+  pipeline never blocks on a person.
+- Promoting: desired stable is the candidate; `stable_revision` stays the old one until
+  every server reports the new one loaded (servers still serving the old revision never
+  count as promoted). A load failure then rejects it and the old stable stays desired.
+- Rolled back and rejected revisions go to `RolloutState.rejected` and are never retried.
+
+Statistics: the unit is one request's decode tokens/s, the throughput users feel
+(acceptance length alone does not predict speedup; offline accept lengths only appear in
+reasons). Each arm (stable, candidate, baseline = speculation off) is its most recent
+`maxCanarySamples` requests with finite positive throughput. speedup = mean(candidate) /
+mean(stable). Bounds come from a percentile bootstrap: each arm is resampled independently
+`bootstrapResamples` times with a generator seeded from (seed, arm, revision); the lower
+bound is the (1 − confidence) quantile of the resampled ratios, the upper bound the
+`confidence` quantile, each a one-sided bound at `confidence`. Once both arms hold
+`minSamples`: Promote when lower ≥ minSpeedup; Rollback when upper < regressionThreshold
+(validated ≤ minSpeedup, so the two never both hold); otherwise keep collecting until the
+candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable revision
+whose upper bound against the baseline is below 1.0 (both arms ≥ minSamples) is flagged
+`Measurement.stable_regressed` and named in the reason; the decision itself does not change
+(no flip-flop), the operator reports it as Degraded.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+Arm = Literal["stable", "candidate", "baseline"]
+Phase = Literal["Idle", "Canary", "Hold", "Promoting"]
+Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold", "Wait"]
+EventAction = Literal[
+    "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded"
+]
+
+HISTORY_LIMIT = 20
+REJECTED_LIMIT = 50
+_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+
+
+class _Model(BaseModel):
+    """camelCase on the wire (Kubernetes status, Redis), snake_case in Python."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        frozen=True,
+    )
+
+
+def _decimal(value: object, name: str, example: str) -> Decimal:
+    """Parse a Kubernetes-style decimal string ("1.05"); the error names `rollout.<name>`."""
+    text = (
+        str(value).strip()
+        if isinstance(value, str | int | float | Decimal) and not isinstance(value, bool)
+        else ""
+    )
+    if not _DECIMAL.match(text):
+        raise ValueError(
+            f"rollout.{name}: {value!r} is not a decimal number; write it as a string such as {example!r}"
+        )
+    return Decimal(text)
+
+
+def _in_range(value: Decimal, name: str, example: str, low: str, high: str) -> float:
+    """Check `low < value < high` (bounds named in the message) and return a float."""
+    if not Decimal(low) < value < Decimal(high):
+        raise ValueError(
+            f"rollout.{name}: {value} must be above {low} and below {high}, e.g. {example!r}"
+        )
+    return float(value)
+
+
+class RolloutPolicy(_Model):
+    """`Speculator.spec.rollout`: thresholds, shares and statistics settings.
+
+    Fractions and thresholds accept decimal strings ("1.05", "0.5"), per the Kubernetes
+    API conventions, as well as numbers.
+    """
+
+    min_speedup: Decimal = Decimal("1.05")
+    min_samples: int = Field(30, ge=2)
+    canary_share: float = 0.5
+    baseline_share: float = 0.1
+    on_inconclusive: Literal["Hold", "Rollback"] = "Hold"
+    confidence: float = 0.9
+    max_canary_samples: int = Field(300, ge=2)
+    regression_threshold: Decimal = Decimal("0.97")
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
+    seed: int = 0
+    replace_canary_with_newer: bool = False
+
+    @field_validator("min_speedup", mode="before")
+    @classmethod
+    def _min_speedup(cls, value: object) -> Decimal:
+        parsed = _decimal(value, "minSpeedup", "1.05")
+        if parsed <= 0:
+            raise ValueError(f"rollout.minSpeedup: {value!r} must be positive, e.g. '1.05'")
+        return parsed
+
+    @field_validator("regression_threshold", mode="before")
+    @classmethod
+    def _regression_threshold(cls, value: object) -> Decimal:
+        parsed = _decimal(value, "regressionThreshold", "0.97")
+        if parsed <= 0:
+            raise ValueError(
+                f"rollout.regressionThreshold: {value!r} must be positive, e.g. '0.97'"
+            )
+        return parsed
+
+    @field_validator("canary_share", mode="before")
+    @classmethod
+    def _canary_share(cls, value: object) -> float:
+        return _in_range(_decimal(value, "canaryShare", "0.5"), "canaryShare", "0.5", "0", "1")
+
+    @field_validator("baseline_share", mode="before")
+    @classmethod
+    def _baseline_share(cls, value: object) -> float:
+        # Zero is allowed: no baseline arm, so no speedup against plain decoding.
+        parsed = _decimal(value, "baselineShare", "0.1")
+        return 0.0 if parsed == 0 else _in_range(parsed, "baselineShare", "0.1", "0", "1")
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _confidence(cls, value: object) -> float:
+        return _in_range(_decimal(value, "confidence", "0.9"), "confidence", "0.9", "0.5", "1")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutPolicy:
+        if self.max_canary_samples < self.min_samples:
+            raise ValueError(
+                f"rollout.maxCanarySamples: {self.max_canary_samples} is below rollout.minSamples "
+                f"{self.min_samples}; raise it, e.g. to {10 * self.min_samples}"
+            )
+        if self.regression_threshold > self.min_speedup:
+            raise ValueError(
+                f"rollout.regressionThreshold: {self.regression_threshold} is above rollout.minSpeedup "
+                f"{self.min_speedup}; it must not exceed it, e.g. '0.97' with '1.05'"
+            )
+        if self.canary_share + self.baseline_share >= 1:
+            raise ValueError(
+                f"rollout.canaryShare {self.canary_share} + rollout.baselineShare {self.baseline_share} "
+                "leave no traffic for the stable revision; keep the sum below 1, e.g. '0.5' and '0.1'"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSample:
+    """One finished request as a server measured it. `arm` "baseline" = speculation off."""
+
+    revision: str
+    arm: Arm
+    decode_tokens_per_s: float
+    accept_length: float
+    new_tokens: int
+    created: float
+
+
+class Candidate(_Model):
+    """A draft revision the trainer offers; `parent` is the revision it was trained from."""
+
+    revision: str = Field(min_length=1)
+    parent: str | None = None
+    created: float
+    offline_accept_length: float | None = None
+    stable_offline_accept_length: float | None = None
+    loadable: bool = True
+
+
+class ServerLoad(_Model):
+    """What one server reports it has loaded, and its last failed load.
+
+    `error_revision` names the revision `error` is about; when absent the error counts
+    against any desired revision the server has not loaded.
+    """
+
+    server: str
+    stable: str | None = None
+    candidate: str | None = None
+    error: str | None = None
+    error_revision: str | None = None
+
+
+class Override(_Model):
+    """A person's decision on the current canary (e.g. from an annotation)."""
+
+    action: Literal["Promote", "Rollback"]
+    revision: str
+
+
+class RolloutEvent(_Model):
+    time: float
+    action: EventAction
+    revision: str | None
+    reason: str
+
+
+class RolloutState(_Model):
+    """What the caller persists between decisions (Kubernetes status or Redis); plain JSON.
+
+    During Promoting, `stable_revision` is still the old revision (what servers are known
+    to serve) and `candidate_revision` the one being promoted.
+    """
+
+    phase: Phase = "Idle"
+    stable_revision: str | None = None
+    candidate_revision: str | None = None
+    canary_started_at: float | None = None
+    phase_since: float | None = None
+    # `created` of the newest candidate ever acted on; older candidates are never offered.
+    tried_through: float | None = None
+    rejected: list[str] = Field(default_factory=list)
+    history: list[RolloutEvent] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutState:
+        if (self.phase == "Idle") != (self.candidate_revision is None):
+            raise ValueError(
+                f"rolloutState: phase {self.phase!r} with candidateRevision {self.candidate_revision!r}; "
+                "Idle has no candidate and every other phase has one"
+            )
+        return self
+
+
+class DesiredRevisions(_Model):
+    """What servers should serve: the shares are fractions of requests (or replicas)."""
+
+    stable: str | None
+    candidate: str | None
+    candidate_share: float
+    baseline_share: float
+
+
+class ArmStats(_Model):
+    revision: str | None
+    samples: int
+    decode_tokens_per_s: float | None
+    accept_length: float | None
+    new_tokens: int
+
+
+class Speedup(_Model):
+    """Ratio of mean per-request decode tokens/s, with one-sided bootstrap bounds."""
+
+    estimate: float
+    lower: float
+    upper: float
+
+
+class Measurement(_Model):
+    confidence: float
+    stable: ArmStats
+    candidate: ArmStats
+    baseline: ArmStats
+    speedup_vs_stable: Speedup | None
+    stable_speedup_vs_baseline: Speedup | None
+    candidate_speedup_vs_baseline: Speedup | None
+    stable_regressed: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The next step. `measurement` holds the figures it was based on (the state's
+    revisions before the decision); `events` are those appended to the history by it."""
+
+    action: Action
+    reason: str
+    new_state: RolloutState
+    desired: DesiredRevisions
+    measurement: Measurement | None
+    events: tuple[RolloutEvent, ...] = ()
+
+    @property
+    def stable_regressed(self) -> bool:
+        return self.measurement is not None and self.measurement.stable_regressed
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _usable(sample: RequestSample) -> bool:
+    return math.isfinite(sample.decode_tokens_per_s) and sample.decode_tokens_per_s > 0
+
+
+def _recent(samples: Iterable[RequestSample], window: int) -> list[RequestSample]:
+    # A total order on the samples' content makes the result independent of input order.
+    ordered = sorted(
+        samples,
+        key=lambda s: (s.created, s.decode_tokens_per_s, s.accept_length, s.new_tokens, s.revision),
+    )
+    return ordered[-window:]
+
+
+def _arm_stats(revision: str | None, arm: list[RequestSample]) -> ArmStats:
+    n = len(arm)
+    return ArmStats(
+        revision=revision,
+        samples=n,
+        decode_tokens_per_s=math.fsum(s.decode_tokens_per_s for s in arm) / n if n else None,
+        accept_length=math.fsum(s.accept_length for s in arm) / n if n else None,
+        new_tokens=sum(s.new_tokens for s in arm),
+    )
+
+
+def _resampled_means(arm: list[RequestSample], policy: RolloutPolicy, seed: str) -> list[float]:
+    values = [s.decode_tokens_per_s for s in arm]
+    n = len(values)
+    rng = random.Random(f"{policy.seed}:{seed}")
+    return [sum(rng.choices(values, k=n)) / n for _ in range(policy.bootstrap_resamples)]
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _speedup(
+    numerator: ArmStats,
+    numerator_means: list[float],
+    denominator: ArmStats,
+    denominator_means: list[float],
+    confidence: float,
+) -> Speedup | None:
+    if numerator.decode_tokens_per_s is None or denominator.decode_tokens_per_s is None:
+        return None
+    ratios = sorted(a / b for a, b in zip(numerator_means, denominator_means, strict=True))
+    return Speedup(
+        estimate=numerator.decode_tokens_per_s / denominator.decode_tokens_per_s,
+        lower=_quantile(ratios, 1 - confidence),
+        upper=_quantile(ratios, confidence),
+    )
+
+
+def measure(
+    samples: Sequence[RequestSample],
+    stable: str | None,
+    candidate: str | None,
+    policy: RolloutPolicy,
+) -> Measurement:
+    """Live figures for the stable and candidate revisions and the no-speculation baseline.
+
+    Samples of other revisions are ignored. With `stable` None (no draft) the stable arm is
+    every request served without a draft (arm "stable" or "baseline"), which then is also
+    the baseline, and `stable_speedup_vs_baseline` is None. Deterministic: same samples in
+    any order give the same measurement.
+    """
+    usable = [s for s in samples if _usable(s)]
+    window = policy.max_canary_samples
+    if stable is None:
+        stable_arm = _recent((s for s in usable if s.arm in ("stable", "baseline")), window)
+        baseline_arm = stable_arm
+    else:
+        stable_arm = _recent(
+            (s for s in usable if s.arm == "stable" and s.revision == stable), window
+        )
+        baseline_arm = _recent((s for s in usable if s.arm == "baseline"), window)
+    candidate_arm = _recent(
+        (s for s in usable if s.arm == "candidate" and s.revision == candidate), window
+    )
+    stable_stats = _arm_stats(stable, stable_arm)
+    candidate_stats = _arm_stats(candidate, candidate_arm)
+    baseline_stats = _arm_stats(None, baseline_arm)
+    stable_means = _resampled_means(stable_arm, policy, f"stable:{stable}") if stable_arm else []
+    candidate_means = (
+        _resampled_means(candidate_arm, policy, f"candidate:{candidate}") if candidate_arm else []
+    )
+    confidence = policy.confidence
+    vs_stable = _speedup(candidate_stats, candidate_means, stable_stats, stable_means, confidence)
+    if stable is None:
+        stable_vs_baseline, candidate_vs_baseline = None, vs_stable
+    else:
+        baseline_means = _resampled_means(baseline_arm, policy, "baseline") if baseline_arm else []
+        stable_vs_baseline = _speedup(
+            stable_stats, stable_means, baseline_stats, baseline_means, confidence
+        )
+        candidate_vs_baseline = _speedup(
+            candidate_stats, candidate_means, baseline_stats, baseline_means, confidence
+        )
+    regressed = (
+        stable_vs_baseline is not None
+        and min(stable_stats.samples, baseline_stats.samples) >= policy.min_samples
+        and stable_vs_baseline.upper < 1.0
+    )
+    return Measurement(
+        confidence=confidence,
+        stable=stable_stats,
+        candidate=candidate_stats,
+        baseline=baseline_stats,
+        speedup_vs_stable=vs_stable,
+        stable_speedup_vs_baseline=stable_vs_baseline,
+        candidate_speedup_vs_baseline=candidate_vs_baseline,
+        stable_regressed=regressed,
+    )
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def _name(revision: str | None) -> str:
+    return revision if revision is not None else "no draft"
+
+
+def _ratio(speedup: Speedup, confidence: float) -> str:
+    return f"{speedup.estimate:.3f}x ({confidence:.0%} bounds {speedup.lower:.3f}x-{speedup.upper:.3f}x)"
+
+
+def _figures(m: Measurement) -> str:
+    """The canary's numbers in one phrase, for reasons."""
+    text = f"{m.candidate.samples} candidate / {m.stable.samples} stable requests"
+    if m.speedup_vs_stable is not None:
+        text = f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs {_name(m.stable.revision)} on {text}"
+    against = [
+        f"{label} {s.estimate:.3f}x"
+        for label, s in (
+            ("candidate", m.candidate_speedup_vs_baseline),
+            ("stable", m.stable_speedup_vs_baseline),
+        )
+        if s is not None
+    ]
+    if against and m.baseline.samples:
+        text += f"; vs no speculation ({m.baseline.samples} requests): {', '.join(against)}"
+    return text
+
+
+def _desired(policy: RolloutPolicy, state: RolloutState) -> DesiredRevisions:
+    if state.phase == "Promoting":
+        stable, candidate = state.candidate_revision, None
+    else:
+        stable, candidate = state.stable_revision, state.candidate_revision
+    return DesiredRevisions(
+        stable=stable,
+        candidate=candidate,
+        candidate_share=policy.canary_share if candidate is not None else 0.0,
+        baseline_share=policy.baseline_share,
+    )
+
+
+@dataclass
+class _Tick:
+    """One call of `decide`: the observations, and the events appended so far."""
+
+    policy: RolloutPolicy
+    candidates: Sequence[Candidate]
+    loads: Sequence[ServerLoad]
+    now: float
+    measurement: Measurement | None
+    events: list[RolloutEvent] = field(default_factory=list)
+
+    def record(
+        self,
+        state: RolloutState,
+        action: EventAction,
+        revision: str | None,
+        reason: str,
+        **changes: Any,
+    ) -> RolloutState:
+        event = RolloutEvent(time=self.now, action=action, revision=revision, reason=reason)
+        self.events.append(event)
+        if "phase" in changes:
+            changes["phase_since"] = self.now
+        history = [*state.history, event][-HISTORY_LIMIT:]
+        return state.model_copy(update={**changes, "history": history})
+
+    def decision(self, action: Action, reason: str, state: RolloutState) -> Decision:
+        m = self.measurement
+        if m is not None and m.stable_regressed and m.stable_speedup_vs_baseline is not None:
+            reason += (
+                f"; stable {_name(m.stable.revision)} is slower than no speculation: "
+                f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} stable / "
+                f"{m.baseline.samples} baseline requests"
+            )
+        return Decision(action, reason, state, _desired(self.policy, state), m, tuple(self.events))
+
+    def newest_eligible(self, state: RolloutState) -> Candidate | None:
+        eligible = [
+            c
+            for c in self.candidates
+            if c.revision not in state.rejected
+            and c.revision not in (state.stable_revision, state.candidate_revision)
+            and (state.tried_through is None or c.created > state.tried_through)
+        ]
+        return max(eligible, key=lambda c: (c.created, c.revision), default=None)
+
+    def load_failure(self, revision: str) -> ServerLoad | None:
+        for load in sorted(self.loads, key=lambda load: load.server):
+            if load.error and (
+                load.error_revision == revision
+                or (load.error_revision is None and revision not in (load.stable, load.candidate))
+            ):
+                return load
+        return None
+
+    def retire(self, state: RolloutState, action: EventAction, reason: str) -> RolloutState:
+        """End the current candidate for good (Rollback or Reject): stable serves alone."""
+        revision = state.candidate_revision
+        assert revision is not None
+        return self.record(
+            state,
+            action,
+            revision,
+            reason,
+            phase="Idle",
+            candidate_revision=None,
+            canary_started_at=None,
+            rejected=[*state.rejected, revision][-REJECTED_LIMIT:],
+        )
+
+    # -- phases
+
+    def idle(self, state: RolloutState, done: str = "") -> Decision:
+        candidate = self.newest_eligible(state)
+        if candidate is None:
+            return self.decision(
+                "None", done or f"serving {_name(state.stable_revision)}; no new candidate", state
+            )
+        prefix = f"{done}; " if done else ""
+        if not candidate.loadable:
+            reason = f"{prefix}trainer marked {candidate.revision} not loadable; {_name(state.stable_revision)} keeps serving"
+            state = self.record(
+                state,
+                "Reject",
+                candidate.revision,
+                reason,
+                tried_through=candidate.created,
+                rejected=[*state.rejected, candidate.revision][-REJECTED_LIMIT:],
+            )
+            return self.decision("Reject", reason, state)
+        reason = (
+            f"canary {candidate.revision} against {_name(state.stable_revision)} on "
+            f"{self.policy.canary_share:.0%} of requests"
+        )
+        if candidate.offline_accept_length is not None:
+            reason += f"; offline accept length {candidate.offline_accept_length:.2f}"
+            if candidate.stable_offline_accept_length is not None:
+                reason += f" vs {candidate.stable_offline_accept_length:.2f}"
+        state = self.record(
+            state,
+            "StartCanary",
+            candidate.revision,
+            reason,
+            phase="Canary",
+            candidate_revision=candidate.revision,
+            canary_started_at=self.now,
+            tried_through=candidate.created,
+        )
+        return self.decision("StartCanary", prefix + reason, state)
+
+    def canary(self, state: RolloutState, override: Override | None) -> Decision:
+        revision, stable = state.candidate_revision, _name(state.stable_revision)
+        assert revision is not None and self.measurement is not None
+        m, policy = self.measurement, self.policy
+        if failure := self.load_failure(revision):
+            reason = f"server {failure.server} failed to load {revision}: {failure.error}; {stable} keeps serving"
+            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
+        offered = next((c for c in self.candidates if c.revision == revision), None)
+        if offered is not None and not offered.loadable:
+            reason = f"trainer marked {revision} not loadable; {stable} keeps serving"
+            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
+        if override is not None and override.revision == revision:
+            if override.action == "Promote":
+                return self.promote(state, f"{revision} promoted by a person; {_figures(m)}")
+            reason = f"{revision} rolled back by a person; {_figures(m)}"
+            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+        newer = self.newest_eligible(state)
+        if (
+            newer is not None
+            and newer.loadable
+            and (
+                state.phase == "Hold"
+                or (policy.replace_canary_with_newer and newer.parent == revision)
+            )
+        ):
+            reason = f"{newer.revision} (trained from {_name(newer.parent)}) supersedes {state.phase.lower()} {revision}"
+            state = self.record(
+                state,
+                "Superseded",
+                revision,
+                reason,
+                phase="Idle",
+                candidate_revision=None,
+                canary_started_at=None,
+            )
+            return self.idle(state, done=reason)
+        if state.phase == "Hold":
+            reason = (
+                f"holding {revision} on {policy.canary_share:.0%} of requests: inconclusive, a person "
+                f"decides (or a newer candidate supersedes it); {_figures(m)}"
+            )
+            return self.decision("Hold", reason, state)
+        speedup = m.speedup_vs_stable
+        if speedup is None or min(m.candidate.samples, m.stable.samples) < policy.min_samples:
+            reason = (
+                f"collecting samples: {revision} {m.candidate.samples}/{policy.min_samples}, "
+                f"stable {stable} {m.stable.samples}/{policy.min_samples}"
+            )
+            if self.loads and all(revision not in (s.stable, s.candidate) for s in self.loads):
+                reason += f"; no server has loaded {revision} yet"
+            return self.decision("Wait", reason, state)
+        if speedup.lower >= float(policy.min_speedup):
+            return self.promote(
+                state,
+                f"{revision} beats {stable}: lower bound {speedup.lower:.3f}x >= "
+                f"minSpeedup {policy.min_speedup}; {_figures(m)}",
+            )
+        if speedup.upper < float(policy.regression_threshold):
+            reason = (
+                f"{revision} regresses against {stable}: upper bound {speedup.upper:.3f}x < "
+                f"regressionThreshold {policy.regression_threshold}; {_figures(m)}"
+            )
+            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+        if m.candidate.samples < policy.max_canary_samples:
+            reason = (
+                f"inconclusive so far ({m.candidate.samples}/{policy.max_canary_samples} samples): "
+                f"needs lower bound >= {policy.min_speedup} or upper bound < "
+                f"{policy.regression_threshold}; {_figures(m)}"
+            )
+            if newer is not None:
+                reason += f"; {newer.revision} waits for this canary"
+            return self.decision("Wait", reason, state)
+        reason = (
+            f"{revision} inconclusive after {m.candidate.samples} samples "
+            f"(onInconclusive {policy.on_inconclusive}); {_figures(m)}"
+        )
+        if policy.on_inconclusive == "Rollback":
+            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+        return self.decision(
+            "Hold", reason, self.record(state, "Hold", revision, reason, phase="Hold")
+        )
+
+    def promote(self, state: RolloutState, reason: str) -> Decision:
+        state = self.record(state, "Promote", state.candidate_revision, reason, phase="Promoting")
+        return self.decision("Promote", reason, state)
+
+    def promoting(self, state: RolloutState, override: Override | None) -> Decision:
+        revision, previous = state.candidate_revision, _name(state.stable_revision)
+        assert revision is not None
+        if override is not None and override.action == "Rollback" and override.revision == revision:
+            reason = f"promotion of {revision} rolled back by a person; {previous} stays stable"
+            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+        if failure := self.load_failure(revision):
+            reason = f"server {failure.server} failed to load {revision} as stable: {failure.error}; {previous} stays stable"
+            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
+        if not self.loads:
+            reason = f"promoting {revision}: no server has reported what it serves yet"
+            return self.decision("Wait", reason, state)
+        pending = sorted(load.server for load in self.loads if load.stable != revision)
+        if pending:
+            noun = "server" if len(pending) == 1 else "servers"
+            reason = f"waiting for {noun} {', '.join(pending)} to load {revision}"
+            return self.decision("Wait", reason, state)
+        reason = f"{revision} promoted: every server serves it ({len(self.loads)} of {len(self.loads)}, was {previous})"
+        state = self.record(
+            state,
+            "Promoted",
+            revision,
+            reason,
+            phase="Idle",
+            stable_revision=revision,
+            candidate_revision=None,
+            canary_started_at=None,
+        )
+        return self.idle(state, done=reason)
+
+
+def decide(
+    policy: RolloutPolicy,
+    state: RolloutState,
+    candidates: Sequence[Candidate],
+    samples: Sequence[RequestSample],
+    loads: Sequence[ServerLoad],
+    now: float,
+    *,
+    override: Override | None = None,
+) -> Decision:
+    """The next rollout step from the persisted state and what was observed since.
+
+    `samples`: requests since the canary started (and recent ones for stable and baseline);
+    `loads`: one report per server; `now`: the caller's clock (seconds, as `created`).
+    Pure and deterministic; one transition per call except that a completed promotion or a
+    superseded canary goes straight on to the next candidate's canary.
+    """
+    measurement = (
+        measure(samples, state.stable_revision, state.candidate_revision, policy)
+        if state.stable_revision is not None or state.candidate_revision is not None
+        else None
+    )
+    tick = _Tick(policy, candidates, loads, now, measurement)
+    if state.phase == "Promoting":
+        return tick.promoting(state, override)
+    if state.phase in ("Canary", "Hold"):
+        return tick.canary(state, override)
+    return tick.idle(state)

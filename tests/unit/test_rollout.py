@@ -1,0 +1,487 @@
+"""The rollout policy as a specification: given a state and observations, when the timer
+calls `decide`, then this is the next step. Samples are synthetic, from seeded generators."""
+
+from __future__ import annotations
+
+import json
+import random
+from decimal import Decimal
+
+import pytest
+from aurora.runtime.rollout import (
+    HISTORY_LIMIT,
+    Candidate,
+    Decision,
+    Override,
+    RequestSample,
+    RolloutEvent,
+    RolloutPolicy,
+    RolloutState,
+    ServerLoad,
+    decide,
+    measure,
+)
+from pydantic import ValidationError
+
+pytestmark = pytest.mark.unit
+
+POLICY = RolloutPolicy(
+    min_speedup="1.05",
+    min_samples=30,
+    max_canary_samples=120,
+    canary_share="0.5",
+    baseline_share="0.1",
+    regression_threshold="0.97",
+    bootstrap_resamples=300,
+    seed=7,
+)
+NOW = 5000.0
+
+
+def requests(
+    revision: str, arm: str, n: int, tokens_per_s: float, *, seed: int = 0, start: float = 1000.0
+) -> list[RequestSample]:
+    """n requests whose decode throughput scatters 8% around `tokens_per_s`."""
+    rng = random.Random(f"{seed}:{revision}:{arm}")
+    return [
+        RequestSample(
+            revision=revision,
+            arm=arm,  # type: ignore[arg-type]
+            decode_tokens_per_s=rng.gauss(tokens_per_s, 0.08 * tokens_per_s),
+            accept_length=rng.uniform(1.0, 4.0) if arm != "baseline" else 1.0,
+            new_tokens=rng.randint(16, 128),
+            created=start + i,
+        )
+        for i in range(n)
+    ]
+
+
+def traffic(
+    *,
+    stable: float = 30.0,
+    candidate: float = 30.0,
+    baseline: float = 20.0,
+    n: int = 60,
+    n_baseline: int = 40,
+    stable_revision: str = "r1",
+    candidate_revision: str = "r2",
+    seed: int = 0,
+) -> list[RequestSample]:
+    return [
+        *requests(stable_revision, "stable", n, stable, seed=seed),
+        *requests(candidate_revision, "candidate", n, candidate, seed=seed),
+        *requests(stable_revision, "baseline", n_baseline, baseline, seed=seed),
+    ]
+
+
+def offer(revision: str, created: float, parent: str | None = None, **extra: object) -> Candidate:
+    return Candidate(revision=revision, parent=parent, created=created, **extra)  # type: ignore[arg-type]
+
+
+def serving(*servers: str, stable: str | None, candidate: str | None = None) -> list[ServerLoad]:
+    return [ServerLoad(server=s, stable=stable, candidate=candidate) for s in servers]
+
+
+def canary(stable: str | None = "r1", candidate: str = "r2", created: float = 2.0) -> RolloutState:
+    """The state right after `candidate` started its canary against `stable`."""
+    idle = RolloutState(stable_revision=stable)
+    started = decide(POLICY, idle, [offer(candidate, created, stable)], [], [], 1000.0)
+    assert started.action == "StartCanary"
+    return started.new_state
+
+
+def test_no_candidate_serves_stable_only() -> None:
+    state = RolloutState(stable_revision="r1")
+    decision = decide(POLICY, state, [], traffic(n=0), serving("a", stable="r1"), NOW)
+    assert decision.action == "None"
+    assert decision.new_state == state
+    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
+    assert decision.desired.candidate_share == 0.0
+    assert decision.events == ()
+
+
+def test_new_candidate_starts_a_canary_and_records_it() -> None:
+    state = RolloutState(stable_revision="r1")
+    decision = decide(
+        POLICY,
+        state,
+        [offer("r2", 2.0, "r1", offline_accept_length=2.9, stable_offline_accept_length=2.6)],
+        [],
+        serving("a", stable="r1"),
+        NOW,
+    )
+    assert decision.action == "StartCanary"
+    assert decision.new_state.phase == "Canary"
+    assert decision.new_state.canary_started_at == NOW
+    assert decision.desired.model_dump() == {
+        "stable": "r1",
+        "candidate": "r2",
+        "candidateShare": 0.5,
+        "baselineShare": 0.1,
+    }
+    assert "2.90 vs 2.60" in decision.reason
+    assert [e.action for e in decision.new_state.history] == ["StartCanary"]
+    assert decision.events == tuple(decision.new_state.history)
+
+
+def test_day0_candidate_canaries_against_plain_decoding() -> None:
+    # Given no stable draft: every non-candidate request is plain decoding.
+    state = canary(stable=None, candidate="r1")
+    samples = [
+        *requests("", "stable", 60, 20.0),
+        *requests("", "baseline", 10, 20.0),
+        *requests("r1", "candidate", 60, 30.0),
+    ]
+    decision = decide(POLICY, state, [], samples, serving("a", stable=None, candidate="r1"), NOW)
+    assert decision.action == "Promote"
+    m = decision.measurement
+    assert m is not None and m.stable.samples == 70
+    assert m.speedup_vs_stable == m.candidate_speedup_vs_baseline
+    assert m.stable_speedup_vs_baseline is None
+    assert decision.desired.stable == "r1"
+    assert "vs no draft" in decision.reason
+
+
+@pytest.mark.parametrize("n", [0, 10])
+def test_too_few_samples_waits_and_changes_nothing(n: int) -> None:
+    state = canary()
+    decision = decide(POLICY, state, [], traffic(candidate=60.0, n=n), [], NOW)
+    assert decision.action == "Wait"
+    assert f"r2 {n}/30" in decision.reason and f"stable r1 {n}/30" in decision.reason
+    assert decision.new_state == state
+    assert decision.desired.candidate == "r2"
+
+
+def test_no_server_has_loaded_the_candidate_is_said_while_waiting() -> None:
+    decision = decide(POLICY, canary(), [], [], serving("a", "b", stable="r1"), NOW)
+    assert decision.action == "Wait"
+    assert "no server has loaded r2 yet" in decision.reason
+
+
+@pytest.mark.parametrize("servers", [("a",), ("a", "b", "c")])
+def test_clear_win_promotes_then_waits_for_every_server(servers: tuple[str, ...]) -> None:
+    # Given a candidate 30% faster than stable with enough samples on both arms.
+    samples = traffic(stable=30.0, candidate=39.0)
+    decision = decide(
+        POLICY, canary(), [], samples, serving(*servers, stable="r1", candidate="r2"), NOW
+    )
+    assert decision.action == "Promote"
+    assert decision.new_state.phase == "Promoting"
+    assert decision.new_state.stable_revision == "r1"  # not promoted until servers confirm
+    assert (decision.desired.stable, decision.desired.candidate) == ("r2", None)
+    assert "1.3" in decision.reason and "minSpeedup 1.05" in decision.reason
+    m = decision.measurement
+    assert m is not None and m.speedup_vs_stable is not None
+    assert m.speedup_vs_stable.lower >= 1.05
+
+    # When only the first server has loaded r2, then wait for the others.
+    promoting = decision.new_state
+    loads = [*serving(servers[0], stable="r2"), *serving(*servers[1:], stable="r1", candidate="r2")]
+    waiting = decide(POLICY, promoting, [], samples, loads, NOW + 10)
+    if len(servers) > 1:
+        assert waiting.action == "Wait"
+        assert f"waiting for servers {', '.join(servers[1:])} to load r2" in waiting.reason
+        assert waiting.new_state == promoting
+        waiting = decide(POLICY, promoting, [], samples, serving(*servers, stable="r2"), NOW + 20)
+
+    # When every server reports r2 as stable, then the promotion is complete.
+    assert waiting.action == "None"
+    done = waiting.new_state
+    assert (done.phase, done.stable_revision, done.candidate_revision) == ("Idle", "r2", None)
+    assert [e.action for e in done.history] == ["StartCanary", "Promote", "Promoted"]
+    assert f"every server serves it ({len(servers)} of {len(servers)}" in waiting.reason
+
+
+def test_promotion_does_not_complete_without_server_reports() -> None:
+    promoting = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW).new_state
+    decision = decide(POLICY, promoting, [], [], [], NOW + 10)
+    assert decision.action == "Wait"
+    assert decision.new_state.phase == "Promoting"
+
+
+def test_completed_promotion_goes_on_to_the_newest_candidate() -> None:
+    promoting = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW).new_state
+    offered = [offer("r2", 2.0, "r1"), offer("r3", 3.0, "r2")]
+    decision = decide(POLICY, promoting, offered, [], serving("a", stable="r2"), NOW + 10)
+    assert decision.action == "StartCanary"
+    assert (decision.new_state.stable_revision, decision.new_state.candidate_revision) == (
+        "r2",
+        "r3",
+    )
+    assert [e.action for e in decision.events] == ["Promoted", "StartCanary"]
+
+
+def test_win_within_the_noise_is_not_promoted() -> None:
+    # Given a candidate whose point estimate clears minSpeedup but whose lower bound does not.
+    samples = traffic(stable=30.0, candidate=33.0, n=30)
+    decision = decide(POLICY, canary(), [], samples, [], NOW)
+    m = decision.measurement
+    assert m is not None and m.speedup_vs_stable is not None
+    assert m.speedup_vs_stable.estimate >= 1.05 > m.speedup_vs_stable.lower
+    assert decision.action == "Wait"
+    assert decision.new_state.phase == "Canary"
+
+
+def test_clear_regression_rolls_back_and_stable_keeps_serving() -> None:
+    decision = decide(POLICY, canary(), [offer("r2", 2.0, "r1")], traffic(candidate=24.0), [], NOW)
+    assert decision.action == "Rollback"
+    state = decision.new_state
+    assert (state.phase, state.stable_revision, state.candidate_revision) == ("Idle", "r1", None)
+    assert state.rejected == ["r2"]
+    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
+    assert "regressionThreshold 0.97" in decision.reason and "0.8" in decision.reason
+
+
+def test_loss_within_the_noise_is_not_rolled_back() -> None:
+    # Given a point estimate below regressionThreshold whose upper bound is not.
+    decision = decide(POLICY, canary(), [], traffic(stable=30.0, candidate=29.6, n=30), [], NOW)
+    m = decision.measurement
+    assert m is not None and m.speedup_vs_stable is not None
+    assert m.speedup_vs_stable.estimate < 0.97 <= m.speedup_vs_stable.upper
+    assert decision.action == "Wait"
+
+
+def test_inconclusive_keeps_collecting_below_max_samples() -> None:
+    decision = decide(POLICY, canary(), [], traffic(candidate=30.3, n=60), [], NOW)
+    assert decision.action == "Wait"
+    assert "inconclusive so far (60/120 samples)" in decision.reason
+
+
+def test_inconclusive_at_max_samples_holds_for_a_person() -> None:
+    # Given a 1% difference: too small to promote, too small to call a regression.
+    samples = traffic(candidate=30.3, n=120)
+    decision = decide(POLICY, canary(), [], samples, [], NOW)
+    assert decision.action == "Hold"
+    assert decision.new_state.phase == "Hold"
+    assert decision.desired.candidate == "r2" and decision.desired.candidate_share == 0.5
+    assert [e.action for e in decision.events] == ["Hold"]
+
+    # When the timer fires again, then it keeps holding without new events.
+    again = decide(POLICY, decision.new_state, [], samples, [], NOW + 10)
+    assert (again.action, again.events) == ("Hold", ())
+    assert again.new_state == decision.new_state
+
+    # When a person promotes it, then it is promoted.
+    person = Override(action="Promote", revision="r2")
+    promoted = decide(POLICY, decision.new_state, [], samples, [], NOW + 20, override=person)
+    assert promoted.action == "Promote" and "by a person" in promoted.reason
+
+
+def test_inconclusive_at_max_samples_rolls_back_when_policy_says_so() -> None:
+    policy = POLICY.model_copy(update={"on_inconclusive": "Rollback"})
+    decision = decide(policy, canary(), [], traffic(candidate=30.3, n=120), [], NOW)
+    assert decision.action == "Rollback"
+    assert decision.new_state.rejected == ["r2"]
+    assert "onInconclusive Rollback" in decision.reason
+
+
+def test_held_canary_is_superseded_by_a_newer_candidate() -> None:
+    held = decide(POLICY, canary(), [], traffic(candidate=30.3, n=120), [], NOW).new_state
+    decision = decide(POLICY, held, [offer("r3", 3.0, "r1")], [], [], NOW + 10)
+    assert decision.action == "StartCanary"
+    assert decision.new_state.candidate_revision == "r3"
+    assert [e.action for e in decision.events] == ["Superseded", "StartCanary"]
+
+
+def test_candidate_arriving_mid_canary_waits_for_it_to_resolve() -> None:
+    # Given r2 canarying and r3 (trained from r2) offered with the default policy.
+    state = canary()
+    offered = [offer("r2", 2.0, "r1"), offer("r3", 3.0, "r2")]
+    decision = decide(POLICY, state, offered, traffic(candidate=30.3, n=60), [], NOW)
+    assert decision.action == "Wait"
+    assert decision.new_state.candidate_revision == "r2"
+    assert "r3 waits for this canary" in decision.reason
+
+    # When r2 resolves, then r3 gets the next canary.
+    rolled_back = decide(POLICY, state, offered, traffic(candidate=24.0), [], NOW).new_state
+    next_canary = decide(POLICY, rolled_back, offered, [], [], NOW + 10)
+    assert next_canary.action == "StartCanary"
+    assert next_canary.new_state.candidate_revision == "r3"
+
+
+def test_descendant_replaces_canary_when_policy_allows() -> None:
+    policy = POLICY.model_copy(update={"replace_canary_with_newer": True})
+    state = canary()
+    descendant = decide(policy, state, [offer("r3", 3.0, "r2")], [], [], NOW)
+    assert descendant.action == "StartCanary"
+    assert descendant.new_state.candidate_revision == "r3"
+    assert descendant.new_state.canary_started_at == NOW
+    assert [e.action for e in descendant.events] == ["Superseded", "StartCanary"]
+    # A newer candidate trained from something else does not interrupt the canary.
+    sibling = decide(policy, state, [offer("r3", 3.0, "r1")], [], [], NOW)
+    assert (sibling.action, sibling.new_state.candidate_revision) == ("Wait", "r2")
+
+
+def test_stable_slower_than_plain_decoding_is_flagged_without_flip_flop() -> None:
+    state = RolloutState(stable_revision="r1")
+    slow = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=40)
+    decision = decide(POLICY, state, [], slow, [], NOW)
+    assert decision.action == "None"
+    assert decision.stable_regressed
+    assert "stable r1 is slower than no speculation" in decision.reason
+    assert decision.new_state == state and decision.desired.stable == "r1"
+    # With too few baseline requests it is not claimed.
+    sparse = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=10)
+    assert not decide(POLICY, state, [], sparse, [], NOW).stable_regressed
+    # Slightly slower within the noise (upper bound above 1.0) is not claimed either.
+    noisy = decide(POLICY, state, [], traffic(stable=19.6, n=30, n_baseline=30), [], NOW)
+    m = noisy.measurement
+    assert m is not None and m.stable_speedup_vs_baseline is not None
+    assert m.stable_speedup_vs_baseline.estimate < 1.0 <= m.stable_speedup_vs_baseline.upper
+    assert not noisy.stable_regressed
+    # A stable faster than plain decoding is not flagged.
+    assert not decide(POLICY, state, [], traffic(stable=30.0), [], NOW).stable_regressed
+
+
+def test_server_that_cannot_load_the_candidate_rejects_it() -> None:
+    loads = [
+        ServerLoad(server="a", stable="r1", candidate="r2"),
+        ServerLoad(server="b", stable="r1", error="CUDA out of memory", error_revision="r2"),
+    ]
+    decision = decide(POLICY, canary(), [], traffic(candidate=39.0), loads, NOW)
+    assert decision.action == "Reject"
+    assert "server b" in decision.reason and "CUDA out of memory" in decision.reason
+    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
+    assert decision.new_state.rejected == ["r2"]
+
+
+def test_stale_load_error_about_another_revision_is_ignored() -> None:
+    loads = [ServerLoad(server="a", stable="r1", error="bad checkpoint", error_revision="r0")]
+    decision = decide(POLICY, canary(), [], [], loads, NOW)
+    assert decision.action == "Wait"
+
+
+def test_server_that_cannot_load_the_promoted_revision_keeps_the_old_stable() -> None:
+    promoting = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW).new_state
+    loads = [
+        ServerLoad(server="a", stable="r2"),
+        ServerLoad(server="b", stable="r1", error="shape mismatch"),
+    ]
+    decision = decide(POLICY, promoting, [], [], loads, NOW + 10)
+    assert decision.action == "Reject"
+    assert "server b" in decision.reason and "shape mismatch" in decision.reason
+    assert decision.new_state.stable_revision == "r1"
+    assert decision.desired.stable == "r1"
+
+
+def test_candidate_marked_not_loadable_is_rejected_without_canary() -> None:
+    state = RolloutState(stable_revision="r1")
+    decision = decide(POLICY, state, [offer("r2", 2.0, "r1", loadable=False)], [], [], NOW)
+    assert decision.action == "Reject"
+    assert decision.new_state.phase == "Idle" and decision.new_state.rejected == ["r2"]
+    assert decision.desired.candidate is None
+
+
+def test_rejected_and_older_revisions_are_never_offered_again() -> None:
+    # Given r3 rolled back after r2 was skipped for being older.
+    state = canary(candidate="r3", created=3.0)
+    offered = [offer("r2", 2.0, "r1"), offer("r3", 3.0, "r1")]
+    rolled_back = decide(
+        POLICY, state, offered, traffic(candidate=24.0, candidate_revision="r3"), [], NOW
+    )
+    assert rolled_back.action == "Rollback"
+    # When the trainer keeps offering them, then nothing starts.
+    for tick in range(3):
+        again = decide(POLICY, rolled_back.new_state, offered, [], [], NOW + tick)
+        assert again.action == "None"
+    # A rejected revision re-published with a newer timestamp is still refused.
+    republished = decide(POLICY, rolled_back.new_state, [offer("r3", 9.0, "r1")], [], [], NOW)
+    assert republished.action == "None"
+
+
+def test_same_inputs_give_the_same_decision_in_any_order() -> None:
+    samples = traffic(candidate=31.5, n=80)
+    first = decide(POLICY, canary(), [], samples, [], NOW)
+    shuffled = list(samples)
+    random.Random(1).shuffle(shuffled)
+    second = decide(POLICY, canary(), [], shuffled, [], NOW)
+    assert first == second
+    assert isinstance(first, Decision) and first.measurement is not None
+
+
+def test_bootstrap_bounds_bracket_the_estimate_and_widen_with_confidence() -> None:
+    samples = traffic(stable=30.0, candidate=36.0, baseline=20.0, n=60, n_baseline=40)
+    m = measure(samples, "r1", "r2", POLICY)
+    s = m.speedup_vs_stable
+    assert s is not None and s.lower < s.estimate < s.upper
+    assert s.estimate == pytest.approx(1.2, abs=0.05)
+    assert m.candidate_speedup_vs_baseline is not None
+    assert m.candidate_speedup_vs_baseline.estimate == pytest.approx(1.8, abs=0.1)
+    assert (m.stable.samples, m.candidate.samples, m.baseline.samples) == (60, 60, 40)
+    strict = measure(samples, "r1", "r2", POLICY.model_copy(update={"confidence": 0.99}))
+    assert strict.speedup_vs_stable is not None
+    assert strict.speedup_vs_stable.lower < s.lower
+
+
+def test_measure_ignores_other_revisions_and_unusable_samples() -> None:
+    stale = requests("r0", "candidate", 50, 90.0)
+    broken = [RequestSample("r2", "candidate", float("nan"), 2.0, 10, 1.0)]
+    clean = measure(traffic(n=40), "r1", "r2", POLICY)
+    noisy = measure([*traffic(n=40), *stale, *broken], "r1", "r2", POLICY)
+    assert noisy == clean
+
+
+def test_rollout_state_round_trips_through_json() -> None:
+    state = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW).new_state
+    state = state.model_copy(update={"rejected": ["r0"]})
+    wire = state.model_dump_json()
+    assert '"candidateRevision":"r2"' in wire  # camelCase, as in Kubernetes status
+    assert RolloutState.model_validate_json(wire) == state
+    assert RolloutState.model_validate(json.loads(wire)) == state
+
+
+def test_history_is_bounded() -> None:
+    state = RolloutState(stable_revision="r1")
+    for i in range(HISTORY_LIMIT + 5):
+        state = decide(
+            POLICY, state, [offer(f"x{i}", float(i), loadable=False)], [], [], float(i)
+        ).new_state
+    assert len(state.history) == HISTORY_LIMIT
+    assert state.history[-1].revision == f"x{HISTORY_LIMIT + 4}"
+    assert isinstance(state.history[0], RolloutEvent)
+
+
+def test_inconsistent_persisted_state_is_refused() -> None:
+    with pytest.raises(ValidationError, match="candidateRevision"):
+        RolloutState(phase="Canary", stable_revision="r1")
+
+
+def test_policy_accepts_decimal_strings() -> None:
+    policy = RolloutPolicy.model_validate(
+        {"minSpeedup": "1.10", "canaryShare": "0.25", "baselineShare": "0", "confidence": "0.95"}
+    )
+    assert policy.min_speedup == Decimal("1.10")
+    assert (policy.canary_share, policy.baseline_share, policy.confidence) == (0.25, 0.0, 0.95)
+    assert json.loads(policy.model_dump_json())["minSpeedup"] == "1.10"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "example"),
+    [
+        ("minSpeedup", "1,05", "1.05"),
+        ("minSpeedup", "-1.05", "1.05"),
+        ("minSpeedup", "0", "1.05"),
+        ("minSpeedup", "fast", "1.05"),
+        ("regressionThreshold", "97%", "0.97"),
+        ("canaryShare", "1.5", "0.5"),
+        ("canaryShare", "0", "0.5"),
+        ("baselineShare", "half", "0.1"),
+        ("confidence", "0.3", "0.9"),
+    ],
+)
+def test_bad_decimal_strings_name_the_field_and_an_example(
+    field: str, value: str, example: str
+) -> None:
+    with pytest.raises(ValidationError) as error:
+        RolloutPolicy.model_validate({field: value})
+    message = str(error.value)
+    assert f"rollout.{field}" in message and example in message
+
+
+def test_inconsistent_policy_names_both_fields() -> None:
+    with pytest.raises(ValidationError, match=r"rollout\.regressionThreshold.*rollout\.minSpeedup"):
+        RolloutPolicy(min_speedup="1.0", regression_threshold="1.02")
+    with pytest.raises(ValidationError, match=r"rollout\.canaryShare.*rollout\.baselineShare"):
+        RolloutPolicy(canary_share="0.9", baseline_share="0.1")
+    with pytest.raises(ValidationError, match=r"rollout\.maxCanarySamples"):
+        RolloutPolicy(min_samples=50, max_canary_samples=40)
