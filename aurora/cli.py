@@ -16,6 +16,7 @@ from aurora.errors import UsageError
 # Order here is the order in `aurora --help`.
 COMMANDS = (
     "aurora.commands.models",
+    "aurora.commands.crd",
     "aurora.commands.workload",
 )
 

@@ -1,0 +1,568 @@
+"""The `Speculator` custom resource as pydantic models: the one definition that the
+CRD is generated from (`aurora.operator.crd`) and that the operator validates with.
+
+Field names are camelCase in the API and snake_case in Python. Numbers that are
+fractions travel as decimal strings ("1.05"), per the Kubernetes API conventions;
+`decimal()` reads them. Rules that span fields are written once, as `Rule`s: each
+carries a CEL expression (the API server enforces it through
+`x-kubernetes-validations`) and the same check in Python (enforced here, so a
+cluster that does not evaluate CEL still gets the error, as InvalidSpec).
+
+This module is pure: no kopf, no kubernetes client, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from aurora.runtime.rollout import RolloutPolicy
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP: Final = "aurora.dev"
+VERSION: Final = "v1alpha1"
+KIND: Final = "Speculator"
+PLURAL = "speculators"
+SINGULAR = "speculator"
+SHORT_NAMES = ("spx",)
+API_VERSION: Final = "aurora.dev/v1alpha1"
+
+# Children are named `<name>-server-canary` etc. and Services must be DNS-1035 labels
+# (at most 63 characters), which leaves 49 for the Speculator's own name.
+MAX_NAME_LENGTH = 49
+
+# Decimal strings. A fraction is a share of traffic: 0 to 1 inclusive.
+FRACTION_PATTERN = r"^(0(\.[0-9]{1,6})?|1(\.0{1,6})?)$"
+RATIO_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,6})?$"
+POSITIVE_REAL_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+# Kubernetes resource.Quantity, as controller-gen writes it for int-or-string fields.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# Condition reasons are CamelCase identifiers (metav1.Condition).
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+Fraction = Annotated[str, StringConstraints(pattern=FRACTION_PATTERN, max_length=16)]
+Ratio = Annotated[str, StringConstraints(pattern=RATIO_PATTERN, max_length=16)]
+PositiveReal = Annotated[str, StringConstraints(pattern=POSITIVE_REAL_PATTERN, max_length=24)]
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and re.fullmatch(QUANTITY_PATTERN, value) is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+DnsLabel = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+]
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length=253,
+    ),
+]
+# Opaque Kubernetes structures we pass through untouched (tolerations, affinity).
+OpaqueObject = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+def decimal(value: str) -> float:
+    """The number a decimal-string field holds ("1.05" -> 1.05)."""
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once: `cel` for the API server, `check` for Python."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+    def as_schema(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message}
+
+
+def _rules_schema(rules: tuple[Rule, ...]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]}
+
+
+def _check_rules(model: BaseModel, rules: tuple[Rule, ...]) -> None:
+    failed = [rule.message for rule in rules if not rule.check(model)]
+    if failed:
+        raise ValueError("; ".join(failed))
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _defaults(model: type[_M]) -> Callable[[], _M]:
+    """A default factory: the section with every field at its default."""
+    return lambda: model.model_validate({})
+
+
+class ApiModel(BaseModel):
+    """camelCase in the API, snake_case in Python; unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The camelCase dictionary the API server stores (unset optionals left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+class EngineKind(StrEnum):
+    TORCH = "torch"
+    SGLANG = "sglang"
+
+
+class OnInconclusive(StrEnum):
+    HOLD = "Hold"
+    ROLLBACK = "Rollback"
+
+
+class DeletionPolicy(StrEnum):
+    DELETE = "Delete"
+    RETAIN = "Retain"
+
+
+class Resources(ApiModel):
+    """Container requests and limits (CPU, memory, ephemeral storage). GPUs are counted
+    by `gpus` on the owning section, so they cannot disagree with the command line."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class SecretKeyRef(ApiModel):
+    name: DnsSubdomain = Field(description="Secret in the Speculator's namespace.")
+    key: str = Field("password", min_length=1, description="Key in the Secret.")
+
+
+class LocalObjectReference(ApiModel):
+    name: DnsSubdomain
+
+
+class TargetSpec(ApiModel):
+    model: str = Field(
+        min_length=1,
+        max_length=512,
+        description="Target model: a Hugging Face id, a path in the image, or an Aurora "
+        "alias such as smollm2-135m.",
+    )
+    served_name: str | None = Field(
+        None, max_length=256, description="Model name clients use; defaults to `model`."
+    )
+
+
+ENGINE_RULES = (
+    Rule(
+        "self.kind != 'sglang' || self.gpus >= 1",
+        "engine.kind sglang runs on GPUs: set engine.gpus to 1 or more",
+        lambda e: e.kind != EngineKind.SGLANG or e.gpus >= 1,
+    ),
+    Rule(
+        "self.kind != 'sglang' || self.replicas != 1",
+        "engine.kind sglang holds one draft per process, so its canary is a subset of "
+        "replicas: set engine.replicas to 2 or more (or 0 to scale to zero)",
+        lambda e: e.kind != EngineKind.SGLANG or e.replicas != 1,
+    ),
+    Rule(
+        "self.kind != 'torch' || self.tensorParallel == 1",
+        "engine.kind torch does not shard the target: set engine.tensorParallel to 1",
+        lambda e: e.kind != EngineKind.TORCH or e.tensor_parallel == 1,
+    ),
+    Rule(
+        "self.gpus == 0 || self.tensorParallel <= self.gpus",
+        "engine.tensorParallel cannot exceed engine.gpus (GPUs per replica)",
+        lambda e: e.gpus == 0 or e.tensor_parallel <= e.gpus,
+    ),
+    Rule(
+        "!has(self.speculativeNumDraftTokens) || "
+        "self.speculativeNumDraftTokens <= self.speculativeSteps * self.speculativeEagleTopk + 1",
+        "engine.speculativeNumDraftTokens can be at most "
+        "speculativeSteps * speculativeEagleTopk + 1",
+        lambda e: (
+            e.speculative_num_draft_tokens is None
+            or e.speculative_num_draft_tokens <= e.speculative_steps * e.speculative_eagle_topk + 1
+        ),
+    ),
+)
+
+
+class EngineSpec(ApiModel):
+    model_config = ConfigDict(json_schema_extra=_rules_schema(ENGINE_RULES))
+
+    kind: EngineKind = Field(
+        EngineKind.TORCH,
+        description="torch: Aurora's reference engine (CPU or GPU, one process holds stable "
+        "and candidate drafts). sglang: SGLang with EAGLE-3 on GPUs (one draft per process).",
+    )
+    image: str | None = Field(
+        None,
+        max_length=512,
+        description="Server image; defaults to the operator's image for the engine.",
+    )
+    replicas: int = Field(1, ge=0, le=256)
+    gpus: int = Field(0, ge=0, le=16, description="GPUs per replica (nvidia.com/gpu).")
+    tensor_parallel: int = Field(1, ge=1, le=16)
+    speculative_steps: int = Field(
+        4, ge=1, le=16, description="Draft tokens proposed per verify step along a chain."
+    )
+    speculative_eagle_topk: int = Field(1, ge=1, le=16, description="Branching of the draft tree.")
+    speculative_num_draft_tokens: int | None = Field(
+        None,
+        ge=2,
+        le=256,
+        description="Tokens verified per step; defaults to speculativeSteps + 1.",
+    )
+    resources: Resources = Field(default_factory=Resources)
+    extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Appended to the server command line."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[OpaqueObject] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _rules(self) -> EngineSpec:
+        _check_rules(self, ENGINE_RULES)
+        return self
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Tokens the target verifies per step (SGLang's --speculative-num-draft-tokens)."""
+        return self.speculative_num_draft_tokens or self.speculative_steps + 1
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+
+class DraftSpec(ApiModel):
+    initial: Annotated[str, StringConstraints(pattern=r"^(scratch|ngram|/.+)$", max_length=512)] = (
+        Field(
+            "scratch",
+            description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
+            "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
+            "checkpoint in the image or on the checkpoint volume.",
+        )
+    )
+
+
+class TracesSpec(ApiModel):
+    redis_url: Annotated[str, StringConstraints(pattern=r"^rediss?://.+", max_length=512)] = Field(
+        "redis://aurora-redis.aurora-system.svc:6379/0",
+        description="Redis for traces, statistics and revisions (no password in the URL: "
+        "use passwordSecretRef).",
+    )
+    password_secret_ref: SecretKeyRef | None = None
+    sample_rate: Fraction = Field("1", description="Share of finished requests traced, 0 to 1.")
+    max_length: int = Field(
+        100_000, ge=100, le=100_000_000, description="Trace stream MAXLEN (retention by count)."
+    )
+    deletion_policy: DeletionPolicy = Field(
+        DeletionPolicy.DELETE,
+        description="Delete: deleting the Speculator removes its Redis keys (traces hold "
+        "user prompts). Retain: keep them.",
+    )
+
+
+class TrainingSpec(ApiModel):
+    enabled: bool = True
+    image: str | None = Field(None, max_length=512, description="Defaults to the runtime image.")
+    gpus: int = Field(0, ge=0, le=16)
+    resources: Resources = Field(default_factory=Resources)
+    learning_rate: PositiveReal = "0.0003"
+    batch_size: int = Field(8, ge=1, le=4096)
+    lambda_discard: PositiveReal = Field(
+        "0.5",
+        description="Weight of the rejected-proposal loss term; 0 trains on accepted tokens only.",
+    )
+    sync_every_traces: int = Field(
+        200, ge=1, le=10_000_000, description="Publish a candidate every this many traces."
+    )
+
+
+_POLICY = RolloutPolicy.model_validate(
+    {}
+)  # the rollout policy's own defaults are the CRD's defaults
+
+
+def _text(value: object) -> str:
+    return format(value, "f") if isinstance(value, Decimal) else repr(value)
+
+
+ROLLOUT_RULES = (
+    Rule(
+        "double(self.canaryShare) > 0.0 && double(self.canaryShare) < 1.0",
+        "rollout.canaryShare must be above 0 and below 1, e.g. '0.5'",
+        lambda r: 0.0 < decimal(r.canary_share) < 1.0,
+    ),
+    Rule(
+        "double(self.canaryShare) + double(self.baselineShare) < 1.0",
+        "rollout.canaryShare + rollout.baselineShare must be below 1 (the stable revision "
+        "needs traffic)",
+        lambda r: decimal(r.canary_share) + decimal(r.baseline_share) < 1.0,
+    ),
+    Rule(
+        "double(self.minSpeedup) >= 1.0",
+        "rollout.minSpeedup must be at least 1.0 (a candidate must not be slower than stable)",
+        lambda r: decimal(r.min_speedup) >= 1.0,
+    ),
+    Rule(
+        "double(self.regressionThreshold) <= double(self.minSpeedup)",
+        "rollout.regressionThreshold must not exceed rollout.minSpeedup, e.g. '0.97' with '1.05'",
+        lambda r: decimal(r.regression_threshold) <= decimal(r.min_speedup),
+    ),
+    Rule(
+        "double(self.confidence) > 0.5 && double(self.confidence) < 1.0",
+        "rollout.confidence must be above 0.5 and below 1, e.g. '0.9'",
+        lambda r: 0.5 < decimal(r.confidence) < 1.0,
+    ),
+    Rule(
+        "self.maxCanarySamples >= self.minSamples",
+        "rollout.maxCanarySamples must be at least rollout.minSamples",
+        lambda r: r.max_canary_samples >= r.min_samples,
+    ),
+)
+
+
+class RolloutSpec(ApiModel):
+    """`aurora.runtime.rollout.RolloutPolicy` as the API carries it (decimal strings),
+    plus how often the operator runs it."""
+
+    model_config = ConfigDict(json_schema_extra=_rules_schema(ROLLOUT_RULES))
+
+    enabled: bool = Field(True, description="false: candidates are recorded but never served.")
+    min_speedup: Ratio = Field(
+        _text(_POLICY.min_speedup),
+        description="Promote when the lower confidence bound of the measured decode speedup "
+        "over stable reaches this.",
+    )
+    regression_threshold: Ratio = Field(
+        _text(_POLICY.regression_threshold),
+        description="Roll back when the upper confidence bound falls below this.",
+    )
+    min_samples: int = Field(
+        _POLICY.min_samples, ge=2, le=10_000_000, description="Requests per arm before deciding."
+    )
+    max_canary_samples: int = Field(
+        _POLICY.max_canary_samples,
+        ge=2,
+        le=10_000_000,
+        description="Still inconclusive with this many candidate requests: follow onInconclusive.",
+    )
+    canary_share: Fraction = Field(
+        _text(_POLICY.canary_share),
+        description="Share of requests (torch) or of replicas (sglang) on the candidate.",
+    )
+    baseline_share: Fraction = Field(
+        _text(_POLICY.baseline_share),
+        description="Share of requests served without speculation (the live baseline).",
+    )
+    confidence: Fraction = Field(
+        _text(_POLICY.confidence), description="One-sided confidence of the speedup bounds."
+    )
+    on_inconclusive: OnInconclusive = OnInconclusive(_POLICY.on_inconclusive)
+    replace_canary_with_newer: bool = Field(
+        _POLICY.replace_canary_with_newer,
+        description="A candidate trained from the canary replaces it at once.",
+    )
+    interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> RolloutSpec:
+        _check_rules(self, ROLLOUT_RULES)
+        return self
+
+    def policy(self) -> RolloutPolicy:
+        """The rollout policy this section describes (the policy re-validates it)."""
+        fields = self.model_dump(exclude={"enabled", "interval_seconds"})
+        return RolloutPolicy.model_validate(fields)
+
+
+class StorageSpec(ApiModel):
+    size: Quantity = "10Gi"
+    storage_class_name: str | None = Field(None, max_length=253)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        "ReadWriteOnce",
+        description="ReadWriteMany when servers and trainer may land on different nodes.",
+    )
+    existing_claim: DnsSubdomain | None = Field(
+        None, description="Use this PVC instead of creating one (never deleted by Aurora)."
+    )
+    deletion_policy: DeletionPolicy = Field(
+        DeletionPolicy.DELETE,
+        description="Delete: the checkpoint PVC is owned by the Speculator and goes with it.",
+    )
+
+
+SPEC_RULES = (
+    Rule(
+        "self.engine.kind != 'sglang' || self.draft.initial != 'scratch'",
+        "engine.kind sglang needs a draft to load at start: set draft.initial to 'ngram' "
+        "or to the path of an EAGLE-3 draft checkpoint",
+        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != "scratch",
+    ),
+)
+
+
+class SpeculatorSpec(ApiModel):
+    """What the user asks for. Everything but `target.model` has a default."""
+
+    model_config = ConfigDict(json_schema_extra=_rules_schema(SPEC_RULES))
+
+    target: TargetSpec
+    engine: EngineSpec = Field(default_factory=_defaults(EngineSpec))
+    draft: DraftSpec = Field(default_factory=_defaults(DraftSpec))
+    traces: TracesSpec = Field(default_factory=_defaults(TracesSpec))
+    training: TrainingSpec = Field(default_factory=_defaults(TrainingSpec))
+    rollout: RolloutSpec = Field(default_factory=_defaults(RolloutSpec))
+    storage: StorageSpec = Field(default_factory=_defaults(StorageSpec))
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _rules(self) -> SpeculatorSpec:
+        _check_rules(self, SPEC_RULES)
+        return self
+
+
+# --------------------------------------------------------------------------- status
+
+MAX_REVISION_HISTORY = 10
+
+
+class Condition(ApiModel):
+    type: Annotated[str, StringConstraints(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, StringConstraints(pattern=REASON_PATTERN, max_length=1024)]
+    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class MeasurementStatus(ApiModel):
+    """Figures measured on live traffic (decimal strings) with the samples behind them.
+    `speedup` is what speculation buys now: the active revision against requests served
+    without speculation. `candidateSpeedup` is the canary against the active revision,
+    with its one-sided bounds at `confidence`."""
+
+    accept_length: str | None = Field(
+        None, description="Active revision: mean accepted tokens per verify step."
+    )
+    speedup: str | None = Field(
+        None, description="Active revision vs no speculation, decode tokens/s."
+    )
+    tokens_per_second: str | None = Field(None, description="Active revision, mean per request.")
+    samples: int | None = Field(
+        None, ge=0, description="Requests behind the active revision's figures."
+    )
+    baseline_tokens_per_second: str | None = None
+    baseline_samples: int | None = Field(None, ge=0)
+    candidate_accept_length: str | None = None
+    candidate_speedup: str | None = Field(None, description="Candidate vs active, decode tokens/s.")
+    candidate_speedup_lower: str | None = None
+    candidate_speedup_upper: str | None = None
+    candidate_tokens_per_second: str | None = None
+    candidate_samples: int | None = Field(None, ge=0)
+    confidence: str | None = None
+    stable_regressed: bool | None = Field(
+        None, description="Active revision slower than no speculation."
+    )
+
+
+class RevisionRecord(ApiModel):
+    revision: str
+    outcome: str = Field(description="Canary, Promoted, RolledBack, Rejected, ...")
+    reason: str = ""
+    speedup: str | None = None
+    samples: int | None = None
+    time: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class ReplicaStatus(ApiModel):
+    desired: int = 0
+    ready: int = 0
+    updated: int = 0
+
+
+class SpeculatorStatus(ApiModel):
+    observed_generation: int | None = Field(None, ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    active_revision: str | None = Field(None, description="Revision the stable arm serves.")
+    candidate_revision: str | None = Field(None, description="Revision under evaluation, if any.")
+    phase: str | None = Field(None, description="Rollout phase of the candidate.")
+    measurement: MeasurementStatus | None = None
+    trace_lag: int | None = Field(
+        None, ge=0, description="Traces published but not yet trained on."
+    )
+    servers: ReplicaStatus | None = None
+    revision_history: list[RevisionRecord] = Field(
+        default_factory=list, max_length=MAX_REVISION_HISTORY
+    )
+    rollout: OpaqueObject | None = Field(
+        None, description="The rollout policy's state (aurora.runtime.rollout.RolloutState)."
+    )
+    last_evaluated: str | None = Field(None, json_schema_extra={"format": "date-time"})
+
+
+class Speculator(BaseModel):
+    """The whole object as the operator reads it; metadata stays a plain mapping."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["aurora.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["Speculator"] = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: SpeculatorSpec
+    status: dict[str, Any] = Field(default_factory=dict)
+
+
+def fraction_or_none(value: float | None, digits: int = 3) -> str | None:
+    """A measured figure as the decimal string status carries (None stays None)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return f"{value:.{digits}f}"
