@@ -17,6 +17,7 @@ from aurora.errors import UsageError
 COMMANDS = (
     "aurora.commands.models",
     "aurora.commands.crd",
+    "aurora.commands.operator",
     "aurora.commands.workload",
 )
 

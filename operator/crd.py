@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from aurora.operator.spec import (
     API_VERSION,
     GROUP,

@@ -21,7 +21,6 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from aurora.runtime.rollout import RolloutPolicy
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from aurora.runtime.rollout import RolloutPolicy
 
 GROUP: Final = "aurora.dev"
 VERSION: Final = "v1alpha1"
@@ -546,7 +547,6 @@ class SpeculatorStatus(ApiModel):
     rollout: OpaqueObject | None = Field(
         None, description="The rollout policy's state (aurora.runtime.rollout.RolloutState)."
     )
-    last_evaluated: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 
 class Speculator(BaseModel):

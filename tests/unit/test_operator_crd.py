@@ -9,6 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
+from structural_schema import apply_defaults, validate, walk
+
+from aurora.cli import main
 from aurora.operator import crd
 from aurora.operator.spec import (
     ENGINE_RULES,
@@ -17,10 +21,6 @@ from aurora.operator.spec import (
     RolloutSpec,
     SpeculatorSpec,
 )
-from pydantic import ValidationError
-from structural_schema import apply_defaults, validate, walk
-
-from aurora.cli import main
 
 pytestmark = pytest.mark.unit
 

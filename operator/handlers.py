@@ -1,0 +1,319 @@
+"""The kopf handlers: thin glue from Kubernetes events to the planning functions
+(`aurora.operator.planning`), the cluster (`aurora.operator.kube`) and Redis
+(`aurora.operator.driver`). Importing this module registers them with kopf.
+
+- create / update of spec / resume: validate; an invalid spec gets Ready=False
+  (InvalidSpec), a Warning Event and no change to children, and is not retried until
+  the spec changes (no crash loop); a valid one is server-side applied.
+- timer: every `spec.rollout.intervalSeconds` re-observes the children (re-applying
+  them when one is missing or scaled by hand, and every RESYNC_SECONDS anyway), runs
+  one rollout round through Redis, stores the RolloutState in status (never only in
+  annotations: GitOps tools replace those) and turns policy events into Events.
+  Redis unreachable: Degraded (RedisUnavailable); nothing served changes.
+- delete: owner references let the garbage collector remove the children; with
+  `spec.traces.deletionPolicy: Delete` a finalizer first removes the Redis keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from aurora.operator import driver, planning
+from aurora.operator.kube import ApiException, Cluster, api_message, transient
+from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
+from aurora.runtime.protocol import Keys
+from aurora.runtime.rollout import Override, RolloutState, measure
+
+FINALIZER = "aurora.dev/cleanup"
+TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
+RESYNC_SECONDS = 60.0  # children are re-applied at least this often (drift correction)
+DELETE_ATTEMPTS = 5  # then deletion goes on and the Redis keys are left, with a Warning
+
+log = logging.getLogger(__name__)
+
+_EVENT_TYPES = {"Rollback": "Warning", "Reject": "Warning", "Hold": "Warning"}
+
+
+def _plain(value: Any) -> Any:
+    """kopf's read-only views as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _write_status(
+    patch: kopf.Patch, status: Mapping[str, Any], observation: planning.Observation
+) -> None:
+    before = _plain(status)
+    after = planning.build_status(observation, before, datetime.now(UTC))
+    for key, value in planning.merge_patch(before, after).items():
+        patch.status[key] = value
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Handler progress and the last-handled spec live in annotations under our prefix;
+    # status is ours alone and holds the rollout state.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.WARNING  # Events for warnings; ours are explicit
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    if memo.get("cluster") is None:
+        memo.cluster = Cluster.connect()
+
+
+# ---------------------------------------------------------------------- children
+
+
+def _reconcile_children(
+    body: Mapping[str, Any], memo: kopf.Memo, *, force: bool
+) -> tuple[list[dict[str, Any]], dict[str, int], str | None]:
+    """Apply the desired children when forced, when a server Deployment is missing or
+    drifted, or every RESYNC_SECONDS; prune children the spec no longer wants. Returns
+    (observed server Deployments, expected replicas by name, apply error or None).
+    Transient API errors propagate; refusals are collected into the error."""
+    cluster: Cluster = memo.cluster
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    desired = planning.desired_children(body, memo.images)
+    expected = {
+        child["metadata"]["name"]: child["spec"]["replicas"]
+        for child in desired
+        if child["kind"] == "Deployment"
+        and child["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    }
+    servers = cluster.server_deployments(namespace, name)
+    observed = {d["metadata"]["name"]: d.get("spec", {}).get("replicas") for d in servers}
+    now = time.monotonic()
+    drifted = any(observed.get(deployment) != replicas for deployment, replicas in expected.items())
+    if not (force or drifted or now - memo.get("last_apply", 0.0) >= RESYNC_SECONDS):
+        return servers, expected, None
+    problems = []
+    for child in desired:
+        try:
+            memo.cluster.apply(child)
+        except ApiException as error:
+            if transient(error):
+                raise
+            problems.append(f"{child['kind']} {child['metadata']['name']}: {api_message(error)}")
+    for kind, stale in planning.stale_children(cluster.children(namespace, name), desired):
+        log.info("deleting %s %s/%s: the spec no longer wants it", kind, namespace, stale)
+        cluster.delete(namespace, kind, stale)
+    memo.last_apply = now
+    return cluster.server_deployments(namespace, name), expected, "; ".join(problems) or None
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Follow the spec: children applied, status for this generation."""
+    generation = int(meta.get("generation") or 0)
+    errors = planning.validate_semantics(body)
+    if errors:
+        if status.get("observedGeneration") != generation:  # one Event per bad generation
+            kopf.warn(body, reason="InvalidSpec", message="; ".join(errors)[:1024])
+        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+        return  # not raised: a bad spec is not retried until it changes
+    try:
+        servers, expected, apply_error = _reconcile_children(body, memo, force=True)
+    except ApiException as error:
+        raise kopf.TemporaryError(f"Kubernetes API: {api_message(error)}", delay=15) from error
+    if apply_error:
+        kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
+    enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
+    observation = planning.Observation(
+        generation,
+        expected_servers=expected,
+        servers=servers,
+        apply_error=apply_error,
+        rollout_enabled=enabled,
+    )
+    _write_status(patch, status, observation)
+
+
+# ----------------------------------------------------------------------- rollout
+
+
+def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str) -> Any:
+    ref = spec.traces.password_secret_ref
+    password = memo.cluster.secret_value(namespace, ref.name, ref.key) if ref else None
+    key = (spec.traces.redis_url, password)
+    clients = memo.redis_clients
+    if key not in clients:
+        clients[key] = driver.connect(spec.traces.redis_url, password)
+    return clients[key]
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=TICK_SECONDS)
+def rollout(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """One round every spec.rollout.intervalSeconds: children, policy, status."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    generation = int(meta.get("generation") or 0)
+    errors = planning.validate_semantics(body)
+    if errors:
+        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+        return
+    spec = SpeculatorSpec.model_validate(body["spec"])
+    now = time.time()
+    if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
+        return
+    memo.last_round = now
+    try:
+        servers, expected, apply_error = _reconcile_children(body, memo, force=False)
+        pods = memo.cluster.server_pods(namespace, name)
+    except ApiException as error:
+        log.warning(
+            "%s/%s: Kubernetes API unavailable this round: %s", namespace, name, api_message(error)
+        )
+        return  # the next round tries again; nothing was changed
+
+    observation = planning.Observation(
+        generation, expected_servers=expected, servers=servers, apply_error=apply_error,
+        rollout_enabled=spec.rollout.enabled,
+    )  # fmt: skip
+    override, override_error = planning.parse_override(meta.get("annotations") or {})
+    if override_error:
+        kopf.warn(body, reason="InvalidOverride", message=override_error)
+        patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None
+    try:
+        client = _redis(memo, spec, namespace)
+        observation = _rollout_round(
+            body, status, memo, client, spec, observation, pods, override, now
+        )
+    except (*driver.REDIS_ERRORS, LookupError) as error:
+        problem = (
+            f"cannot read the Redis password: {error}"
+            if isinstance(error, LookupError)
+            else driver.redis_problem(spec.traces.redis_url, error)
+        )
+        memo.metrics.redis_errors.labels(namespace, name).inc()
+        observation = replace(observation, redis_error=problem)
+    else:
+        if override is not None:
+            patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None  # a one-shot command
+    _write_status(patch, status, observation)
+
+
+def _rollout_round(
+    body: kopf.Body, status: kopf.Status, memo: kopf.Memo, client: Any, spec: SpeculatorSpec,
+    observation: planning.Observation, pods: list[str], override: Override | None, now: float,
+) -> planning.Observation:  # fmt: skip
+    """Run the policy through Redis (or, with the rollout disabled, only measure) and
+    say what was seen; Events for the policy's events. Redis errors propagate."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    keys, policy = Keys(namespace, name), spec.rollout.policy()
+    window = memo.get("window")
+    if window is None or window.size != policy.max_canary_samples:
+        window = memo.window = driver.SampleWindow(size=policy.max_canary_samples)
+    state = _rollout_state(status, body)
+    if not spec.rollout.enabled:
+        window.refresh(client, keys)
+        measured = measure(window.samples(), state.stable_revision, None, policy)
+        return replace(observation, measurement=measured, trace_lag=driver.trace_lag(client, keys))
+    result = driver.run_round(
+        client, keys, policy, state, window, now, live_pods=pods, override=override
+    )
+    for event in result.decision.events:
+        kopf.event(
+            body,
+            type=_EVENT_TYPES.get(event.action, "Normal"),
+            reason=event.action,
+            message=event.reason[:1024],
+        )
+    if result.problem and not _degraded_with(status, result.problem):
+        kopf.warn(body, reason="RolloutBlocked", message=result.problem[:1024])
+    memo.metrics.record(namespace, name, result.decision, result.trace_lag)
+    return replace(
+        observation,
+        rollout_state=result.decision.new_state,
+        decision=result.decision,
+        rollout_error=result.problem,
+        trace_lag=result.trace_lag,
+    )
+
+
+def _degraded_with(status: Mapping[str, Any], message: str) -> bool:
+    """The Degraded condition already says this (so no Event again)."""
+    return any(
+        c.get("type") == "Degraded" and c.get("status") == "True" and c.get("message") == message
+        for c in status.get("conditions") or []
+    )
+
+
+def _rollout_state(status: Mapping[str, Any], body: kopf.Body) -> RolloutState:
+    """The rollout state kept in status; a state this version cannot read starts over
+    from Idle (with a Warning) rather than stopping every future round."""
+    stored = status.get("rollout")
+    if not stored:
+        return RolloutState()
+    try:
+        return RolloutState.model_validate(_plain(stored))
+    except ValidationError as error:
+        kopf.warn(
+            body,
+            reason="RolloutStateReset",
+            message=f"status.rollout unreadable, starting from Idle: {error}"[:1024],
+        )
+        return RolloutState()
+
+
+# ---------------------------------------------------------------------- deletion
+
+
+def _deletes_traces(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("traces") or {}).get("deletionPolicy", "Delete") == DeletionPolicy.DELETE
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_traces)
+def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    """Remove the Speculator's Redis keys (traces hold user prompts). Children go with
+    their owner references. Redis away: retried, then deletion goes on with a Warning
+    naming the keys left behind, so a lost Redis never blocks deleting a Speculator."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    keys = Keys(namespace, name)
+    try:
+        spec = SpeculatorSpec.model_validate(body["spec"])
+        deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace), keys)
+    except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
+        if retry + 1 < DELETE_ATTEMPTS:
+            raise kopf.TemporaryError(
+                f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10
+            ) from error
+        kopf.warn(
+            body,
+            reason="RedisKeysLeft",
+            message=f"Redis keys {keys.prefix}:* were left behind ({error}); delete them by hand",
+        )
+    else:
+        kopf.info(
+            body,
+            reason="RedisKeysDeleted",
+            message=f"deleted {deleted} Redis keys under {keys.prefix}:",
+        )
+    memo.metrics.forget(namespace, name)

@@ -1,0 +1,358 @@
+"""Planning: a Speculator spec to the child objects it wants (pure, no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aurora.operator import planning
+from aurora.operator.planning import Images, desired_children, validate_semantics
+from aurora.operator.spec import SpeculatorSpec
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+
+
+def _body(example: str, **spec_changes: Any) -> dict[str, Any]:
+    body = yaml.safe_load((EXAMPLES / example).read_text())
+    body["metadata"].update(namespace="team-a", uid="0b7a-uid", generation=3)
+    for section, fields in spec_changes.items():
+        body["spec"].setdefault(section, {}).update(fields)
+    return body
+
+
+def _by_name(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{c['kind']}/{c['metadata']['name']}": c for c in children}
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _deployments(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in children if c["kind"] == "Deployment"]
+
+
+TORCH = _body("speculator-torch-cpu.yaml")
+SGLANG = _body("speculator-sglang-gpu.yaml")
+
+
+def test_examples_are_valid() -> None:
+    assert validate_semantics(TORCH) == []
+    assert validate_semantics(SGLANG) == []
+
+
+def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volume() -> None:
+    children = _by_name(desired_children(TORCH))
+    assert sorted(children) == [
+        "ConfigMap/smollm2-cpu-config",
+        "Deployment/smollm2-cpu-server",
+        "Deployment/smollm2-cpu-trainer",
+        "PersistentVolumeClaim/smollm2-cpu-checkpoints",
+        "Service/smollm2-cpu",
+        "Service/smollm2-cpu-trainer",
+    ]
+    server = children["Deployment/smollm2-cpu-server"]
+    assert server["spec"]["replicas"] == 1
+    assert _container(server)["command"] == [
+        "aurora", "serve", "--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "8000",
+        "--speculator", "team-a/smollm2-cpu", "--redis-url", "$(AURORA_REDIS_URL)",
+        "--checkpoint-dir", "/checkpoints", "--draft", "scratch", "--spec-tokens", "4",
+        "--trace-sample-rate", "1", "--trace-maxlen", "50000", "--device", "cpu",
+    ]  # fmt: skip
+    trainer = _container(children["Deployment/smollm2-cpu-trainer"])
+    assert trainer["command"] == [
+        "aurora", "train", "--model", "smollm2-135m", "--speculator", "team-a/smollm2-cpu",
+        "--redis-url", "$(AURORA_REDIS_URL)", "--checkpoint-dir", "/checkpoints", "--lr", "0.0003",
+        "--batch-size", "8", "--lambda-discard", "0.5", "--publish-every", "200", "--device", "cpu",
+    ]  # fmt: skip
+    assert "nvidia.com/gpu" not in json.dumps(children)
+    env = {e["name"]: e for e in _container(server)["env"]}
+    assert env["AURORA_REDIS_URL"]["value"] == "redis://aurora-redis.aurora-system.svc:6379/0"
+    assert env["AURORA_REDIS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "aurora-redis", "key": "password"}
+    }
+    assert _container(server)["resources"] == {
+        "requests": {"cpu": "2", "memory": "2Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+
+
+def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
+    children = _by_name(desired_children(SGLANG))
+    stable = children["Deployment/llama31-8b-server"]
+    canary = children["Deployment/llama31-8b-server-canary"]
+    # canaryShare 0.25 of 4 replicas: one canary pod, three stable ones.
+    assert (stable["spec"]["replicas"], canary["spec"]["replicas"]) == (3, 1)
+    roles = {
+        d["spec"]["template"]["metadata"]["labels"]["aurora.dev/role"] for d in (stable, canary)
+    }
+    assert roles == {"stable", "canary"}
+    env = {e["name"]: e.get("value") for e in _container(canary)["env"]}
+    assert env["AURORA_SERVER_ROLE"] == "canary"
+    # The one Service spans both roles, and neither Deployment's selector overlaps the other.
+    service = children["Service/llama31-8b"]["spec"]["selector"]
+    for deployment in (stable, canary):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service.items() <= labels.items()
+    assert stable["spec"]["selector"]["matchLabels"] != canary["spec"]["selector"]["matchLabels"]
+    for deployment in (stable, canary):
+        container = _container(deployment)
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+        assert deployment["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    trainer = _container(children["Deployment/llama31-8b-trainer"])
+    assert trainer["command"][-2:] == ["--device", "cuda"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_sglang_command_uses_the_real_eagle3_flags() -> None:
+    command = planning.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
+    assert command[:3] == ["python3", "-m", "sglang.launch_server"]
+    flags = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--")}
+    assert flags["--model-path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert flags["--served-model-name"] == "llama-3.1-8b"
+    assert flags["--speculative-algorithm"] == "EAGLE3"
+    assert flags["--speculative-draft-model-path"] == "/checkpoints/initial/eagle3-llama3.1-8b"
+    assert (flags["--speculative-num-steps"], flags["--speculative-eagle-topk"]) == ("3", "4")
+    assert flags["--speculative-num-draft-tokens"] == "8"
+    assert flags["--tp"] == "1" and flags["--port"] == "8000"
+    assert "--enable-metrics" in command
+    assert command[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs last
+
+
+def test_sglang_with_ngram_draft_uses_sglang_ngram_speculation() -> None:
+    body = _body("speculator-sglang-gpu.yaml", draft={"initial": "ngram"})
+    command = planning.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
+    assert command[command.index("--speculative-algorithm") + 1] == "NGRAM"
+    assert "--speculative-draft-model-path" not in command
+
+
+@pytest.mark.parametrize("body", [TORCH, SGLANG], ids=["torch", "sglang"])
+def test_every_pod_runs_locked_down(body: dict[str, Any]) -> None:
+    for deployment in _deployments(desired_children(body)):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["privileged"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for writable in ("/tmp", "/cache"):
+                assert "emptyDir" in volumes[mounts[writable]]
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+@pytest.mark.parametrize("body", [TORCH, SGLANG], ids=["torch", "sglang"])
+def test_servers_roll_without_losing_capacity_and_are_probed(body: dict[str, Any]) -> None:
+    for deployment in _deployments(desired_children(body)):
+        container = _container(deployment)
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "server":
+            assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert mounts["/checkpoints"]["readOnly"] is True
+            assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+            assert container["readinessProbe"]["httpGet"]["port"] == "http"
+            assert container["startupProbe"]["failureThreshold"] >= 60
+        else:  # the trainer: one writer on the checkpoint volume
+            assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+            assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+
+
+def test_torch_server_readiness_is_the_ready_endpoint() -> None:
+    server = _by_name(desired_children(TORCH))["Deployment/smollm2-cpu-server"]
+    assert _container(server)["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_same_spec_same_objects_whatever_else_changed() -> None:
+    # Idempotency: status, annotations and resourceVersion do not change the plan.
+    first = desired_children(TORCH)
+    noisy = copy.deepcopy(TORCH)
+    noisy["status"] = {"observedGeneration": 2, "phase": "Canary"}
+    noisy["metadata"].update(
+        resourceVersion="999", annotations={"aurora.dev/override": "Promote:r1"}
+    )
+    assert json.dumps(desired_children(noisy), sort_keys=True) == json.dumps(first, sort_keys=True)
+
+
+def test_every_child_is_owned_labelled_and_selected_by_immutable_labels() -> None:
+    for child in desired_children(SGLANG):
+        metadata = child["metadata"]
+        assert metadata["namespace"] == "team-a"
+        assert metadata["labels"]["aurora.dev/speculator"] == "llama31-8b"
+        assert metadata["labels"]["app.kubernetes.io/part-of"] == "aurora"
+        (owner,) = metadata["ownerReferences"]
+        assert owner == {
+            "apiVersion": "aurora.dev/v1alpha1", "kind": "Speculator", "name": "llama31-8b",
+            "uid": "0b7a-uid", "controller": True, "blockOwnerDeletion": True,
+        }  # fmt: skip
+    # Deployment selectors are immutable: a spec change must not change them.
+    changed = _body(
+        "speculator-sglang-gpu.yaml", engine={"replicas": 8}, target={"model": "other/model"}
+    )
+    before = {
+        d["metadata"]["name"]: d["spec"]["selector"] for d in _deployments(desired_children(SGLANG))
+    }
+    after = {
+        d["metadata"]["name"]: d["spec"]["selector"]
+        for d in _deployments(desired_children(changed))
+    }
+    assert before == after
+
+
+def test_retained_volume_is_not_owned_and_an_existing_claim_is_used_as_is() -> None:
+    retained = _by_name(
+        desired_children(_body("speculator-torch-cpu.yaml", storage={"deletionPolicy": "Retain"}))
+    )
+    assert (
+        "ownerReferences"
+        not in retained["PersistentVolumeClaim/smollm2-cpu-checkpoints"]["metadata"]
+    )
+    existing = desired_children(
+        _body("speculator-torch-cpu.yaml", storage={"existingClaim": "models"})
+    )
+    assert not [c for c in existing if c["kind"] == "PersistentVolumeClaim"]
+    for deployment in _deployments(existing):
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "models"}
+
+
+@pytest.mark.parametrize(
+    ("replicas", "share", "enabled", "canary"),
+    [(2, "0.1", True, 1), (4, "0.25", True, 1), (4, "0.5", True, 2), (10, "0.9", True, 9),
+     (3, "0.99", True, 2), (0, "0.5", True, 0), (4, "0.5", False, 0)],
+)  # fmt: skip
+def test_canary_replicas_keep_both_arms_serving(
+    replicas: int, share: str, enabled: bool, canary: int
+) -> None:
+    body = _body(
+        "speculator-sglang-gpu.yaml",
+        engine={"replicas": replicas},
+        rollout={"canaryShare": share, "baselineShare": "0.0", "enabled": enabled},
+    )
+    spec = SpeculatorSpec.model_validate(body["spec"])
+    assert planning.canary_replicas(spec) == canary
+    deployments = _by_name(desired_children(body))
+    assert deployments["Deployment/llama31-8b-server"]["spec"]["replicas"] == replicas - canary
+    assert deployments["Deployment/llama31-8b-server-canary"]["spec"]["replicas"] == canary
+
+
+def test_disabled_training_scales_the_trainer_to_zero() -> None:
+    children = _by_name(
+        desired_children(_body("speculator-torch-cpu.yaml", training={"enabled": False}))
+    )
+    assert children["Deployment/smollm2-cpu-trainer"]["spec"]["replicas"] == 0
+
+
+def test_empty_resources_get_defaults_so_no_pod_is_best_effort() -> None:
+    body = _body("speculator-torch-cpu.yaml", engine={"resources": {}}, training={"resources": {}})
+    children = _by_name(desired_children(body))
+    server = _container(children["Deployment/smollm2-cpu-server"])
+    assert server["resources"] == planning.DEFAULT_RESOURCES["server-torch"]
+
+
+def test_spec_tokens_follow_num_draft_tokens_or_steps() -> None:
+    spec = SpeculatorSpec.model_validate(
+        {"target": {"model": "m"}, "engine": {"speculativeSteps": 6}}
+    )
+    assert planning.spec_tokens(spec) == 6
+    spec = SpeculatorSpec.model_validate(
+        {
+            "target": {"model": "m"},
+            "engine": {"speculativeSteps": 6, "speculativeNumDraftTokens": 5},
+        }
+    )
+    assert planning.spec_tokens(spec) == 4
+
+
+def test_images_come_from_the_operator_environment() -> None:
+    images = Images.from_env({"AURORA_RUNTIME_IMAGE": "registry.local/aurora:dev"})
+    server = _by_name(desired_children(TORCH, images))["Deployment/smollm2-cpu-server"]
+    assert _container(server)["image"] == "registry.local/aurora:dev"
+    custom = _body("speculator-torch-cpu.yaml", engine={"image": "mine:1"})
+    assert (
+        _container(_by_name(desired_children(custom, images))["Deployment/smollm2-cpu-server"])[
+            "image"
+        ]
+        == "mine:1"
+    )
+
+
+def test_switching_engine_leaves_the_canary_deployment_stale() -> None:
+    observed = desired_children(SGLANG)
+    torch_body = _body(
+        "speculator-sglang-gpu.yaml", engine={"kind": "torch", "gpus": 1, "replicas": 2}
+    )
+    torch_body["spec"]["draft"] = {"initial": "ngram"}
+    foreign = {"kind": "ConfigMap", "metadata": {"name": "llama31-8b-notes", "ownerReferences": []}}
+    assert planning.stale_children([*observed, foreign], desired_children(torch_body)) == [
+        ("Deployment", "llama31-8b-server-canary")
+    ]
+
+
+def test_effective_config_is_the_defaulted_spec() -> None:
+    config = _by_name(desired_children(TORCH))["ConfigMap/smollm2-cpu-config"]
+    document = json.loads(config["data"]["speculator.json"])
+    assert document["name"] == "smollm2-cpu"
+    assert document["spec"]["rollout"]["regressionThreshold"] == "0.97"  # a default, filled in
+
+
+# ------------------------------------------------------------- semantic validation
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"engine": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}, "set spec.engine.gpus"),
+        ({"engine": {"resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "4Gi"}}}},
+         "requests.memory 8Gi exceeds limits.memory 4Gi"),
+        ({"training": {"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": 1}}}},
+         "spec.training.resources: requests.cpu 1500m exceeds"),
+        ({"traces": {"redisUrl": "redis://:hunter2@redis:6379/0"}}, "spec.traces.passwordSecretRef"),
+        ({"engine": {"kind": "sglang"}}, "spec.engine: engine.kind sglang runs on GPUs"),
+        ({"engine": {"replicas": "many"}}, "spec.engine.replicas:"),
+        ({"rollout": {"canaryShare": "0.95"}}, "rollout.canaryShare + rollout.baselineShare"),
+    ],
+)  # fmt: skip
+def test_semantic_errors_name_the_field_and_the_fix(change: dict[str, Any], expected: str) -> None:
+    body = copy.deepcopy(TORCH)
+    for section, fields in change.items():
+        body["spec"][section] = {**body["spec"].get(section, {}), **fields}
+    errors = validate_semantics(body)
+    assert any(expected in error for error in errors), errors
+
+
+def test_a_name_too_long_for_the_children_is_an_error() -> None:
+    body = copy.deepcopy(TORCH)
+    body["metadata"]["name"] = "a" * 50
+    assert any(
+        "metadata.name" in error and "at most 49" in error for error in validate_semantics(body)
+    )
+
+
+@pytest.mark.parametrize(
+    ("quantity", "value"),
+    [(2, 2), ("500m", 0.5), ("2Gi", 2 * 2**30), ("1.5G", 1.5e9), ("1e3", 1000), ("100Ki", 102400)],
+)
+def test_parse_quantity(quantity: int | str, value: float) -> None:
+    assert float(planning.parse_quantity(quantity)) == value
+
+
+def test_parse_quantity_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        planning.parse_quantity("lots")
