@@ -19,6 +19,7 @@ COMMANDS = (
     "aurora.commands.crd",
     "aurora.commands.operator",
     "aurora.commands.workload",
+    "aurora.commands.serve",
 )
 
 

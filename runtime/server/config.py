@@ -1,0 +1,144 @@
+"""The server's configuration as plain data, and its Redis connection.
+
+No torch here: `aurora serve` builds and checks a ServerConfig before loading anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from aurora.errors import UsageError
+from aurora.runtime.protocol import Keys
+
+# Draft options that name no checkpoint.
+BUILTIN_DRAFTS = ("scratch", "ngram", "none")
+
+
+def default_server_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class ServerConfig:
+    """Everything `aurora serve` takes; field names follow its flags."""
+
+    model: str = "smollm2-135m"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    draft: str = "ngram"  # scratch | ngram | none | checkpoint directory
+    spec_tokens: int = 4
+    speculator: str = "default/local"  # NAMESPACE/NAME: the Redis key prefix
+    redis_url: str | None = None
+    checkpoint_dir: str | None = None
+    candidate_share: float = 0.0
+    baseline_share: float = 0.05
+    trace_sample_rate: float = 1.0
+    trace_maxlen: int = 10000
+    trace_topk: int = 8
+    trace_buffer: int = 1024  # traces and stats waiting for Redis, at most
+    stats_maxlen: int = 100000
+    server_id: str = field(default_factory=default_server_id)
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    max_queue: int = 64
+    max_new_tokens_limit: int = 2048
+    seed: int = 0
+    poll_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        _ = self.keys  # validates --speculator
+        checks = [
+            (
+                0 <= self.spec_tokens <= 64,
+                "--spec-tokens",
+                self.spec_tokens,
+                "an integer from 0 to 64 (0 = no speculation)",
+            ),
+            (
+                0.0 <= self.candidate_share <= 1.0,
+                "--candidate-share",
+                self.candidate_share,
+                "a fraction from 0 to 1",
+            ),
+            (
+                0.0 <= self.baseline_share <= 1.0,
+                "--baseline-share",
+                self.baseline_share,
+                "a fraction from 0 to 1",
+            ),
+            (
+                self.candidate_share + self.baseline_share <= 1.0,
+                "--candidate-share + --baseline-share",
+                self.candidate_share + self.baseline_share,
+                "shares that add up to at most 1",
+            ),
+            (
+                0.0 <= self.trace_sample_rate <= 1.0,
+                "--trace-sample-rate",
+                self.trace_sample_rate,
+                "a fraction from 0 to 1",
+            ),
+            (self.trace_maxlen >= 1, "--trace-maxlen", self.trace_maxlen, "at least 1"),
+            (self.trace_topk >= 0, "trace_topk", self.trace_topk, "0 (none) or more"),
+            (self.trace_buffer >= 1, "trace_buffer", self.trace_buffer, "at least 1"),
+            (self.max_queue >= 1, "--max-queue", self.max_queue, "at least 1"),
+            (
+                self.max_new_tokens_limit >= 1,
+                "--max-new-tokens-limit",
+                self.max_new_tokens_limit,
+                "at least 1",
+            ),
+            (self.threads is None or self.threads >= 1, "--threads", self.threads, "at least 1"),
+            (self.poll_interval > 0, "--poll-interval", self.poll_interval, "seconds > 0"),
+            (1 <= self.port <= 65535, "--port", self.port, "a TCP port from 1 to 65535"),
+            (bool(self.server_id), "--server-id", self.server_id, "a non-empty name"),
+        ]
+        for ok, flag, value, fix in checks:
+            if not ok:
+                raise UsageError(f"{flag}={value} is out of range: use {fix}")
+        if self.draft not in BUILTIN_DRAFTS and not Path(self.draft).is_dir():
+            raise UsageError(
+                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_DRAFTS)} nor a "
+                "checkpoint directory: pass a built-in draft or the path of a revision's directory"
+            )
+
+    @property
+    def keys(self) -> Keys:
+        namespace, slash, name = self.speculator.partition("/")
+        if not slash:
+            raise UsageError(
+                f"--speculator={self.speculator!r} must be NAMESPACE/NAME, e.g. default/local"
+            )
+        try:
+            return Keys(namespace, name)
+        except ValueError as error:
+            raise UsageError(f"--speculator={self.speculator!r}: {error}") from None
+
+
+def connect_redis(url: str, password: str | None = None, timeout: float = 2.0) -> redis.Redis:
+    """A client for ``url`` that fails fast (short timeouts, no hidden retries: the
+    callers retry with their own backoff). The password comes from the URL, else from
+    ``password``, else from $AURORA_REDIS_PASSWORD. Connects lazily."""
+    password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
+    options: dict[str, object] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 10,
+    }
+    if password and not redis.connection.parse_url(url).get("password"):
+        options["password"] = password
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as error:
+        raise UsageError(
+            f"--redis-url={url!r} is not a Redis URL ({error}): use redis://HOST:PORT/DB"
+        ) from None

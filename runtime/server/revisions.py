@@ -1,0 +1,345 @@
+"""Draft revisions in a server: which are loaded, which request gets which, hot swaps.
+
+The server holds a stable revision and optionally a candidate (on canary). Each
+request is routed by shares to the stable draft, the candidate, or the live baseline
+(no speculation). What is served is one immutable ``Served`` snapshot; a swap
+replaces the reference under a lock, so a request keeps the draft it started with
+and the next request takes the new one. Loading a checkpoint (read, checksum,
+shape and NaN checks, building the head) happens in the watcher thread, off the
+decode path; the decode worker is blocked only while the reference is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+
+from aurora.runtime.protocol import (
+    DesiredState,
+    Keys,
+    LoadedReport,
+    ProtocolError,
+    RevisionRef,
+    get_desired,
+    report_loaded,
+)
+
+log = logging.getLogger(__name__)
+
+Arm = Literal["stable", "candidate", "baseline"]
+
+# Revisions that need no checkpoint.
+NGRAM, NONE, SCRATCH = "ngram", "none", "scratch"
+
+
+class RoutingError(ValueError):
+    """A request asked for an arm or revision this server does not serve now."""
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A loaded draft revision; ``proposer`` None means no speculation ("none")."""
+
+    name: str
+    proposer: Any | None
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the server serves: one immutable snapshot, replaced whole on a swap."""
+
+    stable: Revision
+    candidate: Revision | None = None
+    candidate_share: float = 0.0
+    baseline_share: float = 0.0
+
+    def route(
+        self, u: float, *, arm: Arm | None = None, revision: str | None = None
+    ) -> tuple[Arm, Revision]:
+        """The arm and revision for a request with uniform draw ``u`` in [0, 1): the
+        first ``baseline_share`` of the unit interval is the baseline, the next
+        ``candidate_share`` the candidate (when one is loaded), the rest stable. A
+        request may pin an ``arm`` or a loaded ``revision``; RoutingError otherwise."""
+        if revision is not None:
+            pinned = [
+                (role, rev)
+                for role, rev in (("stable", self.stable), ("candidate", self.candidate))
+                if rev is not None and rev.name == revision and arm in (None, role)
+            ]
+            if not pinned:
+                raise RoutingError(
+                    f"revision={revision!r} is not served here{f' as arm={arm!r}' if arm else ''}: "
+                    f"stable is {self.stable.name!r}, candidate is "
+                    f"{self.candidate.name if self.candidate else None!r}; omit revision or pick one of those"
+                )
+            role, rev = pinned[0]
+            return role, rev  # type: ignore[return-value]
+        if arm is None:
+            arm = choose_arm(
+                u, self.candidate_share, self.baseline_share, self.candidate is not None
+            )
+        if arm == "candidate":
+            if self.candidate is None:
+                raise RoutingError(
+                    "arm='candidate' but no candidate revision is loaded: omit arm or use 'stable'"
+                )
+            return arm, self.candidate
+        return arm, self.stable
+
+    def roles(self) -> dict[str, str]:
+        """role → revision name."""
+        roles = {"stable": self.stable.name}
+        if self.candidate is not None:
+            roles["candidate"] = self.candidate.name
+        return roles
+
+
+def choose_arm(u: float, candidate_share: float, baseline_share: float, has_candidate: bool) -> Arm:
+    """Map a uniform draw to an arm (see ``Served.route``). Without a candidate its
+    share goes to stable, never to the baseline, so the baseline share stays exact."""
+    if u < baseline_share:
+        return "baseline"
+    if has_candidate and u < baseline_share + candidate_share:
+        return "candidate"
+    return "stable"
+
+
+class Router:
+    """Seeded routing draws: the same seed routes the same request sequence the same way."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def draw(self) -> float:
+        with self._lock:
+            return self._rng.random()
+
+
+class RevisionSet:
+    """The current ``Served`` snapshot behind a lock."""
+
+    def __init__(self, served: Served) -> None:
+        self._served = served
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> Served:
+        with self._lock:
+            return self._served
+
+    def swap(self, served: Served) -> float:
+        """Replace the snapshot; returns how long the lock was held (seconds): the
+        longest a decode worker can have been blocked by this swap."""
+        with self._lock:
+            start = time.perf_counter()
+            self._served = served
+            held = time.perf_counter() - start
+        return held
+
+
+# ------------------------------------------------------------------------ loading
+
+
+class RevisionLoader:
+    """Builds a Revision from a revision name and checkpoint path.
+
+    ``build_builtin(name)`` makes the checkpoint-free ones (ngram, none, scratch);
+    ``build_head(path)`` loads and verifies a checkpoint and returns (revision name
+    recorded in its metadata, proposer)."""
+
+    def __init__(
+        self,
+        build_builtin: Callable[[str], Revision],
+        build_head: Callable[[Path], Revision],
+        checkpoint_dir: str | None,
+    ) -> None:
+        self.build_builtin, self.build_head = build_builtin, build_head
+        self.checkpoint_dir = checkpoint_dir
+
+    def path_of(self, ref: RevisionRef) -> Path:
+        """The ref's own path when it exists, else ``<checkpoint_dir>/<revision>``."""
+        if ref.path and Path(ref.path).is_dir():
+            return Path(ref.path)
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir) / ref.revision
+        return Path(ref.path or ref.revision)
+
+    def load(self, ref: RevisionRef) -> Revision:
+        if ref.revision in (NGRAM, NONE, SCRATCH) and not ref.path:
+            return self.build_builtin(ref.revision)
+        path = self.path_of(ref)
+        revision = self.build_head(path)
+        if revision.name != ref.revision:
+            raise ValueError(
+                f"checkpoint {path} holds revision {revision.name!r}, the desired state names "
+                f"{ref.revision!r}: fix the desired state's path"
+            )
+        return revision
+
+
+@dataclass
+class SwapEvent:
+    """One applied change, for metrics and the report."""
+
+    served: Served
+    pause_s: float
+
+
+class RevisionWatcher:
+    """Polls the desired state in Redis and reconciles the served revisions with it.
+
+    A revision that fails to load is reported once and not retried until the desired
+    state names something else; the server keeps serving what it has."""
+
+    def __init__(
+        self,
+        revisions: RevisionSet,
+        loader: RevisionLoader,
+        client: redis.Redis,
+        keys: Keys,
+        server_id: str,
+        *,
+        poll_interval: float = 0.5,
+        on_swap: Callable[[SwapEvent], None] = lambda event: None,
+    ) -> None:
+        self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
+        self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
+        self.failed: dict[tuple[str, str], str] = {}  # (revision, path) → error
+        self.last_pause_ms: float | None = None
+        self._last_report: tuple[Any, ...] | None = None
+        self._last_problem: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="aurora-revision-watcher", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        backoff = self.poll_interval
+        while not self._stop.is_set():
+            try:
+                self.poll()
+                backoff = self.poll_interval
+                self._problem(None)
+            except (redis.RedisError, OSError) as error:
+                self._problem(
+                    f"Redis is unreachable ({type(error).__name__}); keeping the served revisions"
+                )
+                self._last_report = None  # report again once it is back
+                backoff = min(backoff * 2, 5.0)
+            except ProtocolError as error:
+                self._problem(f"ignoring the desired state: {error}")
+            except Exception:  # never let the watcher die: it is the only way to swap
+                log.exception("revision watcher poll failed; retrying")
+            self._stop.wait(backoff)
+
+    def _problem(self, message: str | None) -> None:
+        if message != self._last_problem and message is not None:
+            log.warning("%s", message)
+        elif message is None and self._last_problem is not None:
+            log.info("revision watcher: Redis is reachable again")
+        self._last_problem = message
+
+    def poll(self) -> SwapEvent | None:
+        """Read the desired state once and apply it; report what is loaded."""
+        desired = get_desired(self.client, self.keys)
+        if desired is not None:
+            return self.apply(desired)
+        self.report(None)
+        return None
+
+    def apply(self, desired: DesiredState) -> SwapEvent | None:
+        current = self.revisions.snapshot()
+        errors: list[str] = []
+        stable = current.stable
+        if desired.stable is not None:
+            stable = self._resolve(desired.stable, current, errors) or current.stable
+        candidate = current.candidate
+        if desired.candidate is None:
+            candidate = None
+        else:
+            candidate = self._resolve(desired.candidate, current, errors) or current.candidate
+        served = replace(
+            current,
+            stable=stable,
+            candidate=candidate,
+            candidate_share=desired.candidate_share,
+            baseline_share=desired.baseline_share,
+        )
+        event = None
+        if served != current:
+            pause = self.revisions.swap(served)
+            event = SwapEvent(served, pause)
+            if served.roles() != current.roles():
+                self.last_pause_ms = pause * 1000.0
+                log.info(
+                    "serving stable=%s candidate=%s (swap paused decoding %.3f ms)",
+                    stable.name,
+                    candidate.name if candidate else None,
+                    pause * 1000.0,
+                )
+            self.on_swap(event)
+        self.report("; ".join(errors) or None)
+        return event
+
+    def _resolve(self, ref: RevisionRef, current: Served, errors: list[str]) -> Revision | None:
+        """The loaded Revision for ``ref``: reused when already served, else loaded now;
+        None (with the error recorded) when it cannot be loaded."""
+        for loaded in (current.stable, current.candidate):
+            if loaded is not None and loaded.name == ref.revision:
+                return loaded
+        key = (ref.revision, ref.path)
+        if key in self.failed:
+            errors.append(self.failed[key])
+            return None
+        started = time.perf_counter()
+        try:
+            revision = self.loader.load(ref)
+        except Exception as error:  # any failure keeps the old revision serving
+            message = f"cannot load revision {ref.revision!r}: {error}"
+            log.error("%s; keeping the served revisions", message)
+            self.failed[key] = message
+            errors.append(message)
+            return None
+        log.info(
+            "loaded revision %s in %.2f s (off the decode path)",
+            ref.revision,
+            time.perf_counter() - started,
+        )
+        return revision
+
+    def report(self, error: str | None) -> None:
+        """Publish a LoadedReport when what it would say changed (or was never sent)."""
+        served = self.revisions.snapshot()
+        roles = served.roles()
+        content = (roles.get("stable"), roles.get("candidate"), error, self.last_pause_ms)
+        if content == self._last_report:
+            return
+        report_loaded(
+            self.client,
+            self.keys,
+            LoadedReport(
+                server=self.server_id,
+                stable=content[0],
+                candidate=content[1],
+                error=error,
+                pause_ms=self.last_pause_ms,
+            ),
+        )
+        self._last_report = content
