@@ -19,6 +19,10 @@ COMMANDS = (
     "aurora.commands.crd",
     "aurora.commands.operator",
     "aurora.commands.workload",
+    "aurora.commands.train",
+    "aurora.commands.local",
+    "aurora.commands.bench",
+    "aurora.commands.draft",
     "aurora.commands.serve",
 )
 
@@ -30,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"aurora {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging verbosity (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -176,7 +176,9 @@ class EagleDraftHead(nn.Module):
 
     def target_to_draft(self) -> Tensor:
         """t2d [target_vocab]: draft index of each target id, -1 where absent."""
-        t2d = torch.full((self.config.target_vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        t2d = torch.full(
+            (self.config.target_vocab_size,), -1, dtype=torch.long, device=self.d2t.device
+        )
         t2d[self.d2t] = torch.arange(self.d2t.numel(), device=self.d2t.device)
         return t2d
 
@@ -202,23 +204,11 @@ class EagleDraftHead(nn.Module):
         m = self.post_norm(h)
         return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
 
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """q [N, nh, hd], keys/values [N, M, nkv, hd] or [M, nkv, hd], mask [N, M] -> [N, nh*hd]."""
-        c = self.config
-        group = c.num_heads // c.num_kv_heads
-        if keys.dim() == 3:
-            keys, values = keys.unsqueeze(0), values.unsqueeze(0)
-        keys = keys.repeat_interleave(group, dim=2)
-        values = values.repeat_interleave(group, dim=2)
-        scores = torch.einsum("nhd,nmhd->nhm", q, keys.expand(q.shape[0], -1, -1, -1))
-        scores = scores / math.sqrt(c.head_dim)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.einsum("nhm,nmhd->nhd", probs, values.expand(q.shape[0], -1, -1, -1))
-        return out.reshape(q.shape[0], -1)
-
     def step1(
-        self, features: Tensor, tokens: Tensor, positions: Tensor,
+        self,
+        features: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Step 1 over T consecutive positions: raw target features [T, 3H], next
@@ -232,11 +222,7 @@ class EagleDraftHead(nn.Module):
             v = torch.cat([past[1], v], dim=0)
         t, m = q.shape[0], k.shape[0]
         mask = torch.ones(t, m, dtype=torch.bool, device=q.device).tril(diagonal=m - t)
-        if t == 1 or m <= 4096:
-            attn = self._attend_causal(q, k, v, mask)
-        else:  # pragma: no cover - very long sequences
-            attn = self._attend(q, k, v, mask)
-        return self._finish(fused, attn), k, v
+        return self._finish(fused, self._attend_causal(q, k, v, mask)), k, v
 
     def _attend_causal(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         c = self.config
@@ -248,26 +234,38 @@ class EagleDraftHead(nn.Module):
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
     def chain(
-        self, prev_hidden: Tensor, tokens: Tensor, positions: Tensor,
-        step1_keys: Tensor, step1_values: Tensor, anchors: Tensor,
-        chain_keys: Tensor | None, chain_values: Tensor | None,
+        self,
+        prev_hidden: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        step1_keys: Tensor,
+        step1_values: Tensor,
+        anchors: Tensor,
+        chain_keys: Tensor | None,
+        chain_values: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One unrolled step for A chains at once: previous hidden [A, H], input
         tokens [A], positions [A]; each chain attends to step-1 keys at positions
         <= its anchor [A] and to its own earlier chain keys [A, r, nkv, hd].
         Returns (hidden [A, H], chain_keys, chain_values) with this step appended."""
+        c = self.config
         q, k, v = self._qkv(prev_hidden, tokens, positions)
         k, v = k.unsqueeze(1), v.unsqueeze(1)
         chain_keys = k if chain_keys is None else torch.cat([chain_keys, k], dim=1)
         chain_values = v if chain_values is None else torch.cat([chain_values, v], dim=1)
-        length = step1_keys.shape[0]
-        visible = torch.arange(length, device=q.device)[None, :] <= anchors[:, None]
-        keys = torch.cat([step1_keys.unsqueeze(0).expand(q.shape[0], -1, -1, -1), chain_keys], 1)
-        values = torch.cat([step1_values.unsqueeze(0).expand(q.shape[0], -1, -1, -1), chain_values], 1)
-        mask = torch.cat(
-            [visible, torch.ones(q.shape[0], chain_keys.shape[1], dtype=torch.bool, device=q.device)], 1
+        # Grouped-query attention without materialising per-chain copies of the step-1 keys.
+        g = c.num_heads // c.num_kv_heads
+        qg = q.view(q.shape[0], c.num_kv_heads, g, c.head_dim) / math.sqrt(c.head_dim)
+        shared = torch.einsum("akgd,tkd->akgt", qg, step1_keys)
+        visible = torch.arange(step1_keys.shape[0], device=q.device)[None, :] <= anchors[:, None]
+        shared = shared.masked_fill(~visible[:, None, None, :], float("-inf"))
+        own = torch.einsum("akgd,arkd->akgr", qg, chain_keys)
+        probs = torch.softmax(torch.cat([shared, own], dim=-1).float(), dim=-1).to(q.dtype)
+        t = step1_keys.shape[0]
+        attn = torch.einsum("akgt,tkd->akgd", probs[..., :t], step1_values) + torch.einsum(
+            "akgr,arkd->akgd", probs[..., t:], chain_values
         )
-        return self._finish(prev_hidden, self._attend(q, keys, values, mask)), chain_keys, chain_values
+        return self._finish(prev_hidden, attn.reshape(q.shape[0], -1)), chain_keys, chain_values
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Draft-vocabulary logits [..., V_draft]."""
@@ -288,7 +286,11 @@ class Proposal:
 
 class DraftSession(Protocol):
     def propose(
-        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
         generator: torch.Generator | None,
     ) -> Proposal: ...
 
@@ -325,21 +327,25 @@ class NgramSession:
     indexed: int = 0
 
     def propose(
-        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
         generator: torch.Generator | None,
     ) -> Proposal:
         # Index every n-gram whose continuation start is an existing token.
         for start in range(max(self.indexed, 1), len(tokens)):
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if start - n >= 0:
-                    self.index[tuple(tokens[start - n:start])] = start
+                    self.index[tuple(tokens[start - n : start])] = start
         self.indexed = max(self.indexed, len(tokens))
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(tokens) < n:
                 continue
             start = self.index.get(tuple(tokens[-n:]))
             if start is not None:
-                return Proposal(tokens[start:start + k])
+                return Proposal(tokens[start : start + k])
         return Proposal([])
 
 
@@ -363,7 +369,11 @@ class EagleSession:
     consumed: int = 0  # target positions whose features the draft has taken in
 
     def propose(
-        self, tokens: list[int], features: Tensor | None, k: int, temperature: float,
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
         generator: torch.Generator | None,
     ) -> Proposal:
         """features: raw fused-layer target features [m, 3H] for the target
@@ -373,7 +383,7 @@ class EagleSession:
         head = self.head
         m, start = features.shape[0], self.consumed
         device = features.device
-        next_tokens = torch.tensor(tokens[start + 1:start + m + 1], device=device)
+        next_tokens = torch.tensor(tokens[start + 1 : start + m + 1], device=device)
         positions = torch.arange(start, start + m, device=device)
         past = None if self.keys is None else (self.keys, self.values)
         hidden, self.keys, self.values = head.step1(features, next_tokens, positions, past)  # type: ignore[arg-type]
@@ -398,14 +408,22 @@ class EagleSession:
             if s == k:
                 break
             g, chain_k, chain_v = head.chain(
-                g, torch.tensor([token], device=device), anchor + s, self.keys, self.values,  # type: ignore[arg-type]
-                anchor, chain_k, chain_v,
+                g,
+                torch.tensor([token], device=device),
+                anchor + s,
+                self.keys,
+                self.values,  # type: ignore[arg-type]
+                anchor,
+                chain_k,
+                chain_v,
             )
         return Proposal(drafted, torch.stack(probs) if probs else None)
 
 
 def load_draft_head(
-    tensors: dict[str, Tensor], config: DraftConfig, target_embedding: nn.Embedding,
+    tensors: dict[str, Tensor],
+    config: DraftConfig,
+    target_embedding: nn.Embedding,
     device: torch.device | str = "cpu",
 ) -> EagleDraftHead:
     """Build a head from checkpoint tensors (strict: every weight must be present)."""

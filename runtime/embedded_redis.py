@@ -45,8 +45,12 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Start, stop and restart a redis-server bound to 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, password: str | None = None,
-                 data_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        data_dir: str | Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.password = password
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="aurora-redis-")
@@ -60,9 +64,21 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes",
-            "--appendfsync", "everysec", "--protected-mode", "yes",
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--protected-mode",
+            "yes",
         ]
         if self.password:
             args += ["--requirepass", self.password]

@@ -132,7 +132,9 @@ def generate(
     tokens = list(prompt_ids)
     t0 = time.perf_counter()
     out = target(
-        torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True,
+        torch.tensor([tokens], device=device),
+        past_key_values=cache,
+        use_cache=True,
         output_hidden_states=need_features,
     )
     features = _features(proposer, out) if need_features else None
@@ -147,7 +149,7 @@ def generate(
             finish = "stop"
             break
         if stop is not None and (cut := stop(output)) is not None:
-            del tokens[n_prompt + cut:]
+            del tokens[n_prompt + cut :]
             finish, stop_text = "stop", "stop"
             break
         if len(output) >= max_new_tokens:
@@ -157,12 +159,15 @@ def generate(
         budget = max_new_tokens - len(output)
         proposal = (
             session.propose(tokens, features, min(k, budget - 1), temperature, generator)
-            if session is not None and budget > 1 else Proposal([])
+            if session is not None and budget > 1
+            else Proposal([])
         )
         verify_in = [tokens[-1], *proposal.tokens]
         processed = len(tokens) - 1  # the target has seen every token but the last
         out = target(
-            torch.tensor([verify_in], device=device), past_key_values=cache, use_cache=True,
+            torch.tensor([verify_in], device=device),
+            past_key_values=cache,
+            use_cache=True,
             output_hidden_states=need_features,
         )
         logits = out.logits[0]
@@ -180,8 +185,12 @@ def generate(
         tokens.extend(new[: max_new_tokens - len(output)])
     t2 = time.perf_counter()
     return Generation(
-        prompt_ids=list(prompt_ids), output_ids=tokens[n_prompt:], steps=steps,
-        finish_reason=finish, prefill_s=t1 - t0, decode_s=t2 - t1,
+        prompt_ids=list(prompt_ids),
+        output_ids=tokens[n_prompt:],
+        steps=steps,
+        finish_reason=finish,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
         revision=proposer.revision if speculate and proposer is not None else "",
         stop_text=stop_text,
     )

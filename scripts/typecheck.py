@@ -25,7 +25,15 @@ def main() -> int:
             (package / entry.name).symlink_to(entry)
     (package / "operator").symlink_to(ROOT / "operator")
     (package / "runtime").symlink_to(ROOT / "runtime")
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "-p", "aurora"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "-p",
+        "aurora",
+    ]
     return subprocess.call(cmd, cwd=TREE)
 
 

