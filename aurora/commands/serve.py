@@ -88,7 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add("--device", default="cpu", help="torch device (default: cpu)")
     add("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    add("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    add(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's default, one per physical core; on a shared "
+        "machine fewer threads can be much faster)",
+    )
     add(
         "--max-queue",
         type=int,

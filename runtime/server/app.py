@@ -75,6 +75,12 @@ from aurora.runtime.server.worker import (
 log = logging.getLogger(__name__)
 
 DOMAIN_HEADER = "X-Aurora-Domain"
+TOKEN_LIMITED_FIELDS = (
+    ("CompletionRequest", "max_tokens"),
+    ("ChatCompletionRequest", "max_tokens"),
+    ("ChatCompletionRequest", "max_completion_tokens"),
+    ("SamplingParams", "max_new_tokens"),
+)
 
 
 class ServerRuntime:
@@ -453,6 +459,21 @@ def create_app(config: ServerConfig, target: Any = None, tokenizer: Any = None) 
     )
     app.state.runtime = runtime
     model_name = config.model
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The token limit is this server's option, so the schema states it here.
+        schema = default_openapi()
+        models = schema.get("components", {}).get("schemas", {})
+        for model, field in TOKEN_LIMITED_FIELDS:
+            if field in models.get(model, {}).get("properties", {}):
+                target = models[model]["properties"][field]
+                for option in target.get("anyOf", [target]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = config.max_new_tokens_limit
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:

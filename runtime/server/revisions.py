@@ -209,13 +209,16 @@ class RevisionWatcher:
         server_id: str,
         *,
         poll_interval: float = 0.5,
+        report_interval: float = 10.0,
         on_swap: Callable[[SwapEvent], None] = lambda event: None,
     ) -> None:
         self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
         self.failed: dict[tuple[str, str], str] = {}  # (revision, path) → error
         self.last_pause_ms: float | None = None
+        self.report_interval = report_interval
         self._last_report: tuple[Any, ...] | None = None
+        self._reported_at = 0.0
         self._last_problem: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -325,11 +328,14 @@ class RevisionWatcher:
         return revision
 
     def report(self, error: str | None) -> None:
-        """Publish a LoadedReport when what it would say changed (or was never sent)."""
+        """Publish a LoadedReport when what it would say changed, was never sent, or was
+        last sent ``report_interval`` ago."""
         served = self.revisions.snapshot()
         roles = served.roles()
         content = (roles.get("stable"), roles.get("candidate"), error, self.last_pause_ms)
-        if content == self._last_report:
+        # Unchanged reports are repeated now and then: a heartbeat with a fresh `updated`.
+        fresh = time.monotonic() - self._reported_at < self.report_interval
+        if content == self._last_report and fresh:
             return
         report_loaded(
             self.client,
@@ -342,4 +348,4 @@ class RevisionWatcher:
                 pause_ms=self.last_pause_ms,
             ),
         )
-        self._last_report = content
+        self._last_report, self._reported_at = content, time.monotonic()
