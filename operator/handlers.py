@@ -39,6 +39,22 @@ DELETE_ATTEMPTS = 5  # then deletion goes on and the Redis keys are left, with a
 
 log = logging.getLogger(__name__)
 
+# What kopf itself does with the API for these handlers: watch Speculators, patch their
+# metadata (progress annotations, the finalizer) and status, post Events, follow the CRD
+# and namespaces; owner references with blockOwnerDeletion need the finalizers subresource.
+KOPF_PERMISSIONS = frozenset(
+    {
+        *((GROUP, PLURAL, verb) for verb in ("get", "list", "watch", "patch")),
+        (GROUP, f"{PLURAL}/status", "patch"),
+        (GROUP, f"{PLURAL}/finalizers", "update"),
+        ("", "events", "create"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+    }
+)
+
 _EVENT_TYPES = {"Rollback": "Warning", "Reject": "Warning", "Hold": "Warning"}
 
 

@@ -22,6 +22,22 @@ from aurora.operator.planning import FIELD_MANAGER, SPECULATOR_LABEL
 
 APPLY = "application/apply-patch+yaml"
 
+_CHILD_VERBS = ("list", "create", "patch", "delete")  # server-side apply creates too
+# Every (apiGroup, resource, verb) the calls below need. manifests/base's ClusterRole
+# grants exactly these and kopf's own (handlers.KOPF_PERMISSIONS); a test checks both ways.
+PERMISSIONS = frozenset(
+    {
+        *(("apps", "deployments", verb) for verb in _CHILD_VERBS),
+        *(
+            ("", resource, verb)
+            for resource in ("services", "configmaps", "persistentvolumeclaims")
+            for verb in _CHILD_VERBS
+        ),
+        ("", "pods", "list"),
+        ("", "secrets", "get"),
+    }
+)
+
 
 def load_config() -> None:
     """In a pod: the ServiceAccount's token; elsewhere: the current kubeconfig context."""
