@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # Bounds what one round reads, so a burst of traffic cannot stall the timer.
 MAX_STATS_PER_ROUND = 50_000
 MAX_LAG_SCAN = 1_000
+# Servers repeat their loaded report every 10 s (a heartbeat); six missed ones: gone.
+LOADED_REPORT_TTL = 60.0
 REDIS_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -152,19 +154,23 @@ def to_load(report: LoadedReport) -> ServerLoad:
 
 
 def live_loads(
-    reports: Mapping[str, LoadedReport], live_pods: Sequence[str] | None
+    reports: Mapping[str, LoadedReport],
+    live_pods: Sequence[str] | None,
+    now: float,
+    ttl: float = LOADED_REPORT_TTL,
 ) -> tuple[list[LoadedReport], list[str]]:
-    """(reports of live servers, ids of stale ones). Server ids are `<hostname>-<pid>`
-    and a pod's hostname is its name, so a report whose hostname names no live pod
-    comes from a deleted pod and must not hold up a promotion. With `live_pods` None
-    or empty (no pods observed, e.g. servers not run by a kubelet) every report counts."""
-    if not live_pods:
-        return list(reports.values()), []
-    pods = set(live_pods)
+    """(reports of live servers, ids of stale ones). A server repeats its report as a
+    heartbeat, so one not refreshed within `ttl` seconds is gone. Server ids are
+    `<hostname>-<pid>` and a pod's hostname is its name, so with `live_pods` known a
+    report whose hostname names no live pod comes from a deleted pod. Either way a
+    gone server must not hold up a promotion. Without pods (None or empty: servers not
+    run by a kubelet, or local mode) only the age counts."""
+    pods = set(live_pods or ())
     live: list[LoadedReport] = []
     stale: list[str] = []
     for server, report in sorted(reports.items()):
-        if server in pods or server.rpartition("-")[0] in pods:
+        in_pod = not pods or server in pods or server.rpartition("-")[0] in pods
+        if in_pod and now - report.updated <= ttl:
             live.append(report)
         else:
             stale.append(server)
@@ -269,7 +275,7 @@ def run_round(
     runs but the desired state in Redis is left alone (rollout disabled)."""
     window.refresh(client, keys)
     records = {record.revision: record for record in protocol.list_candidates(client, keys)}
-    live, stale = live_loads(protocol.get_loaded(client, keys), live_pods)
+    live, stale = live_loads(protocol.get_loaded(client, keys), live_pods, now)
     decision = decide(
         policy,
         state,

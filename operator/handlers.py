@@ -96,12 +96,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 def _reconcile_children(
     body: Mapping[str, Any], memo: kopf.Memo, *, force: bool
 ) -> tuple[list[dict[str, Any]], dict[str, int], str | None]:
-    """Apply the desired children when forced, when a server Deployment is missing or
-    drifted, or every RESYNC_SECONDS; prune children the spec no longer wants. Returns
-    (observed server Deployments, expected replicas by name, apply error or None).
-    Transient API errors propagate; refusals are collected into the error."""
+    """Apply the desired children when forced, when this generation was not applied yet,
+    when a server Deployment is missing or drifted, or every RESYNC_SECONDS; prune
+    children the spec no longer wants. Returns (observed server Deployments, expected
+    replicas by name, apply error or None). Transient API errors propagate; refusals
+    are collected into the error. Status never claims a generation not applied."""
     cluster: Cluster = memo.cluster
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    generation = body["metadata"].get("generation")
     desired = planning.desired_children(body, memo.images)
     expected = {
         child["metadata"]["name"]: child["spec"]["replicas"]
@@ -113,7 +115,8 @@ def _reconcile_children(
     observed = {d["metadata"]["name"]: d.get("spec", {}).get("replicas") for d in servers}
     now = time.monotonic()
     drifted = any(observed.get(deployment) != replicas for deployment, replicas in expected.items())
-    if not (force or drifted or now - memo.get("last_apply", 0.0) >= RESYNC_SECONDS):
+    unapplied = memo.get("applied_generation") != generation
+    if not (force or unapplied or drifted or now - memo.get("last_apply", 0.0) >= RESYNC_SECONDS):
         return servers, expected, None
     problems = []
     for child in desired:
@@ -126,7 +129,7 @@ def _reconcile_children(
     for kind, stale in planning.stale_children(cluster.children(namespace, name), desired):
         log.info("deleting %s %s/%s: the spec no longer wants it", kind, namespace, stale)
         cluster.delete(namespace, kind, stale)
-    memo.last_apply = now
+    memo.last_apply, memo.applied_generation = now, generation
     return cluster.server_deployments(namespace, name), expected, "; ".join(problems) or None
 
 
@@ -222,12 +225,13 @@ def rollout(
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
-    except (*driver.REDIS_ERRORS, LookupError) as error:
-        problem = (
-            f"cannot read the Redis password: {error}"
-            if isinstance(error, LookupError)
-            else driver.redis_problem(spec.traces.redis_url, error)
-        )
+    except (*driver.REDIS_ERRORS, LookupError, ApiException) as error:
+        if isinstance(error, LookupError):
+            problem = f"cannot read the Redis password: {error}"
+        elif isinstance(error, ApiException):
+            problem = f"cannot read the Redis password Secret: {api_message(error)}"
+        else:
+            problem = driver.redis_problem(spec.traces.redis_url, error)
         memo.metrics.redis_errors.labels(namespace, name).inc()
         observation = replace(observation, redis_error=problem)
     else:

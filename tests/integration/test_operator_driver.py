@@ -73,22 +73,32 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     assert desired is not None and desired.stable is not None and desired.stable.revision == "r1"
     assert desired.candidate is None and desired.generation == 2
 
-    # Servers report: a live pod serves r1; a report from a deleted pod must not hold
-    # up the promotion and is removed.
-    protocol.report_loaded(
-        redis_client, KEYS, LoadedReport(server="chat-server-7d9f-x2k4p-17", stable="r1")
-    )
-    protocol.report_loaded(
-        redis_client, KEYS, LoadedReport(server="chat-server-7d9f-old00-9", stable=None)
-    )
+    # Servers report: a live pod serves r1; reports from a deleted pod and from a server
+    # silent for minutes must not hold up the promotion, and are removed.
+    for server, stable, updated in (
+        ("chat-server-7d9f-x2k4p-17", "r1", 305.0),
+        ("chat-server-7d9f-old00-9", None, 305.0),
+        ("chat-server-7d9f-x2k4p-3", None, 100.0),
+    ):
+        report = LoadedReport(server=server, stable=stable, updated=updated)
+        protocol.report_loaded(redis_client, KEYS, report)
     done = driver.run_round(
         redis_client, KEYS, POLICY, promoted.decision.new_state, window, now=310.0,
         live_pods=["chat-server-7d9f-x2k4p"],
     )  # fmt: skip
     assert [e.action for e in done.decision.events] == ["Promoted"]
     assert done.decision.new_state.stable_revision == "r1"
-    assert done.stale_servers == ("chat-server-7d9f-old00-9",)
+    assert done.stale_servers == ("chat-server-7d9f-old00-9", "chat-server-7d9f-x2k4p-3")
     assert set(protocol.get_loaded(redis_client, KEYS)) == {"chat-server-7d9f-x2k4p-17"}
+
+
+def test_without_pods_only_the_heartbeat_age_decides_who_is_alive() -> None:
+    reports = {
+        "host-1": LoadedReport(server="host-1", stable="r1", updated=1000.0),
+        "host-2": LoadedReport(server="host-2", stable="r0", updated=900.0),
+    }
+    live, stale = driver.live_loads(reports, None, now=1030.0)
+    assert [r.server for r in live] == ["host-1"] and stale == ["host-2"]
 
 
 def test_sample_window_reads_incrementally_and_stays_bounded(redis_client: redis.Redis) -> None:

@@ -163,3 +163,18 @@ def test_the_finalizer_is_only_for_speculators_whose_traces_are_deleted() -> Non
     assert handlers._deletes_traces(spec=spec(traces={"deletionPolicy": "Delete"}))
     assert handlers._deletes_traces(spec=spec())
     assert not handlers._deletes_traces(spec=spec(traces={"deletionPolicy": "Retain"}))
+
+
+def test_the_timer_never_reports_a_generation_it_has_not_applied(events: Events) -> None:
+    # The spec changes and the timer happens to run before the update handler: it
+    # applies the new generation itself rather than claim it in observedGeneration.
+    cluster = RecordingCluster()
+    memo = operator_memo(cluster)
+    created, _ = call(handlers.reconcile, speculator(traces=NOWHERE), memo)
+    changed = speculator(generation=2, traces=NOWHERE, target={"model": "/models/other"})
+    changed["status"] = created["status"]
+    ticked, _ = call(handlers.rollout, changed, memo)
+    server = cluster.objects[("Deployment", "chat-server")]
+    command = server["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model") + 1] == "/models/other"
+    assert ticked["status"]["observedGeneration"] == 2
