@@ -356,3 +356,22 @@ def test_parse_quantity(quantity: int | str, value: float) -> None:
 def test_parse_quantity_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
         planning.parse_quantity("lots")
+
+
+@pytest.mark.parametrize(
+    "body", [TORCH, _body("speculator-torch-cpu.yaml", engine={"speculativeNumDraftTokens": 3})]
+)
+def test_server_and_trainer_command_lines_parse_with_the_real_cli(body: dict[str, Any]) -> None:
+    # The pods run `aurora serve` and `aurora train`: the flags planning writes must be
+    # the flags those commands take (argparse exits on an unknown flag).
+    from aurora.cli import build_parser
+
+    parser = build_parser()
+    children = _by_name(desired_children(body))
+    served = parser.parse_args(_container(children["Deployment/smollm2-cpu-server"])["command"][1:])
+    spec_tokens = planning.spec_tokens(SpeculatorSpec.model_validate(body["spec"]))
+    assert (served.command, served.spec_tokens, served.device) == ("serve", spec_tokens, "cpu")
+    trained = parser.parse_args(
+        _container(children["Deployment/smollm2-cpu-trainer"])["command"][1:]
+    )
+    assert trained.command == "train" and trained.publish_every == 200
