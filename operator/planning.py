@@ -73,18 +73,25 @@ class Images:
     """Default images for children whose spec names none (the operator's settings)."""
 
     runtime: str = f"ghcr.io/aurora-dev/aurora-runtime:{__version__}"
+    runtime_cuda: str = f"ghcr.io/aurora-dev/aurora-runtime:{__version__}-cu126"
     sglang: str = f"ghcr.io/aurora-dev/aurora-runtime-sglang:{__version__}"
     pull_policy: str = "IfNotPresent"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Images:
-        """AURORA_RUNTIME_IMAGE, AURORA_SGLANG_IMAGE and AURORA_IMAGE_PULL_POLICY override."""
+        """AURORA_RUNTIME_IMAGE, AURORA_RUNTIME_CUDA_IMAGE, AURORA_SGLANG_IMAGE and
+        AURORA_IMAGE_PULL_POLICY override the defaults."""
         default = cls()
         return cls(
             runtime=environ.get("AURORA_RUNTIME_IMAGE") or default.runtime,
+            runtime_cuda=environ.get("AURORA_RUNTIME_CUDA_IMAGE") or default.runtime_cuda,
             sglang=environ.get("AURORA_SGLANG_IMAGE") or default.sglang,
             pull_policy=environ.get("AURORA_IMAGE_PULL_POLICY") or default.pull_policy,
         )
+
+    def torch(self, gpus: int) -> str:
+        """The torch runtime image: with CUDA when the pod gets GPUs."""
+        return self.runtime_cuda if gpus > 0 else self.runtime
 
 
 @dataclass(frozen=True)
@@ -171,13 +178,23 @@ def sglang_server_command(spec: SpeculatorSpec) -> list[str]:
 
 
 def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str]:
+    """`aurora train`. It starts from the torch engine's initial checkpoint when that is
+    a path (Aurora's checkpoint format), else from scratch; an SGLang draft path is in
+    SGLang's format, so that trainer starts from scratch and publishes only candidates
+    that beat the served draft offline."""
     training = spec.training
+    initial = spec.draft.initial
+    start = (
+        initial if initial.startswith("/") and spec.engine.kind == EngineKind.TORCH else "scratch"
+    )
     return [
         "aurora", "train",
         "--model", spec.target.model,
         "--speculator", f"{namespace}/{name}",
         "--redis-url", "$(AURORA_REDIS_URL)",
         "--checkpoint-dir", CHECKPOINT_DIR,
+        "--init", start,
+        "--spec-tokens", str(spec_tokens(spec)),
         "--lr", training.learning_rate,
         "--batch-size", str(training.batch_size),
         "--lambda-discard", training.lambda_discard,
@@ -374,7 +391,7 @@ def _server_deployment(
         readiness = _http_probe("/health", "http", period=5, failures=3)
     else:
         command = server_command(spec, namespace, name)
-        image = spec.engine.image or images.runtime
+        image = spec.engine.image or images.torch(spec.engine.gpus)
         startup = _http_probe("/health", "http", period=5, failures=120)
         readiness = _http_probe("/ready", "http", period=5, failures=3, timeout=3)
     container = {
@@ -423,7 +440,7 @@ def _trainer_deployment(
     names = ChildNames.of(name)
     container = {
         "name": "trainer",
-        "image": spec.training.image or images.runtime,
+        "image": spec.training.image or images.torch(spec.training.gpus),
         "imagePullPolicy": images.pull_policy,
         "command": trainer_command(spec, namespace, name),
         "env": _env(spec, namespace, name, None),

@@ -309,7 +309,11 @@ class TracesSpec(ApiModel):
 
 class TrainingSpec(ApiModel):
     enabled: bool = True
-    image: str | None = Field(None, max_length=512, description="Defaults to the runtime image.")
+    image: str | None = Field(
+        None,
+        max_length=512,
+        description="Defaults to the operator's runtime image (its CUDA build when gpus > 0).",
+    )
     gpus: int = Field(0, ge=0, le=16)
     resources: Resources = Field(default_factory=Resources)
     learning_rate: PositiveReal = "0.0003"

@@ -70,7 +70,8 @@ def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volu
     trainer = _container(children["Deployment/smollm2-cpu-trainer"])
     assert trainer["command"] == [
         "aurora", "train", "--model", "smollm2-135m", "--speculator", "team-a/smollm2-cpu",
-        "--redis-url", "$(AURORA_REDIS_URL)", "--checkpoint-dir", "/checkpoints", "--lr", "0.0003",
+        "--redis-url", "$(AURORA_REDIS_URL)", "--checkpoint-dir", "/checkpoints", "--init", "scratch",
+        "--spec-tokens", "4", "--lr", "0.0003",
         "--batch-size", "8", "--lambda-discard", "0.5", "--publish-every", "200", "--device", "cpu",
     ]  # fmt: skip
     assert "nvidia.com/gpu" not in json.dumps(children)
@@ -375,3 +376,23 @@ def test_server_and_trainer_command_lines_parse_with_the_real_cli(body: dict[str
         _container(children["Deployment/smollm2-cpu-trainer"])["command"][1:]
     )
     assert trained.command == "train" and trained.publish_every == 200
+    assert (trained.init, trained.spec_tokens) == ("scratch", spec_tokens)
+
+
+def test_the_trainer_starts_from_the_torch_engines_initial_checkpoint() -> None:
+    body = _body("speculator-torch-cpu.yaml", draft={"initial": "/checkpoints/r0012"})
+    trainer = _container(_by_name(desired_children(body))["Deployment/smollm2-cpu-trainer"])
+    assert trainer["command"][trainer["command"].index("--init") + 1] == "/checkpoints/r0012"
+    sglang = _container(_by_name(desired_children(SGLANG))["Deployment/llama31-8b-trainer"])
+    assert sglang["command"][sglang["command"].index("--init") + 1] == "scratch"
+
+
+def test_torch_pods_with_gpus_get_the_cuda_runtime_image() -> None:
+    images = Images(runtime="r:cpu", runtime_cuda="r:cuda", sglang="s:1")
+    sglang = _by_name(desired_children(SGLANG, images))
+    assert (
+        _container(sglang["Deployment/llama31-8b-trainer"])["image"] == "r:cuda"
+    )  # training.gpus 1
+    assert _container(sglang["Deployment/llama31-8b-server"])["image"] == "s:1"
+    torch = _by_name(desired_children(TORCH, images))
+    assert _container(torch["Deployment/smollm2-cpu-server"])["image"] == "r:cpu"
