@@ -133,7 +133,7 @@ def generate(
     t0 = time.perf_counter()
     out = target(
         torch.tensor([tokens], device=device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         output_hidden_states=need_features,
     )
@@ -166,7 +166,7 @@ def generate(
         processed = len(tokens) - 1  # the target has seen every token but the last
         out = target(
             torch.tensor([verify_in], device=device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             output_hidden_states=need_features,
         )

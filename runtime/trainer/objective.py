@@ -70,7 +70,7 @@ def anchors_of(n_prompt: int, steps: Sequence[Any]) -> list[int]:
     return anchors
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the tensors are used in autograd later
 def build_example(
     target: Any, head: EagleDraftHead, record: Any, topk: int = LABEL_TOPK
 ) -> TraceExample:
