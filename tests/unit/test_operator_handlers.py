@@ -178,3 +178,28 @@ def test_the_timer_never_reports_a_generation_it_has_not_applied(events: Events)
     command = server["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--model") + 1] == "/models/other"
     assert ticked["status"]["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "clusterwide", "namespaces"),
+    [
+        (["--all-namespaces"], True, []),
+        ([], True, []),
+        (["-n", "team-a", "-n", "team-*"], False, ["team-a", "team-*"]),
+    ],
+)
+def test_the_operator_command_runs_kopf_standalone_with_a_liveness_endpoint(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], clusterwide: bool, namespaces: list[str]
+) -> None:
+    from aurora.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("AURORA_RUNTIME_IMAGE", "registry.local/aurora-runtime:dev")
+    assert main(["operator", *argv, "--metrics-port", "0", "--liveness-port", "8181"]) == 0
+    (kwargs,) = calls
+    assert kwargs["standalone"] is True and kwargs["peering_name"] is None
+    assert (kwargs["clusterwide"], list(kwargs["namespaces"])) == (clusterwide, namespaces)
+    assert kwargs["liveness_endpoint"] == "http://0.0.0.0:8181/healthz"
+    memo = kwargs["memo"]
+    assert memo.images.runtime == "registry.local/aurora-runtime:dev" and memo.redis_clients == {}
