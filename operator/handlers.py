@@ -192,6 +192,8 @@ def rollout(
     **_: Any,
 ) -> None:
     """One round every spec.rollout.intervalSeconds: children, policy, status."""
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: nothing to re-apply or roll out
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
     errors = planning.validate_semantics(body)

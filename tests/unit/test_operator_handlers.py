@@ -203,3 +203,13 @@ def test_the_operator_command_runs_kopf_standalone_with_a_liveness_endpoint(
     assert kwargs["liveness_endpoint"] == "http://0.0.0.0:8181/healthz"
     memo = kwargs["memo"]
     assert memo.images.runtime == "registry.local/aurora-runtime:dev" and memo.redis_clients == {}
+
+
+def test_a_speculator_being_deleted_is_left_to_the_garbage_collector(events: Events) -> None:
+    cluster = RecordingCluster()
+    memo = operator_memo(cluster)
+    created, _ = call(handlers.reconcile, speculator(traces=NOWHERE), memo)
+    created["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    cluster.applied.clear()
+    _, patch = call(handlers.rollout, created, memo)
+    assert cluster.applied == [] and not patch
