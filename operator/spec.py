@@ -553,18 +553,6 @@ class SpeculatorStatus(ApiModel):
     )
 
 
-class Speculator(BaseModel):
-    """The whole object as the operator reads it; metadata stays a plain mapping."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    api_version: Literal["aurora.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["Speculator"] = KIND
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    spec: SpeculatorSpec
-    status: dict[str, Any] = Field(default_factory=dict)
-
-
 def fraction_or_none(value: float | None, digits: int = 3) -> str | None:
     """A measured figure as the decimal string status carries (None stays None)."""
     if value is None or not math.isfinite(value):

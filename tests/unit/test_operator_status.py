@@ -11,6 +11,7 @@ from structural_schema import validate
 
 from aurora.operator import crd, planning
 from aurora.operator.planning import Observation, build_status, merge_patch
+from aurora.operator.spec import SpeculatorStatus
 from aurora.runtime.rollout import (
     Candidate,
     Decision,
@@ -98,6 +99,7 @@ def test_first_status_has_three_conditions_for_this_generation() -> None:
     assert status["observedGeneration"] == 4
     assert status["servers"] == {"desired": 2, "ready": 2, "updated": 2}
     assert validate(STATUS_SCHEMA, status) == []
+    SpeculatorStatus.model_validate(status)
 
 
 def test_last_transition_time_moves_only_when_the_status_flips() -> None:
@@ -254,6 +256,7 @@ def test_canary_then_promotion_in_status_and_history() -> None:
     assert float(after["measurement"]["candidateSpeedup"]) > 1.05
     assert after["measurement"]["candidateSamples"] == 60
     assert validate(STATUS_SCHEMA, after) == []
+    SpeculatorStatus.model_validate(after)  # every key is one the models declare
 
     # Every server loaded r2 as stable: promoted, and the candidate is gone from status.
     loads = [
