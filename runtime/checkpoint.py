@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aurora.runtime.protocol import CandidateRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
+
+from aurora.runtime.protocol import CandidateRecord
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,27 @@ from aurora.runtime.local import LocalConfig, LocalMode
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_local_loop_trains_canaries_and_decides_by_measurement(redis_url: str, tmp_path: Path) -> None:
+def test_local_loop_trains_canaries_and_decides_by_measurement(
+    redis_url: str, tmp_path: Path
+) -> None:
     # Given: a local run on recurring code prompts with small thresholds so it decides quickly
     config = LocalConfig(
-        schedule="code:400", redis_url=redis_url, workdir=tmp_path, minutes=12, max_new_tokens=32,
-        clients=2, first_candidate_after=6, publish_every=6, min_accept_length=1.0, min_samples=4,
-        max_canary_samples=12, baseline_share="0.25", canary_share="0.5", steps_per_trace=6,
-        live=False, stop_after_decision=True,
+        schedule="code:400",
+        redis_url=redis_url,
+        workdir=tmp_path,
+        minutes=12,
+        max_new_tokens=32,
+        clients=2,
+        first_candidate_after=6,
+        publish_every=6,
+        min_accept_length=1.0,
+        min_samples=4,
+        max_canary_samples=12,
+        baseline_share="0.25",
+        canary_share="0.5",
+        steps_per_trace=6,
+        live=False,
+        stop_after_decision=True,
     )
     mode = LocalMode(config)
     # When: it runs until the policy promotes or rolls back a candidate

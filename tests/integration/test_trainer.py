@@ -43,7 +43,14 @@ def generations(target: tuple[Any, Any]) -> list[tuple[list[int], Any]]:
     out = []
     for prompt in code_prompts()[:4]:
         ids = tokenizer(prompt.text).input_ids
-        out.append((ids, generate(model, ids, proposer=NgramProposer(), k=4, max_new_tokens=24, trace_topk=8)))
+        out.append(
+            (
+                ids,
+                generate(
+                    model, ids, proposer=NgramProposer(), k=4, max_new_tokens=24, trace_topk=8
+                ),
+            )
+        )
     return out
 
 
@@ -53,11 +60,20 @@ def _records(generations: list[tuple[list[int], Any]], copies: int) -> list[prot
         for ids, g in generations:
             records.append(
                 protocol.TraceRecord(
-                    trace_id=uuid.uuid4().hex, revision="ngram", server="test", domain="code",
-                    prompt_ids=ids, output_ids=g.output_ids, temperature=0.0,
+                    trace_id=uuid.uuid4().hex,
+                    revision="ngram",
+                    server="test",
+                    domain="code",
+                    prompt_ids=ids,
+                    output_ids=g.output_ids,
+                    temperature=0.0,
                     steps=[
-                        protocol.VerifyStep(proposed=s.proposed, accepted=s.accepted,
-                                            topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
+                        protocol.VerifyStep(
+                            proposed=s.proposed,
+                            accepted=s.accepted,
+                            topk_ids=s.topk_ids,
+                            topk_logprobs=s.topk_logprobs,
+                        )
                         for s in g.steps
                     ],
                 )
@@ -71,17 +87,29 @@ def _publish(client: redis.Redis, keys: protocol.Keys, records: list[protocol.Tr
 
 
 def test_day0_trainer_learns_publishes_and_acks_everything(
-    target: tuple[Any, Any], generations: list[tuple[list[int], Any]], redis_client: redis.Redis,
-    redis_url: str, tmp_path: Path,
+    target: tuple[Any, Any],
+    generations: list[tuple[list[int], Any]],
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
     # Given: traces from live traffic (prompts repeat, as recurring requests do) and one poison entry
     keys = protocol.Keys("default", "day0")
     _publish(redis_client, keys, _records(generations, copies=5))
     redis_client.xadd(keys.traces, {"schema": b"1", "trace_id": b"broken"})
     config = TrainerConfig(
-        namespace="default", name="day0", redis_url=redis_url, checkpoint_dir=tmp_path,
-        first_candidate_after=8, publish_every=8, holdout_every=4, checkpoint_every=5,
-        draft_vocab=1024, steps_per_trace=8, min_accept_length=1.1, lr=3e-3,
+        namespace="default",
+        name="day0",
+        redis_url=redis_url,
+        checkpoint_dir=tmp_path,
+        first_candidate_after=8,
+        publish_every=8,
+        holdout_every=4,
+        checkpoint_every=5,
+        draft_vocab=1024,
+        steps_per_trace=8,
+        min_accept_length=1.1,
+        lr=3e-3,
     )
     trainer = Trainer(config, *target)
     started = time.monotonic()
@@ -102,10 +130,28 @@ def test_day0_trainer_learns_publishes_and_acks_everything(
 
 def _trainer_command(redis_url: str, checkpoints: Path, name: str) -> list[str]:
     return [
-        sys.executable, "-m", "aurora", "--log-level", "WARNING", "train", "--speculator",
-        f"default/{name}", "--redis-url", redis_url, "--checkpoint-dir", str(checkpoints),
-        "--draft-vocab", "512", "--checkpoint-every", "2", "--keep", "1000", "--threads", "1",
-        "--first-candidate-after", "1000",
+        sys.executable,
+        "-m",
+        "aurora",
+        "--log-level",
+        "WARNING",
+        "train",
+        "--speculator",
+        f"default/{name}",
+        "--redis-url",
+        redis_url,
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--draft-vocab",
+        "512",
+        "--checkpoint-every",
+        "2",
+        "--keep",
+        "1000",
+        "--threads",
+        "1",
+        "--first-candidate-after",
+        "1000",
     ]
 
 
@@ -128,8 +174,11 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_no_trace_is_lost_when_the_trainer_is_killed(
-    generations: list[tuple[list[int], Any]], redis_client: redis.Redis, redis_url: str,
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]],
+    generations: list[tuple[list[int], Any]],
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     # Given: 24 traces in the stream
     keys = protocol.Keys("default", "kill")
@@ -163,17 +212,45 @@ def test_no_trace_is_lost_when_the_trainer_is_killed(
 
 
 def test_two_ranks_share_the_stream_and_keep_one_model(
-    generations: list[tuple[list[int], Any]], redis_client: redis.Redis, redis_url: str, tmp_path: Path,
+    generations: list[tuple[list[int], Any]],
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
 ) -> None:
     # Given: 16 traces and a two-process gloo job reading them through one consumer group
     keys = protocol.Keys("default", "ddp")
     _publish(redis_client, keys, _records(generations, copies=4))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(29500 + os.getpid() % 1000), "-m", "aurora", "--log-level", "WARNING", "train",
-        "--speculator", "default/ddp", "--redis-url", redis_url, "--checkpoint-dir", str(tmp_path),
-        "--draft-vocab", "512", "--batch-size", "2", "--checkpoint-every", "3", "--threads", "1",
-        "--max-steps", "8", "--first-candidate-after", "1000",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "aurora",
+        "--log-level",
+        "WARNING",
+        "train",
+        "--speculator",
+        "default/ddp",
+        "--redis-url",
+        redis_url,
+        "--checkpoint-dir",
+        str(tmp_path),
+        "--draft-vocab",
+        "512",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--threads",
+        "1",
+        "--max-steps",
+        "8",
+        "--first-candidate-after",
+        "1000",
     ]
     # When: it runs 8 synchronised optimizer steps
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
