@@ -642,6 +642,12 @@ def validate_semantics(body: Mapping[str, Any]) -> list[str]:
             message = str(item["msg"]).removeprefix("Value error, ")
             errors.append(f"{_location(item['loc'])}: {message}")
         return errors
+    try:  # the rollout policy's own checks, should it ever refuse more than the CRD
+        spec.rollout.policy()
+    except ValidationError as error:
+        errors += [
+            f"spec.rollout: {str(e['msg']).removeprefix('Value error, ')}" for e in error.errors()
+        ]
     errors += _resource_errors("engine", spec.engine.resources)
     errors += _resource_errors("training", spec.training.resources)
     url = spec.traces.redis_url
