@@ -133,6 +133,9 @@ class EagleDraftHead(nn.Module):
     """EAGLE-3 draft head. The target's token embedding is used frozen and is not
     part of the head's weights (nor of its checkpoints)."""
 
+    d2t: Tensor
+    target_embedding: nn.Embedding
+
     def __init__(self, config: DraftConfig, target_embedding: nn.Embedding) -> None:
         super().__init__()
         self.config = config
@@ -343,9 +346,9 @@ class NgramSession:
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(tokens) < n:
                 continue
-            start = self.index.get(tuple(tokens[-n:]))
-            if start is not None:
-                return Proposal(tokens[start : start + k])
+            found = self.index.get(tuple(tokens[-n:]))
+            if found is not None:
+                return Proposal(tokens[found : found + k])
         return Proposal([])
 
 
@@ -412,7 +415,7 @@ class EagleSession:
                 torch.tensor([token], device=device),
                 anchor + s,
                 self.keys,
-                self.values,  # type: ignore[arg-type]
+                self.values,
                 anchor,
                 chain_k,
                 chain_v,

@@ -45,7 +45,7 @@ class LocalConfig:
     servers: int = 1
     clients: int = 2
     max_new_tokens: int = 64
-    spec_tokens: int = 4
+    spec_tokens: int = 3
     initial_draft: str = "none"
     workdir: Path = Path("aurora-local")
     report_dir: Path | None = None
@@ -113,14 +113,16 @@ class LocalMode:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
-        self.policy = RolloutPolicy(
-            min_speedup=config.min_speedup,
-            min_samples=config.min_samples,
-            canary_share=config.canary_share,
-            baseline_share=config.baseline_share,
-            on_inconclusive=config.on_inconclusive,
-            max_canary_samples=config.max_canary_samples,
-            seed=config.seed,
+        self.policy = RolloutPolicy.model_validate(
+            {
+                "minSpeedup": config.min_speedup,
+                "minSamples": config.min_samples,
+                "canaryShare": config.canary_share,
+                "baselineShare": config.baseline_share,
+                "onInconclusive": config.on_inconclusive,
+                "maxCanarySamples": config.max_canary_samples,
+                "seed": config.seed,
+            }
         )
 
     # ------------------------------------------------------------------ processes
@@ -141,6 +143,7 @@ class LocalMode:
         self.run.state = RolloutState(stable_revision=initial)
         desired = protocol.DesiredState(
             stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
+            candidate_share=0.0,
             baseline_share=float(c.baseline_share),
             generation=1,
         )
@@ -316,9 +319,8 @@ class LocalMode:
                 }
             )
         m = decision.measurement or self._measure(window)
-        run.trainer = {
-            k.decode(): v.decode() for k, v in self.client.hgetall(self.config.keys.trainer).items()
-        }
+        raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
+        run.trainer = {_text(k): _text(v) for k, v in raw.items()}
         run.timeline.append(
             Sample(
                 t=now - run.started,
@@ -373,6 +375,7 @@ class LocalMode:
         finally:
             self.stop.set()
             rollout.join(timeout=10)
+            traffic.join(timeout=120)  # requests in flight finish and are counted
             report = write_report(self.run, c.report_dir or c.workdir / "report")
             self.shutdown()
         return report
@@ -436,7 +439,11 @@ class LiveView:
         self.live.stop()
 
 
-def _fmt(value: float | None) -> str:
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 

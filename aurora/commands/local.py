@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--servers", type=int, default=1, help="inference server processes (default: 1)")
     p.add_argument("--clients", type=int, default=2, help="concurrent traffic clients (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--spec-tokens", type=int, default=4, help="draft tokens per verify step (k)")
+    p.add_argument(
+        "--spec-tokens", type=int, default=3, help="draft tokens per verify step (k; default 3)"
+    )
     p.add_argument(
         "--initial-draft",
         default="none",

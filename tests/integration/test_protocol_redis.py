@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+
 from aurora.runtime.protocol import (
     CandidateRecord,
     DesiredState,

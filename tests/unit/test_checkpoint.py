@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
+
 from aurora.runtime import checkpoint
 from aurora.runtime.checkpoint import (
     DRAFT_FILE,
@@ -23,7 +25,6 @@ from aurora.runtime.checkpoint import (
     new_revision_id,
     save_checkpoint,
 )
-from safetensors.torch import save as save_safetensors
 
 pytestmark = pytest.mark.unit
 

@@ -8,6 +8,10 @@ import random
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from aurora.runtime.protocol import (
     MAX_TOKEN_ID,
     SCHEMA_VERSION,
@@ -24,9 +28,6 @@ from aurora.runtime.protocol import (
     decode_trace,
     encode_trace,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
 

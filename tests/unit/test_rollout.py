@@ -8,6 +8,8 @@ import random
 from decimal import Decimal
 
 import pytest
+from pydantic import ValidationError
+
 from aurora.runtime.rollout import (
     HISTORY_LIMIT,
     Candidate,
@@ -21,7 +23,6 @@ from aurora.runtime.rollout import (
     decide,
     measure,
 )
-from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
 

@@ -7,11 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aurora.runtime import workloads
-from aurora.runtime.workloads import Prompt, Schedule, load_jsonl, split_prompts
 
 from aurora.cli import main
 from aurora.errors import UsageError
+from aurora.runtime import workloads
+from aurora.runtime.workloads import Prompt, Schedule, load_jsonl, split_prompts
 
 pytestmark = pytest.mark.unit
 
