@@ -1,5 +1,8 @@
 # The two commands a new user needs: `make demo` and `make test`.
 # Both create the virtual environment and install what they need first.
+# operator/ at the root would shadow the stdlib module for any Python that puts the
+# working directory on sys.path (python -m, python -c): never let it.
+export PYTHONSAFEPATH := 1
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

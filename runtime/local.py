@@ -213,7 +213,7 @@ class LocalMode:
     def _spawn(self, args: list[str], command: str, log_path: Path) -> None:
         out = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
         process = subprocess.Popen(
-            [sys.executable, "-m", "aurora", command, *args],
+            [sys.executable, "-P", "-m", "aurora", command, *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

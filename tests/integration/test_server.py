@@ -739,6 +739,7 @@ def test_aurora_serve_runs_the_server_in_its_own_process(
     port = free_port()
     command = [
         sys.executable,
+        "-P",
         "-m",
         "aurora",
         "serve",

@@ -131,6 +131,7 @@ def test_day0_trainer_learns_publishes_and_acks_everything(
 def _trainer_command(redis_url: str, checkpoints: Path, name: str) -> list[str]:
     return [
         sys.executable,
+        "-P",
         "-m",
         "aurora",
         "--log-level",
@@ -222,6 +223,7 @@ def test_two_ranks_share_the_stream_and_keep_one_model(
     _publish(redis_client, keys, _records(generations, copies=4))
     command = [
         sys.executable,
+        "-P",
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
@@ -253,7 +255,8 @@ def test_two_ranks_share_the_stream_and_keep_one_model(
         "1000",
     ]
     # When: it runs 8 synchronised optimizer steps
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}  # torchrun's workers: no cwd on sys.path
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     # Then: both ranks consumed part of the stream and ended with identical weights
     consumers = redis_client.xinfo_consumers(keys.traces, GROUP)
