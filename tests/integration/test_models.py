@@ -45,7 +45,7 @@ def test_model_options_accept_paths_and_ids_and_refuse_the_rest(tmp_path: Path) 
         models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
         == "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
-    with pytest.raises(UsageError, match="no config.json"):
+    with pytest.raises(UsageError, match=r"no config\.json"):
         models.resolve_model(str(tmp_path.parent))
     with pytest.raises(UsageError, match="neither a known alias"):
         models.resolve_model("not-a-model")
