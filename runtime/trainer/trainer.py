@@ -592,9 +592,21 @@ class Trainer:
             if time.monotonic() - last_status > 2.0:
                 self._status()
                 last_status = time.monotonic()
+        self._drain()
         if self.unacked or self.world > 1:
             self.checkpoint()
         self._status(**{f"weights_rank{self.rank}": self.weights_digest()})
+
+    def _drain(self) -> None:
+        """On a clean stop, train on what was read but not yet trained on, so the
+        final checkpoint incorporates it (collective with several ranks)."""
+        while self.vocab_ready:
+            remaining = torch.tensor([len(self.fresh)], dtype=torch.float32)
+            if self.world > 1:
+                dist.all_reduce(remaining)
+            if float(remaining) == 0:
+                return
+            self.train_step()
 
     def weights_digest(self) -> str:
         """A digest of the draft weights: equal on every rank of a data-parallel job."""
