@@ -318,6 +318,7 @@ class LocalMode:
                     "reason": event.reason,
                 }
             )
+            log.info("rollout: %s %s: %s", event.action, event.revision, event.reason)
         m = decision.measurement or self._measure(window)
         raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
         run.trainer = {_text(k): _text(v) for k, v in raw.items()}
