@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ from aurora.operator.driver import SampleWindow, run_round
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.rollout import RolloutPolicy, RolloutState
-from aurora.runtime.workloads import Schedule
+from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class LocalConfig:
     model: str = "smollm2-135m"
     schedule: str = "code:150,prose:90"
+    distinct_prompts: int | None = 40  # None: every prompt of a domain before any repeats
     seed: int = 0
     minutes: float = 14.0
     redis_url: str | None = None
@@ -257,7 +259,14 @@ class LocalMode:
     def traffic(self) -> None:
         c = self.config
         schedule = Schedule.from_string(c.schedule)
-        requests = iter(schedule.requests(c.seed))
+        pools = None
+        if c.distinct_prompts:  # recurring traffic: each domain draws from a fixed subset
+            pools = {
+                d: random.Random(f"{c.seed}/{d}").sample(p, min(c.distinct_prompts, len(p)))
+                for d in schedule.domains
+                for p in [load_domain(d)]
+            }
+        requests = iter(schedule.requests(c.seed, pools=pools))
         lock = threading.Lock()
 
         def worker(index: int) -> None:

@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="code:150,prose:90",
         help="traffic schedule, e.g. 'code:150,prose:90' (see `aurora workload show`)",
     )
+    p.add_argument(
+        "--distinct-prompts",
+        type=int,
+        default=40,
+        help="recurring traffic: each domain cycles through this many distinct prompts, as a "
+        "service with recurring requests does (default: 40; 0 = all prompts of the domain)",
+    )
     p.add_argument("--seed", type=int, default=0, help="traffic and routing seed")
     p.add_argument("--minutes", type=float, default=14.0, help="stop after this long (default: 14)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
@@ -62,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     config = LocalConfig(
         model=args.model,
         schedule=args.schedule,
+        distinct_prompts=args.distinct_prompts or None,
         seed=args.seed,
         minutes=args.minutes,
         redis_url=args.redis_url,
