@@ -497,7 +497,7 @@ class Trainer:
             return None
         if not enough_traces and self.traces_seen < c.first_candidate_after:
             return None
-        self.traces_since_publish = 0 if enough_traces else self.traces_since_publish
+        self.traces_since_publish = 0
         self._attempted, self._attempt_step = True, self.step
         if self.rank != 0 or not self.heldout:
             self.checkpoint()
