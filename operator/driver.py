@@ -119,7 +119,8 @@ class SampleWindow:
 
     def keep_only(self, revisions: Iterable[str | None]) -> None:
         """Forget arms of revisions that no longer matter (baseline arms stay)."""
-        keep = {revision for revision in revisions if revision is not None} | {""}
+        # "" and "none" both name serving without a draft (servers report "none").
+        keep = {revision for revision in revisions if revision is not None} | {"", "none"}
         for arm, revision in list(self.arms):
             if arm != "baseline" and revision not in keep:
                 del self.arms[(arm, revision)]

@@ -113,6 +113,17 @@ def test_sample_window_reads_incrementally_and_stays_bounded(redis_client: redis
     assert {s.revision for s in window.samples()} == {"r2"}
 
 
+def test_no_draft_samples_survive_pruning_on_day_0(redis_client: redis.Redis) -> None:
+    # Servers label requests served without a draft with revision "none"; on day 0 (no
+    # stable revision) they are the stable arm and must not be pruned away.
+    window = driver.SampleWindow(size=25)
+    publish(redis_client, "none", "stable", 6, 30.0)
+    publish(redis_client, "r1", "candidate", 6, 45.0)
+    window.refresh(redis_client, KEYS)
+    window.keep_only([None, "r1"])
+    assert {(s.arm, s.revision) for s in window.samples()} == {("stable", "none"), ("candidate", "r1")}
+
+
 def test_trace_lag_counts_undelivered_and_unacked_traces(redis_client: redis.Redis) -> None:
     assert driver.trace_lag(redis_client, KEYS) == 0
     for i in range(5):
