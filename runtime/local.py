@@ -392,10 +392,9 @@ class LocalMode:
 
 
 def _recent_accept_length(window: SampleWindow, revision: str | None, n: int = 20) -> float | None:
+    names = {revision} if revision else {"", "none"}  # no draft: servers say "none"
     values = [
-        s.accept_length
-        for s in window.samples()
-        if s.arm == "stable" and s.revision == (revision or "")
+        s.accept_length for s in window.samples() if s.arm == "stable" and s.revision in names
     ]
     return statistics.fmean(values[-n:]) if values else None
 
@@ -544,7 +543,8 @@ def _plot(run: LocalRun, path: Path) -> None:
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_ylabel("measured speedup")
     ax2.set_xlabel("seconds")
-    for e in run.events:
+    order = {"StartCanary": 0, "Rollback": 1, "Reject": 1, "Promoted": 2}
+    for e in sorted(run.events, key=lambda e: order.get(e["action"], 0)):  # promotions on top
         color = {
             "Promoted": "green",
             "Rollback": "red",
