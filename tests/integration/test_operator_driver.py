@@ -121,7 +121,10 @@ def test_no_draft_samples_survive_pruning_on_day_0(redis_client: redis.Redis) ->
     publish(redis_client, "r1", "candidate", 6, 45.0)
     window.refresh(redis_client, KEYS)
     window.keep_only([None, "r1"])
-    assert {(s.arm, s.revision) for s in window.samples()} == {("stable", "none"), ("candidate", "r1")}
+    assert {(s.arm, s.revision) for s in window.samples()} == {
+        ("stable", "none"),
+        ("candidate", "r1"),
+    }
 
 
 def test_trace_lag_counts_undelivered_and_unacked_traces(redis_client: redis.Redis) -> None:
