@@ -29,6 +29,7 @@ from aurora.runtime.protocol import (
     RevisionRef,
 )
 from aurora.runtime.rollout import (
+    NO_DRAFT,
     Candidate,
     Decision,
     DesiredRevisions,
@@ -213,6 +214,8 @@ def desired_state(
     def ref(revision: str | None, old: RevisionRef | None) -> RevisionRef | None:
         if revision is None:
             return None
+        if revision == NO_DRAFT:  # a fallback to plain decoding: a built-in, no checkpoint
+            return RevisionRef(revision=NO_DRAFT, path="")
         if revision in records:
             return RevisionRef(revision=revision, path=records[revision].path)
         for known in (

@@ -55,7 +55,12 @@ KOPF_PERMISSIONS = frozenset(
     }
 )
 
-_EVENT_TYPES = {"Rollback": "Warning", "Reject": "Warning", "Hold": "Warning"}
+_EVENT_TYPES = {
+    "Rollback": "Warning",
+    "Reject": "Warning",
+    "Hold": "Warning",
+    "Fallback": "Warning",
+}
 
 
 def _plain(value: Any) -> Any:

@@ -24,7 +24,7 @@ class OperatorMetrics:
         )
         self.decisions = Counter(
             "aurora_rollout_decisions",
-            "Rollout events by action (StartCanary, Promote, Promoted, Rollback, Reject, Hold, Superseded)",
+            "Rollout events by action (StartCanary, Promote, Promoted, Rollback, Reject, Hold, Superseded, Fallback)",
             ["namespace", "speculator", "action"],
             registry=self.registry,
         )

@@ -47,7 +47,14 @@ from aurora.operator.spec import (
     SpeculatorSpec,
     fraction_or_none,
 )
-from aurora.runtime.rollout import Decision, Measurement, Override, RolloutEvent, RolloutState
+from aurora.runtime.rollout import (
+    NO_DRAFT,
+    Decision,
+    Measurement,
+    Override,
+    RolloutEvent,
+    RolloutState,
+)
 
 SERVER_PORT = 8000
 TRAINER_METRICS_PORT = 9100
@@ -810,6 +817,7 @@ _OUTCOMES = {
     "Reject": "Rejected",
     "Hold": "Held",
     "Superseded": "Superseded",
+    "Fallback": "FellBack",
 }
 
 
@@ -874,9 +882,13 @@ def _rollout_condition(
         return ConditionState(
             False, "Held", reason or f"{state.candidate_revision} held: a person decides"
         )
-    return ConditionState(
-        False, "Stable", reason or f"serving {state.stable_revision or 'the initial draft'}"
-    )
+    return ConditionState(False, "Stable", reason or f"serving {_serving(state.stable_revision)}")
+
+
+def _serving(stable: str | None) -> str:
+    if stable is None:
+        return "the initial draft"
+    return "no draft (plain decoding)" if stable == NO_DRAFT else stable
 
 
 def build_status(

@@ -412,6 +412,11 @@ class RolloutSpec(ApiModel):
         _POLICY.replace_canary_with_newer,
         description="A candidate trained from the canary replaces it at once.",
     )
+    fallback_on_regression: bool = Field(
+        _POLICY.fallback_on_regression,
+        description="When stable measures slower than no speculation, serve without a draft "
+        "until a candidate beats plain decoding.",
+    )
     interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
 
     @model_validator(mode="after")

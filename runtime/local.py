@@ -374,7 +374,8 @@ class LocalMode:
             view = LiveView(self) if c.live else None
             while traffic.is_alive() and time.monotonic() - started < c.minutes * 60:
                 if c.stop_after_decision and any(
-                    e["action"] in ("Promoted", "Rollback", "Reject") for e in self.run.events
+                    e["action"] in ("Promoted", "Rollback", "Reject", "Fallback")
+                    for e in self.run.events
                 ):
                     break
                 if view:
@@ -543,12 +544,13 @@ def _plot(run: LocalRun, path: Path) -> None:
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_ylabel("measured speedup")
     ax2.set_xlabel("seconds")
-    order = {"StartCanary": 0, "Rollback": 1, "Reject": 1, "Promoted": 2}
+    order = {"StartCanary": 0, "Rollback": 1, "Reject": 1, "Fallback": 1, "Promoted": 2}
     for e in sorted(run.events, key=lambda e: order.get(e["action"], 0)):  # promotions on top
         color = {
             "Promoted": "green",
             "Rollback": "red",
             "Reject": "red",
+            "Fallback": "purple",
             "StartCanary": "orange",
         }.get(e["action"])
         if color:

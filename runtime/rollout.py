@@ -18,6 +18,8 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
     Canary|Hold -> Promoting|Idle  a person's `Override` [Promote | Rollback]
     Promoting   -> Idle            every server reports it as stable [Promoted]; a server
                                    failed to load it [Reject], the old stable stays
+    Idle|Canary|Hold -> same       stable slower than no speculation, fallbackOnRegression
+                                   [Fallback]: stable becomes "none" (plain decoding)
 
 - Idle: the stable revision serves alone (None = no draft, plain decoding). The newest
   candidate (by `created`) that is newer than every candidate already tried, not rejected
@@ -46,8 +48,13 @@ bound is the (1 − confidence) quantile of the resampled ratios, the upper boun
 (validated ≤ minSpeedup, so the two never both hold); otherwise keep collecting until the
 candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable revision
 whose upper bound against the baseline is below 1.0 (both arms ≥ minSamples) is flagged
-`Measurement.stable_regressed` and named in the reason; the decision itself does not change
-(no flip-flop), the operator reports it as Degraded.
+`Measurement.stable_regressed` and named in the reason. With `fallbackOnRegression` (the
+default) the policy then falls back to plain decoding: stable becomes `NO_DRAFT` ("none"),
+a running canary carries on against it, and the next candidate that beats plain decoding
+is promoted as usual (traffic shifted and the draft went stale: stop paying for it until
+the trainer catches up). Otherwise the decision does not change and the operator reports
+it as Degraded. A fallback never happens while Promoting (servers are mid-swap) and never
+from no draft, so it cannot flip-flop.
 """
 
 from __future__ import annotations
@@ -65,10 +72,13 @@ from pydantic.alias_generators import to_camel
 
 Arm = Literal["stable", "candidate", "baseline"]
 Phase = Literal["Idle", "Canary", "Hold", "Promoting"]
-Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold", "Wait"]
+Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold", "Wait", "Fallback"]
 EventAction = Literal[
-    "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded"
+    "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded", "Fallback"
 ]
+# The revision name servers give to decoding without a draft; as `stable_revision` it is
+# an explicit fallback to plain decoding (None means "whatever servers started with").
+NO_DRAFT = "none"
 
 HISTORY_LIMIT = 20
 REJECTED_LIMIT = 50
@@ -128,6 +138,7 @@ class RolloutPolicy(_Model):
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
     seed: int = 0
     replace_canary_with_newer: bool = False
+    fallback_on_regression: bool = True
 
     @field_validator("min_speedup", mode="before")
     @classmethod
@@ -380,13 +391,25 @@ def measure(
 
     Samples of other revisions are ignored. With `stable` None (no draft) the stable arm is
     every request served without a draft (arm "stable" or "baseline"), which then is also
-    the baseline, and `stable_speedup_vs_baseline` is None. Deterministic: same samples in
-    any order give the same measurement.
+    the baseline, and `stable_speedup_vs_baseline` is None. With `stable` NO_DRAFT (after a
+    fallback) likewise, except that only requests labelled "none" count from the stable
+    arm. Deterministic: same samples in any order give the same measurement.
     """
     usable = [s for s in samples if _usable(s)]
     window = policy.max_canary_samples
     if stable is None:
         stable_arm = _recent((s for s in usable if s.arm in ("stable", "baseline")), window)
+        baseline_arm = stable_arm
+    elif stable == NO_DRAFT:
+        # After a fallback: the old stable's drafted requests no longer count.
+        stable_arm = _recent(
+            (
+                s
+                for s in usable
+                if s.arm == "baseline" or (s.arm == "stable" and s.revision in ("", NO_DRAFT))
+            ),
+            window,
+        )
         baseline_arm = stable_arm
     else:
         stable_arm = _recent(
@@ -405,7 +428,7 @@ def measure(
     )
     confidence = policy.confidence
     vs_stable = _speedup(candidate_stats, candidate_means, stable_stats, stable_means, confidence)
-    if stable is None:
+    if stable is None or stable == NO_DRAFT:
         stable_vs_baseline, candidate_vs_baseline = None, vs_stable
     else:
         baseline_means = _resampled_means(baseline_arm, policy, "baseline") if baseline_arm else []
@@ -436,7 +459,7 @@ def measure(
 
 
 def _name(revision: str | None) -> str:
-    return revision if revision is not None else "no draft"
+    return revision if revision not in (None, NO_DRAFT) else "no draft"
 
 
 def _ratio(speedup: Speedup, confidence: float) -> str:
@@ -543,6 +566,28 @@ class _Tick:
             canary_started_at=None,
             rejected=[*state.rejected, revision][-REJECTED_LIMIT:],
         )
+
+    def fallback(self, state: RolloutState) -> RolloutState | None:
+        """Stable is slower than no speculation: the state serving plain decoding instead
+        (None when the policy keeps the regressed stable, or there is nothing to fall from)."""
+        m = self.measurement
+        stable = state.stable_revision
+        if (
+            not self.policy.fallback_on_regression
+            or m is None
+            or not m.stable_regressed
+            or stable in (None, NO_DRAFT)
+            or m.stable_speedup_vs_baseline is None
+        ):
+            return None
+        reason = (
+            f"stable {stable} is slower than no speculation: "
+            f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} stable / "
+            f"{m.baseline.samples} baseline requests; falling back to plain decoding"
+        )
+        if state.candidate_revision is not None:
+            reason += f" (canary {state.candidate_revision} carries on against it)"
+        return self.record(state, "Fallback", stable, reason, stable_revision=NO_DRAFT)
 
     # -- phases
 
@@ -726,6 +771,15 @@ def decide(
     tick = _Tick(policy, candidates, loads, now, measurement)
     if state.phase == "Promoting":
         return tick.promoting(state, override)
+    if (fallen := tick.fallback(state)) is not None:
+        return Decision(
+            "Fallback",
+            tick.events[-1].reason,
+            fallen,
+            _desired(policy, fallen),
+            measurement,
+            tuple(tick.events),
+        )
     if state.phase in ("Canary", "Hold"):
         return tick.canary(state, override)
     return tick.idle(state)

@@ -92,6 +92,31 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     assert set(protocol.get_loaded(redis_client, KEYS)) == {"chat-server-7d9f-x2k4p-17"}
 
 
+def test_regressed_stable_falls_back_to_no_draft_through_redis(redis_client: redis.Redis) -> None:
+    window = driver.SampleWindow(size=POLICY.max_canary_samples)
+    # Given r1 promoted earlier, now measured slower than plain decoding (traffic shifted),
+    offer(redis_client, "r1", created=100.0, step=50)
+    protocol.set_desired(
+        redis_client,
+        KEYS,
+        protocol.DesiredState(stable=protocol.RevisionRef(revision="r1", path="/checkpoints/r1")),
+    )
+    publish(redis_client, "r1", "stable", 60, 18.0)
+    publish(redis_client, "r1", "baseline", 40, 20.0)
+    state = RolloutState(stable_revision="r1", tried_through=100.0)
+    # when the operator runs a round, then servers are told to decode without a draft,
+    fallen = driver.run_round(redis_client, KEYS, POLICY, state, window, now=300.0)
+    assert fallen.decision.action == "Fallback" and fallen.changed
+    desired = protocol.get_desired(redis_client, KEYS)
+    assert desired is not None and desired.stable == protocol.RevisionRef(revision="none", path="")
+    # and once they decode without it, the next round leaves things be (no flip-flop).
+    publish(redis_client, "none", "stable", 40, 20.0)
+    steady = driver.run_round(
+        redis_client, KEYS, POLICY, fallen.decision.new_state, window, now=310.0
+    )
+    assert steady.decision.action == "None" and not steady.changed
+
+
 def test_without_pods_only_the_heartbeat_age_decides_who_is_alive() -> None:
     reports = {
         "host-1": LoadedReport(server="host-1", stable="r1", updated=1000.0),

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from aurora.runtime.rollout import (
     HISTORY_LIMIT,
+    NO_DRAFT,
     Candidate,
     Decision,
     Override,
@@ -313,25 +314,77 @@ def test_descendant_replaces_canary_when_policy_allows() -> None:
     assert (sibling.action, sibling.new_state.candidate_revision) == ("Wait", "r2")
 
 
-def test_stable_slower_than_plain_decoding_is_flagged_without_flip_flop() -> None:
+def test_stable_slower_than_plain_decoding_falls_back_to_no_draft() -> None:
+    # Given stable r1 measurably slower than the no-speculation baseline,
     state = RolloutState(stable_revision="r1")
     slow = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=40)
+    # when the policy runs, then it falls back to plain decoding and says why.
     decision = decide(POLICY, state, [], slow, [], NOW)
-    assert decision.action == "None"
-    assert decision.stable_regressed
+    assert decision.action == "Fallback" and decision.stable_regressed
+    assert "stable r1 is slower than no speculation" in decision.reason
+    assert "falling back to plain decoding" in decision.reason
+    assert decision.new_state.stable_revision == NO_DRAFT == decision.desired.stable
+    assert decision.new_state.phase == "Idle"
+    assert [(e.action, e.revision) for e in decision.events] == [("Fallback", "r1")]
+    # From no draft there is nothing to fall back from: the old stable's drafted requests
+    # no longer count, and the next round just serves plain decoding (no flip-flop).
+    again = decide(POLICY, decision.new_state, [], slow, [], NOW + 10)
+    assert again.action == "None" and not again.stable_regressed and not again.events
+    m = again.measurement
+    assert m is not None and m.stable.revision == NO_DRAFT
+    assert m.stable.samples == 40  # the baseline requests only; r1's 60 are not plain
+
+
+def test_regressed_stable_is_only_flagged_when_fallback_is_off() -> None:
+    policy = POLICY.model_copy(update={"fallback_on_regression": False})
+    state = RolloutState(stable_revision="r1")
+    slow = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=40)
+    decision = decide(policy, state, [], slow, [], NOW)
+    assert decision.action == "None" and decision.stable_regressed
     assert "stable r1 is slower than no speculation" in decision.reason
     assert decision.new_state == state and decision.desired.stable == "r1"
+
+
+def test_regression_within_the_noise_or_with_few_samples_keeps_stable() -> None:
+    state = RolloutState(stable_revision="r1")
     # With too few baseline requests it is not claimed.
-    sparse = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=10)
-    assert not decide(POLICY, state, [], sparse, [], NOW).stable_regressed
+    sparse = decide(POLICY, state, [], traffic(stable=18.0, n=60, n_baseline=10), [], NOW)
+    assert sparse.action == "None" and not sparse.stable_regressed
     # Slightly slower within the noise (upper bound above 1.0) is not claimed either.
     noisy = decide(POLICY, state, [], traffic(stable=19.6, n=30, n_baseline=30), [], NOW)
     m = noisy.measurement
     assert m is not None and m.stable_speedup_vs_baseline is not None
     assert m.stable_speedup_vs_baseline.estimate < 1.0 <= m.stable_speedup_vs_baseline.upper
-    assert not noisy.stable_regressed
+    assert noisy.action == "None" and not noisy.stable_regressed
     # A stable faster than plain decoding is not flagged.
     assert not decide(POLICY, state, [], traffic(stable=30.0), [], NOW).stable_regressed
+
+
+def test_fallback_during_a_canary_keeps_the_canary_against_plain_decoding() -> None:
+    # Given a canary r2 against a stable r1 that turned slower than no speculation,
+    state = canary()
+    slow = traffic(stable=18.0, candidate=19.0, baseline=20.0, n=60, n_baseline=40)
+    decision = decide(POLICY, state, [], slow, serving("a", stable="r1", candidate="r2"), NOW)
+    # then stable falls back to no draft and r2 keeps its canary share,
+    assert decision.action == "Fallback"
+    assert (decision.new_state.phase, decision.new_state.candidate_revision) == ("Canary", "r2")
+    assert (decision.desired.stable, decision.desired.candidate) == (NO_DRAFT, "r2")
+    assert "canary r2 carries on" in decision.reason
+    # and r2 is now measured against plain decoding: a candidate faster than no
+    # speculation is promoted, one slower is rolled back.
+    fast = [*requests("r2", "candidate", 60, 26.0), *requests("r1", "baseline", 40, 20.0)]
+    promoted = decide(POLICY, decision.new_state, [], fast, [], NOW + 10)
+    assert promoted.action == "Promote" and promoted.desired.stable == "r2"
+    assert promoted.reason.startswith("r2 beats no draft")
+    slower = [*requests("r2", "candidate", 60, 17.0), *requests("r1", "baseline", 40, 20.0)]
+    assert decide(POLICY, decision.new_state, [], slower, [], NOW + 10).action == "Rollback"
+
+
+def test_no_fallback_while_promoting() -> None:
+    state = canary().model_copy(update={"phase": "Promoting"})
+    slow = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=40)
+    decision = decide(POLICY, state, [], slow, serving("a", stable="r1"), NOW)
+    assert decision.action == "Wait" and decision.new_state.stable_revision == "r1"
 
 
 def test_server_that_cannot_load_the_candidate_rejects_it() -> None:
