@@ -27,6 +27,7 @@ from aurora.runtime.protocol import (
     LoadedReport,
     RequestStats,
     RevisionRef,
+    trace_lag,
 )
 from aurora.runtime.rollout import (
     NO_DRAFT,
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 # Bounds what one round reads, so a burst of traffic cannot stall the timer.
 MAX_STATS_PER_ROUND = 50_000
-MAX_LAG_SCAN = 1_000
 # Servers repeat their loaded report every 10 s (a heartbeat); six missed ones: gone.
 LOADED_REPORT_TTL = 60.0
 REDIS_ERRORS = (
@@ -177,27 +177,6 @@ def live_loads(
         else:
             stale.append(server)
     return live, stale
-
-
-def trace_lag(client: redis.Redis, keys: Keys) -> int:
-    """Traces published but not yet incorporated by the trainer: for the slowest
-    consumer group, entries never delivered plus entries delivered but not acked.
-    Without a group (no trainer yet) every trace in the stream is lag."""
-    if not client.exists(keys.traces):
-        return 0
-    groups = client.xinfo_groups(keys.traces)
-    if not groups:
-        return int(client.xlen(keys.traces))
-    worst = 0
-    for group in groups:
-        pending = int(group.get("pending") or 0)
-        lag = group.get("lag")
-        if lag is None:  # Redis < 7: count what was never delivered, bounded
-            last = group.get("last-delivered-id") or b"0-0"
-            last = last.decode() if isinstance(last, bytes) else str(last)
-            lag = len(client.xrange(keys.traces, min=f"({last}", max="+", count=MAX_LAG_SCAN) or [])
-        worst = max(worst, int(lag) + pending)
-    return worst
 
 
 def desired_state(

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from aurora.operator import driver, planning
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
+from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
 from aurora.runtime.rollout import Override, RolloutState, measure
 
@@ -262,7 +263,9 @@ def _rollout_round(
     if not spec.rollout.enabled:
         window.refresh(client, keys)
         measured = measure(window.samples(), state.stable_revision, None, policy)
-        return replace(observation, measurement=measured, trace_lag=driver.trace_lag(client, keys))
+        return replace(
+            observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
+        )
     result = driver.run_round(
         client, keys, policy, state, window, now, live_pods=pods, override=override
     )

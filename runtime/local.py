@@ -55,7 +55,7 @@ class LocalConfig:
     name: str = "local"
     min_speedup: str = "1.05"
     min_samples: int = 12
-    canary_share: str = "0.5"
+    canary_share: str = "0.4"
     baseline_share: str = "0.2"
     max_canary_samples: int = 60
     on_inconclusive: str = "Rollback"

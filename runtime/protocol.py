@@ -679,6 +679,33 @@ def _parse(model: type[_M], value: bytes | str, where: str) -> _M:
         raise ProtocolError(f"malformed {model.__name__} in {where}: {_describe(error)}") from None
 
 
+_MAX_LAG_SCAN = 1_000  # Redis < 7 only: the never-delivered count stops there
+
+
+def trace_lag(client: redis.Redis, keys: Keys) -> int:
+    """Traces published but not yet incorporated by the trainer: for the slowest
+    consumer group, entries never delivered plus entries delivered but not acked.
+    Without a group (no trainer yet) every trace in the stream is lag. The operator's
+    status, its metric and the trainer's own status all report this figure."""
+    if not client.exists(keys.traces):
+        return 0
+    groups = client.xinfo_groups(keys.traces)
+    if not groups:
+        return int(client.xlen(keys.traces))
+    worst = 0
+    for group in groups:
+        pending = int(group.get("pending") or 0)
+        lag = group.get("lag")
+        if lag is None:  # Redis < 7: count what was never delivered, bounded
+            last = group.get("last-delivered-id") or b"0-0"
+            last = last.decode() if isinstance(last, bytes) else str(last)
+            lag = len(
+                client.xrange(keys.traces, min=f"({last}", max="+", count=_MAX_LAG_SCAN) or []
+            )
+        worst = max(worst, int(lag) + pending)
+    return worst
+
+
 def delete_all(client: redis.Redis, keys: Keys) -> int:
     """Delete every key of this Speculator (SCAN, never KEYS); returns how many."""
     deleted = 0

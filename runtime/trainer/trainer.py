@@ -544,12 +544,10 @@ class Trainer:
         return revision
 
     def lag(self) -> int:
-        """Trace entries not yet delivered to the group."""
+        """Traces not yet incorporated: never delivered plus pending (`protocol.trace_lag`,
+        the figure the operator reports too)."""
         with contextlib.suppress(redis.ResponseError):
-            for group in self.redis.xinfo_groups(self.keys.traces):
-                if _s(group["name"]) == GROUP:
-                    last = _s(group["last-delivered-id"])
-                    return len(self.redis.xrange(self.keys.traces, f"({last}", "+", count=100_000))
+            return protocol.trace_lag(self.redis, self.keys)
         return 0
 
     def _status(self, **extra: Any) -> None:

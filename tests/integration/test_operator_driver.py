@@ -153,16 +153,16 @@ def test_no_draft_samples_survive_pruning_on_day_0(redis_client: redis.Redis) ->
 
 
 def test_trace_lag_counts_undelivered_and_unacked_traces(redis_client: redis.Redis) -> None:
-    assert driver.trace_lag(redis_client, KEYS) == 0
+    assert protocol.trace_lag(redis_client, KEYS) == 0
     for i in range(5):
         redis_client.xadd(KEYS.traces, {"trace_id": f"t{i}"})
-    assert driver.trace_lag(redis_client, KEYS) == 5  # no trainer yet
+    assert protocol.trace_lag(redis_client, KEYS) == 5  # no trainer yet
     redis_client.xgroup_create(KEYS.traces, "trainer", id="0")
     delivered = redis_client.xreadgroup("trainer", "worker-1", {KEYS.traces: ">"}, count=2)
-    assert driver.trace_lag(redis_client, KEYS) == 5  # 2 pending + 3 never delivered
+    assert protocol.trace_lag(redis_client, KEYS) == 5  # 2 pending + 3 never delivered
     ids = [entry_id for _, entries in delivered for entry_id, _ in entries]
     redis_client.xack(KEYS.traces, "trainer", *ids)
-    assert driver.trace_lag(redis_client, KEYS) == 3
+    assert protocol.trace_lag(redis_client, KEYS) == 3
 
 
 def test_a_wanted_revision_without_a_record_is_not_published(redis_client: redis.Redis) -> None:
