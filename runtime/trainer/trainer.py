@@ -576,17 +576,7 @@ class Trainer:
         self.resume()
         last_status = 0.0
         while not (stop and stop()) and (max_steps is None or self.step < max_steps):
-            busy = self.step_budget >= 1 or bool(self.fresh)
-            self.ingest(self._read(0 if busy else self.config.block_ms))
-            self._ensure_vocabulary()
-            if (
-                self.vocab_ready
-                and self.train_step()
-                and self.step % self.config.checkpoint_every == 0
-            ):
-                self.checkpoint()
-            if self.vocab_ready:
-                self.maybe_publish()
+            self.tick()
             if time.monotonic() - last_status > 2.0:
                 self._status()
                 last_status = time.monotonic()
@@ -594,6 +584,23 @@ class Trainer:
         if self.unacked or self.world > 1:
             self.checkpoint()
         self._status(**{f"weights_rank{self.rank}": self.weights_digest()})
+
+    def tick(self) -> bool:
+        """One iteration of the loop, after ``resume()``: read and featurise what arrived
+        (blocking up to ``block_ms`` only when idle; 0 never blocks), one optimizer step
+        when there is something to train on (a checkpoint every ``checkpoint_every``
+        steps), and a candidate when one is due. Returns whether it stepped. ``run`` calls
+        it in a loop; a driver that time-slices the trainer (`aurora bench adapt`) calls
+        it directly."""
+        busy = self.step_budget >= 1 or bool(self.fresh)
+        self.ingest(self._read(0 if busy else self.config.block_ms))
+        self._ensure_vocabulary()
+        stepped = self.vocab_ready and self.train_step()
+        if stepped and self.step % self.config.checkpoint_every == 0:
+            self.checkpoint()
+        if self.vocab_ready:
+            self.maybe_publish()
+        return stepped
 
     def _drain(self) -> None:
         """On a clean stop, train on what was read but not yet trained on, so the
