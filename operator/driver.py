@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from aurora.runtime import protocol
 from aurora.runtime.protocol import (
@@ -57,17 +55,9 @@ REDIS_ERRORS = (
 
 
 def connect(url: str, password: str | None, timeout: float = 2.0) -> redis.Redis:
-    """A client that fails fast: short timeouts and no hidden retries (the timer retries
-    on its next tick, and an unreachable Redis must surface as Degraded, not a hang)."""
-    options: dict[str, object] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 10,
-    }
-    if password:
-        options["password"] = password
-    return redis.Redis.from_url(url, **options)
+    """A client that fails fast (`protocol.connect`): the timer retries on its next
+    tick, and an unreachable Redis must surface as Degraded, not a hang."""
+    return protocol.connect(url, password, timeout=timeout)
 
 
 def redis_problem(url: str, error: Exception) -> str:

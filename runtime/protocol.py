@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import struct
 import time
@@ -22,6 +23,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -677,6 +680,33 @@ def _parse(model: type[_M], value: bytes | str, where: str) -> _M:
         return model.model_validate_json(value)
     except ValidationError as error:
         raise ProtocolError(f"malformed {model.__name__} in {where}: {_describe(error)}") from None
+
+
+def connect(url: str, password: str | None = None, *, timeout: float | None = 2.0) -> redis.Redis:
+    """A Redis client for ``url`` (connects lazily). The password comes from the URL,
+    else ``password``, else $AURORA_REDIS_PASSWORD (from a Secret in Kubernetes).
+
+    With a ``timeout`` the client fails fast: short socket timeouts and no hidden
+    retries, for callers that retry with their own backoff (servers, the operator's
+    timer). ``timeout=None`` keeps redis-py's defaults, for blocking stream reads (the
+    trainer). A malformed URL raises ValueError naming it."""
+    password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
+    options: dict[str, Any] = {}
+    if timeout is not None:
+        options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 10,
+        }
+    try:
+        if password and not redis.connection.parse_url(url).get("password"):
+            options["password"] = password
+        return redis.Redis.from_url(url, **options)
+    except ValueError as error:
+        raise ValueError(
+            f"{url.split('@')[-1]!r} is not a Redis URL ({error}): use redis://HOST:PORT/DB"
+        ) from None
 
 
 _MAX_LAG_SCAN = 1_000  # Redis < 7 only: the never-delivered count stops there

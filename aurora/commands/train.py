@@ -94,15 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
-def redis_url_with_password(url: str) -> str:
-    """Insert AURORA_REDIS_PASSWORD into a URL that carries none."""
-    password = os.environ.get("AURORA_REDIS_PASSWORD")
-    if not password or "@" in url.split("//", 1)[-1]:
-        return url
-    scheme, rest = url.split("//", 1)
-    return f"{scheme}//:{password}@{rest}"
-
-
 def parse_speculator(value: str) -> tuple[str, str]:
     namespace, _, name = value.partition("/")
     if not namespace or not name:
@@ -127,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         namespace=namespace,
         name=name,
-        redis_url=redis_url_with_password(args.redis_url),
+        redis_url=args.redis_url,
         checkpoint_dir=args.checkpoint_dir,
         consumer=f"{socket.gethostname()}-{os.getpid()}-rank{rank}",
         init=args.init,

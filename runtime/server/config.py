@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from aurora.errors import UsageError
+from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
 
 # Draft options that name no checkpoint.
@@ -124,21 +123,8 @@ class ServerConfig:
 
 
 def connect_redis(url: str, password: str | None = None, timeout: float = 2.0) -> redis.Redis:
-    """A client for ``url`` that fails fast (short timeouts, no hidden retries: the
-    callers retry with their own backoff). The password comes from the URL, else from
-    ``password``, else from $AURORA_REDIS_PASSWORD. Connects lazily."""
-    password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
-    options: dict[str, object] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 10,
-    }
-    if password and not redis.connection.parse_url(url).get("password"):
-        options["password"] = password
+    """`protocol.connect`, failing fast; a malformed ``--redis-url`` is a usage error."""
     try:
-        return redis.Redis.from_url(url, **options)
+        return protocol.connect(url, password, timeout=timeout)
     except ValueError as error:
-        raise UsageError(
-            f"--redis-url={url!r} is not a Redis URL ({error}): use redis://HOST:PORT/DB"
-        ) from None
+        raise UsageError(f"--redis-url: {error}") from None

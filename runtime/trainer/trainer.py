@@ -127,7 +127,7 @@ class Trainer:
         self.keys = config.keys
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.redis: Any = redis.Redis.from_url(config.redis_url, decode_responses=False)
+        self.redis: Any = protocol.connect(config.redis_url, timeout=None)
         if target is None:
             target, tokenizer = load_target(config.model, device=config.device)
         self.target, self.tokenizer = target, tokenizer

@@ -6,12 +6,14 @@ import json
 import math
 import random
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from aurora.runtime import protocol
 from aurora.runtime.protocol import (
     MAX_TOKEN_ID,
     SCHEMA_VERSION,
@@ -447,3 +449,28 @@ def test_stats_refuse_non_finite_and_impossible_values() -> None:
     for change in ({"decode_tokens_per_s": math.inf}, {"accept_length": 0.5}, {"arm": "canary"}):
         with pytest.raises(ValidationError):
             RequestStats.model_validate(base | change)
+
+
+def test_connect_takes_the_password_from_url_then_argument_then_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def password(client: Any) -> Any:
+        return client.connection_pool.connection_kwargs.get("password")
+
+    monkeypatch.setenv("AURORA_REDIS_PASSWORD", "from-secret")
+    assert password(protocol.connect("redis://:in-url@h:6379/0")) == "in-url"
+    assert password(protocol.connect("redis://h:6379/0", "explicit")) == "explicit"
+    assert password(protocol.connect("redis://h:6379/0")) == "from-secret"
+    monkeypatch.delenv("AURORA_REDIS_PASSWORD")
+    assert password(protocol.connect("redis://h:6379/0")) is None
+    # Fail-fast clients time out; blocking readers (the trainer) keep redis-py's defaults.
+    fast = protocol.connect("redis://h:6379/0", timeout=1.5)
+    assert fast.connection_pool.connection_kwargs["socket_timeout"] == 1.5
+    blocking = protocol.connect("redis://h:6379/0", timeout=None)
+    assert blocking.connection_pool.connection_kwargs.get("socket_timeout") is None
+
+
+def test_connect_refuses_a_malformed_url_without_echoing_the_password() -> None:
+    with pytest.raises(ValueError, match="redis://HOST:PORT/DB") as error:
+        protocol.connect("http://:secret@h:6379")
+    assert "secret" not in str(error.value)
