@@ -960,7 +960,12 @@ def build_status(
         else:
             progressing = _rollout_condition(rollout_state, o.decision, o.rollout_enabled)
         degraded = ConditionState(False, "AsExpected", "")
-        stable_regressed = o.decision is not None and o.decision.stable_regressed
+        # A regressed stable needs a person only when the policy did not fall back itself.
+        stable_regressed = (
+            o.decision is not None
+            and o.decision.stable_regressed
+            and o.decision.action != "Fallback"
+        )
         if o.apply_error:
             degraded = ConditionState(True, "ApplyFailed", o.apply_error)
         elif o.redis_error:

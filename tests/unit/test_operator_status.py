@@ -315,24 +315,31 @@ def test_a_stuck_deployment_and_a_slow_stable_revision_are_degraded() -> None:
     )  # fmt: skip
     status = build_status(Observation(4, expected_servers=EXPECTED, servers=[stuck]), {}, T0)
     assert conditions(status)["Degraded"]["reason"] == "ProgressDeadlineExceeded"
-    # The stable revision measured slower than no speculation at all.
+    # The stable revision measured slower than no speculation at all: with the policy's
+    # fallback off a person must act (Degraded); with it on (the default) the policy fell
+    # back to plain decoding itself, which is reported, not Degraded.
     state = RolloutState(stable_revision="r1")
     slow = samples("r1", "stable", 60, 15.0) + samples("r1", "baseline", 60, 25.0)
-    decision = decide(POLICY, state, [], slow, [], 300.0)
-    assert decision.stable_regressed
-    status = build_status(
-        Observation(
-            4,
-            expected_servers=EXPECTED,
-            servers=[deployment()],
-            rollout_state=decision.new_state,
-            decision=decision,
-        ),
-        {},
-        T0,
-    )
-    assert conditions(status)["Degraded"]["reason"] == "StableRegressed"
-    assert status["measurement"]["stableRegressed"] is True
+    for policy, reason, active in (
+        (POLICY.model_copy(update={"fallback_on_regression": False}), "StableRegressed", "r1"),
+        (POLICY, "AsExpected", "none"),
+    ):
+        decision = decide(policy, state, [], slow, [], 300.0)
+        assert decision.stable_regressed
+        status = build_status(
+            Observation(
+                4,
+                expected_servers=EXPECTED,
+                servers=[deployment()],
+                rollout_state=decision.new_state,
+                decision=decision,
+            ),
+            {},
+            T0,
+        )
+        assert conditions(status)["Degraded"]["reason"] == reason
+        assert status["measurement"]["stableRegressed"] is True
+        assert status["activeRevision"] == active
 
 
 def test_rollout_disabled_reports_it() -> None:
