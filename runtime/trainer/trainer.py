@@ -157,7 +157,7 @@ class Trainer:
         self.published: str | None = None
         self.last_loss = float("nan")
         self.step_budget = 0.0
-        self._stable_eval: tuple[str, int, float] | None = None
+        self._stable_eval: tuple[str, tuple[str, ...], float] | None = None
         self._t2d: torch.Tensor | None = None
         self._pending_records: list[tuple[str, Any]] = []  # waiting for the day-0 vocabulary
         self._own_pending_read = False
@@ -461,7 +461,8 @@ class Trainer:
         desired = protocol.get_desired(self.redis, self.keys)
         stable = desired.stable if desired else None
         name = stable.revision if stable else "none"
-        key = (name, len(examples))
+        # By trace ids, not count: once full, the held-out set rolls at a fixed size.
+        key = (name, tuple(ex.trace_id for ex in examples))
         if self._stable_eval and self._stable_eval[:2] == key:
             return name, self._stable_eval[2]
         k = self.config.spec_tokens
@@ -480,7 +481,7 @@ class Trainer:
                 value = 1.0
         else:
             value = 1.0
-        self._stable_eval = (name, len(examples), value)
+        self._stable_eval = (name, key[1], value)
         return name, value
 
     def maybe_publish(self) -> str | None:
