@@ -24,6 +24,7 @@ COMMANDS = (
     "aurora.commands.bench",
     "aurora.commands.draft",
     "aurora.commands.serve",
+    "aurora.commands.export",
 )
 
 

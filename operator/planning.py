@@ -55,6 +55,7 @@ from aurora.runtime.rollout import (
     RolloutEvent,
     RolloutState,
 )
+from aurora.runtime.sglang import launcher as sglang_launcher
 
 SERVER_PORT = 8000
 TRAINER_METRICS_PORT = 9100
@@ -155,33 +156,10 @@ def server_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str]
 
 
 def sglang_server_command(spec: SpeculatorSpec) -> list[str]:
-    """SGLang's command line with speculative decoding. Aurora's SGLang plugin (loaded
-    through the `sglang.srt.plugins` entry point) reads its settings from the AURORA_*
-    environment: traces, statistics and draft hot swaps."""
-    engine = spec.engine
-    command = [
-        "python3", "-m", "sglang.launch_server",
-        "--model-path", spec.target.model,
-        "--served-model-name", spec.target.served_name or spec.target.model,
-        "--host", "0.0.0.0",
-        "--port", str(SERVER_PORT),
-        "--tp", str(engine.tensor_parallel),
-        "--enable-metrics",
-    ]  # fmt: skip
-    if spec.draft.initial == "ngram":
-        command += [
-            "--speculative-algorithm", "NGRAM",
-            "--speculative-num-draft-tokens", str(engine.num_draft_tokens),
-        ]  # fmt: skip
-    else:
-        command += [
-            "--speculative-algorithm", "EAGLE3",
-            "--speculative-draft-model-path", spec.draft.initial,
-            "--speculative-num-steps", str(engine.speculative_steps),
-            "--speculative-eagle-topk", str(engine.speculative_eagle_topk),
-            "--speculative-num-draft-tokens", str(engine.num_draft_tokens),
-        ]  # fmt: skip
-    return command + list(engine.extra_args)
+    """SGLang's command line with speculative decoding (aurora.runtime.sglang.launcher).
+    Aurora's SGLang plugin (loaded through the `sglang.srt.plugins` entry point) reads
+    its settings from the AURORA_* environment: traces, statistics and draft hot swaps."""
+    return sglang_launcher.server_command(spec, port=SERVER_PORT)
 
 
 def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str]:

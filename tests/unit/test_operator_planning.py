@@ -126,7 +126,8 @@ def test_sglang_command_uses_the_real_eagle3_flags() -> None:
     assert flags["--speculative-draft-model-path"] == "/checkpoints/initial/eagle3-llama3.1-8b"
     assert (flags["--speculative-num-steps"], flags["--speculative-eagle-topk"]) == ("3", "4")
     assert flags["--speculative-num-draft-tokens"] == "8"
-    assert flags["--tp"] == "1" and flags["--port"] == "8000"
+    assert flags["--tp-size"] == "1" and flags["--port"] == "8000"
+    assert flags["--custom-weight-loader"] == "aurora.runtime.sglang.weights.load_draft_only"
     assert "--enable-metrics" in command
     assert command[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs last
 

@@ -1,0 +1,173 @@
+"""The SGLang plugin's hooks, driven with objects shaped like SGLang 0.5.12's (tensors
+and namespaces), publish decodable traces and stats to a real Redis."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import redis
+import torch
+
+from aurora.runtime.protocol import Keys, LoadedReport, decode_entries, read_stats, report_loaded
+from aurora.runtime.sglang import plugin
+from aurora.runtime.sglang.plugin import PluginSettings, VerifyBatch
+
+pytestmark = pytest.mark.integration
+
+VOCAB, N = 50, 4  # target vocabulary; tree nodes per request (root + 3 chain drafts)
+KEYS = Keys("prod", "llama")
+
+
+class Req:
+    """The parts of sglang.srt.managers.schedule_batch.Req the plugin reads."""
+
+    def __init__(
+        self, rid: str, prompt: list[int], first: int, temperature: float = 1.0, top_k: int = 1
+    ) -> None:
+        self.rid, self.origin_input_ids, self.output_ids = rid, prompt, [first]
+        self.sampling_params = SimpleNamespace(temperature=temperature, top_k=top_k)
+        self.spec_verify_ct, self.retraction_count, self.done = 0, 0, False
+        self.time_stats = SimpleNamespace(wait_queue_entry_time=0.0)
+
+    def finished(self) -> bool:
+        return self.done
+
+
+@pytest.fixture
+def capture(redis_url: str) -> Iterator[plugin.TraceCapture]:
+    settings = PluginSettings.from_env(
+        {"AURORA_REDIS_URL": redis_url, "AURORA_SPECULATOR": "prod/llama", "AURORA_SERVER_ID": "pod-1",
+         "AURORA_TRACE_TOPK": "3"}
+    )  # fmt: skip
+    assert settings is not None
+    capture = plugin.start_capture(settings)
+    plugin._capture, plugin._settings, plugin._emits = capture, settings, True
+    yield capture
+    plugin._capture = plugin._settings = plugin._emits = None
+
+
+def greedy_chain_verify(
+    candidates: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """What SGLang's verify_tree_greedy_func computes for top-k 1: (accept_index
+    [bs, N] flat, -1 padded; the tokens each request emits)."""
+    bs = candidates.shape[0]
+    target = logits.argmax(-1).reshape(bs, N)
+    accept_index = torch.full((bs, N), -1)
+    emitted = []
+    for i in range(bs):
+        node, path = 0, [0]
+        while node + 1 < N and int(candidates[i, node + 1]) == int(target[i, node]):
+            node += 1
+            path.append(node)
+        accept_index[i, : len(path)] = torch.tensor(path) + i * N
+        emitted.append([int(target[i, n]) for n in path])
+    return accept_index, emitted
+
+
+def test_v1_and_v2_verify_hooks_publish_the_same_trace_records_as_the_engine(
+    capture: plugin.TraceCapture, redis_client: redis.Redis
+) -> None:
+    # given this server reported revision r7 loaded, and two greedy requests
+    report_loaded(redis_client, KEYS, LoadedReport(server="pod-1", stable="r7"))
+    reqs = [Req("a", [1, 2, 3], first=10), Req("b", [4, 5], first=20)]
+    scheduler = SimpleNamespace()
+    plugin.after_stream_output(None, scheduler, reqs, False)  # first tokens stream
+    torch.manual_seed(0)
+    for step, hook in enumerate([plugin.around_sample, plugin.around_verify, plugin.around_sample]):
+        # the draft proposes a chain per request; the target agrees with some of it
+        candidates = torch.tensor(
+            [[r.output_ids[-1], *torch.randint(0, VOCAB, (N - 1,)).tolist()] for r in reqs]
+        )
+        logits = torch.randn(len(reqs) * N, VOCAB)
+        agree = [1 + step, 3 - step]  # accepted drafts per request this step
+        for i, count in enumerate(agree):
+            for node in range(count):
+                logits[i * N + node, candidates[i, node + 1]] = 50.0
+        spec = SimpleNamespace(
+            draft_token=candidates.reshape(-1),
+            retrieve_next_token=torch.tensor([[1, 2, 3, -1]] * len(reqs)),
+            draft_token_num=N,
+        )
+        batch = SimpleNamespace(forward_mode=SimpleNamespace(is_idle=lambda: False), reqs=reqs)
+        output = SimpleNamespace(next_token_logits=logits)
+
+        def sample(
+            self, batch, logits_output, vocab_mask=None, candidates=candidates
+        ):  # EagleVerifyInputV2Mixin.sample
+            accept_index, emitted = greedy_chain_verify(candidates, logits_output.next_token_logits)
+            for req, tokens in zip(batch.reqs, emitted, strict=True):
+                req.output_ids += tokens  # the scheduler's process_batch_result
+            return torch.zeros(1), torch.tensor([len(t) for t in emitted]), accept_index
+
+        def verify(
+            self, batch, logits_output, allocator, page_size, vocab_mask=None, candidates=candidates
+        ):  # V1
+            accept_index, emitted = greedy_chain_verify(candidates, logits_output.next_token_logits)
+            for req, tokens in zip(batch.reqs, emitted, strict=True):
+                req.output_ids += tokens
+                req.spec_verify_ct += 1
+            return SimpleNamespace(
+                accept_indices=accept_index[accept_index >= 0],
+                num_correct_drafts_per_req_cpu=[len(t) - 1 for t in emitted],
+            )
+
+        if hook is plugin.around_verify:
+            result = hook(verify, spec, batch, output, object(), 1, None)
+        else:
+            result = hook(sample, spec, batch, output, None)
+        assert result is not None
+        plugin.after_stream_output(None, scheduler, reqs, False)
+    for req in reqs:
+        req.done = True
+    plugin.after_stream_output(None, scheduler, reqs, False)
+    plugin.after_stream_output(None, scheduler, reqs, False)  # finished twice: traced once
+    assert capture.flush(10.0)
+
+    # then each request has one decodable trace, every step aligned with the output
+    good, bad = decode_entries(redis_client.xrange(KEYS.traces))
+    assert bad == []
+    records = {record.prompt_ids[0]: record for _, record in good}
+    assert sorted(records) == [1, 4]
+    for record, agreed in ((records[1], [1, 2, 3]), (records[4], [3, 2, 1])):
+        assert [s.accepted for s in record.steps] == agreed
+        assert all(len(s.proposed) == N - 1 for s in record.steps)
+        assert record.revision == "r7" and record.server == "pod-1" and record.temperature == 0.0
+        assert record.topk_width == 3
+        # top-k at the first proposed position is the target's argmax there
+        assert record.steps[0].topk_ids[0][0] == record.output_ids[1]
+    assert len(records[1].output_ids) == 1 + sum(a + 1 for a in [1, 2, 3])
+    # and each request's stats carry the same accept length the steps imply
+    stats = read_stats(redis_client, KEYS)
+    assert sorted(s.accept_length for _, s in stats) == [3.0, 3.0]
+    assert {(s.revision, s.arm, s.verify_steps) for _, s in stats} == {("r7", "stable", 3)}
+
+
+def test_a_failing_hook_never_breaks_verification_and_a_full_buffer_drops_and_counts(
+    capture: plugin.TraceCapture,
+) -> None:
+    # a spec without the fields the plugin reads: verification still runs and returns
+    broken = SimpleNamespace(draft_token_num=N)
+    batch = SimpleNamespace(
+        forward_mode=SimpleNamespace(is_idle=lambda: False), reqs=[Req("x", [1], 2)]
+    )
+    result = plugin.around_sample(
+        lambda self, b, o, m=None: "verified", broken, batch, SimpleNamespace(), None
+    )
+    assert result == "verified"
+    # a capture thread stuck on a batch (its CUDA event not yet reached) fills the buffer
+    release = threading.Event()
+    stuck = VerifyBatch(
+        rids=[], candidates=[], next_token=[], accepted=[], accepted_counts=None,
+        ready=SimpleNamespace(synchronize=release.wait),
+    )  # fmt: skip
+    assert capture.offer(stuck)
+    offered = [capture.offer(stuck) for _ in range(capture.settings.buffer + 5)]
+    assert offered.count(False) >= 5
+    dropped = capture.metrics.dropped.labels(kind="step", reason="buffer_full")._value.get()
+    assert dropped == offered.count(False)
+    release.set()
+    assert capture.flush(10.0)
