@@ -305,6 +305,15 @@ def test_every_launcher_flag_and_algorithm_exists(source: Path) -> None:
     }
     assert {"EAGLE3", "NGRAM"} <= members
     assert DRAFT_LOADER == "aurora.runtime.sglang.weights.load_draft_only"
+    # what the plugin reads from ServerArgs to start the watcher
+    server_args = fields(definition(tree, "ServerArgs"))
+    assert {
+        "host",
+        "port",
+        "tp_size",
+        "speculative_draft_model_path",
+        "custom_weight_loader",
+    } <= server_args
 
 
 # The EAGLE-3 draft's parameters in SGLang (checked against the source below).
