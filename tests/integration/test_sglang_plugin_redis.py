@@ -3,13 +3,17 @@ and namespaces), publish decodable traces and stats to a real Redis."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
+import types
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import redis
 import torch
+from sglang_support import sglang_source
 
 from aurora.runtime.protocol import Keys, LoadedReport, decode_entries, read_stats, report_loaded
 from aurora.runtime.sglang import plugin
@@ -171,3 +175,122 @@ def test_a_failing_hook_never_breaks_verification_and_a_full_buffer_drops_and_co
     assert dropped == offered.count(False)
     release.set()
     assert capture.flush(10.0)
+
+
+def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attributes: object) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__path__ = []  # type: ignore[attr-defined]
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_register_with_sglangs_real_hook_registry_patches_the_pinned_targets(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # given SGLang's real HookRegistry (from the pinned wheel) and modules shaped like its own
+    source = sglang_source() / "sglang"
+    for package in ("sglang", "sglang.srt", "sglang.srt.plugins", "sglang.srt.speculative",
+                    "sglang.srt.managers", "sglang.srt.entrypoints"):  # fmt: skip
+        _module(monkeypatch, package)
+    spec = importlib.util.spec_from_file_location(
+        "sglang.srt.plugins.hook_registry", source / "srt/plugins/hook_registry.py"
+    )
+    assert spec is not None and spec.loader is not None
+    registry = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", registry)
+    spec.loader.exec_module(registry)
+
+    class EagleVerifyInputV2Mixin:
+        def sample(self, batch, logits_output, vocab_mask=None):
+            accept_index, emitted = greedy_chain_verify(
+                self.draft_token.reshape(-1, N), logits_output.next_token_logits
+            )
+            for req, tokens in zip(batch.reqs, emitted, strict=True):
+                req.output_ids += tokens
+            return torch.zeros(1), torch.tensor([len(t) for t in emitted]), accept_index
+
+    class EagleVerifyInput(EagleVerifyInputV2Mixin):
+        def verify(self, batch, logits_output, allocator, page_size, vocab_mask=None):
+            raise AssertionError("V1 is not used in this test")
+
+    class SchedulerOutputProcessorMixin:
+        def stream_output_generation(
+            self, reqs, return_logprob, skip_req=None, is_idle_batch=False
+        ):
+            return "streamed"
+
+    class SchedulerUpdateWeightsMixin:
+        def get_weights_by_name(self, recv_req):
+            return SimpleNamespace(parameter="target")
+
+    class Scheduler(SchedulerOutputProcessorMixin, SchedulerUpdateWeightsMixin):
+        pass
+
+    _module(monkeypatch, "sglang.srt.speculative.eagle_info", EagleVerifyInput=EagleVerifyInput)
+    _module(
+        monkeypatch,
+        "sglang.srt.speculative.eagle_info_v2",
+        EagleVerifyInputV2Mixin=EagleVerifyInputV2Mixin,
+    )
+    _module(monkeypatch, "sglang.srt.managers.scheduler_output_processor_mixin",
+            SchedulerOutputProcessorMixin=SchedulerOutputProcessorMixin)  # fmt: skip
+    _module(monkeypatch, "sglang.srt.managers.scheduler_update_weights_mixin",
+            SchedulerUpdateWeightsMixin=SchedulerUpdateWeightsMixin)  # fmt: skip
+    _module(
+        monkeypatch,
+        "sglang.srt.managers.io_struct",
+        GetWeightsByNameReqOutput=lambda p: SimpleNamespace(parameter=p),
+    )
+    _module(
+        monkeypatch,
+        "sglang.srt.entrypoints.http_server",
+        _setup_and_run_http_server=lambda server_args, *a: "served",
+    )
+    for name, value in {"AURORA_REDIS_URL": redis_url, "AURORA_SPECULATOR": "prod/llama",
+                        "AURORA_SERVER_ID": "pod-9", "AURORA_SGLANG_WATCH": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(plugin, "_emits", True)
+    registry.HookRegistry.reset()
+    try:
+        # when SGLang's load_plugins runs our entry point and applies the hooks
+        plugin.register()
+        registry.HookRegistry.apply_hooks()
+        assert set(registry.HookRegistry._patched) == set(plugin.HOOKS)
+        # then a V2 verification and a completion through the patched classes publish a trace
+        req = Req("z", [7, 8], first=9)
+        scheduler = Scheduler()
+        assert scheduler.stream_output_generation([req], False) == "streamed"
+        verify_input = EagleVerifyInput()
+        verify_input.draft_token = torch.tensor([9, 1, 2, 3])
+        verify_input.retrieve_next_token = torch.tensor([[1, 2, 3, -1]])
+        verify_input.draft_token_num = N
+        logits = torch.zeros(N, VOCAB)
+        logits[0, 1] = logits[1, 2] = logits[2, 5] = 10.0  # accepts 1 and 2, corrects to 5
+        batch = SimpleNamespace(forward_mode=SimpleNamespace(is_idle=lambda: False), reqs=[req])
+        verify_input.sample(batch, SimpleNamespace(next_token_logits=logits), None)
+        req.done = True
+        scheduler.stream_output_generation([req], False)
+        assert plugin._capture is not None and plugin._capture.flush(10.0)
+        ((_, record),) = decode_entries(redis_client.xrange(KEYS.traces))[0]
+        assert (record.output_ids, record.server) == ([9, 1, 2, 5], "pod-9")
+        assert [(s.proposed, s.accepted) for s in record.steps] == [([1, 2, 3], 2)]
+        # and draft: names are read from the draft model, others from the target
+        draft_runner = SimpleNamespace(get_weights_by_name=lambda name, truncate: [name, truncate])
+        scheduler.draft_worker = SimpleNamespace(
+            draft_worker=SimpleNamespace(draft_runner=draft_runner)
+        )
+        answer = scheduler.get_weights_by_name(
+            SimpleNamespace(name="draft:model.fc.weight", truncate_size=2)
+        )
+        assert answer.parameter == ["model.fc.weight", 2]
+        assert (
+            scheduler.get_weights_by_name(
+                SimpleNamespace(name="lm_head.weight", truncate_size=2)
+            ).parameter
+            == "target"
+        )
+    finally:
+        registry.HookRegistry.reset()
+        plugin._capture = plugin._settings = None
