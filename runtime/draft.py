@@ -23,6 +23,7 @@ attending to step-1 keys at positions ``<= p`` and to its own earlier chain keys
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -187,10 +188,17 @@ class EagleDraftHead(nn.Module):
 
     # -- the two computations shared by serving and training -------------------
 
-    def fuse(self, hidden_states: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-        """Pick the fused layers from a target's per-layer hidden states, [..., 3H]."""
-        # hidden_states[0] is the embedding output; layer i's output is at i + 1.
-        low, mid, high = (hidden_states[i + 1] for i in self.config.fuse_layers)
+    @property
+    def hidden_indices(self) -> tuple[int, int, int]:
+        """Where ``fuse`` reads in a target's ``output_hidden_states``: index 0 is the
+        embedding output, layer i's output is at i + 1."""
+        low, mid, high = self.config.fuse_layers
+        return low + 1, mid + 1, high + 1
+
+    def fuse(self, hidden_states: Sequence[Tensor] | Mapping[int, Tensor]) -> Tensor:
+        """Pick the fused layers from a target's per-layer hidden states (all of them,
+        or a mapping holding at least ``hidden_indices``), [..., 3H]."""
+        low, mid, high = (hidden_states[i] for i in self.hidden_indices)
         return torch.cat([low, mid, high], dim=-1)
 
     def _qkv(self, feature: Tensor, tokens: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
