@@ -7,7 +7,7 @@
 # system (HOME and caches point at /tmp, which the pods mount as emptyDir).
 
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
-ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.2-cu126
+ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.12
 
 # ---------------------------------------------------------------- base and wheel
 FROM ${PYTHON_IMAGE} AS python-base
@@ -69,8 +69,10 @@ COPY --from=wheel /wheels /wheels
 # Aurora's protocol and SGLang plugin on top of the image's SGLang and torch, which
 # stay as the image pins them (no extras: nothing here may replace them).
 # hadolint ignore=DL3013
+# The plugin's hooks are checked against one SGLang release: refuse any other image.
 RUN python3 -m pip install "$(echo /wheels/aurora_speculator-*.whl)" \
     && rm -rf /wheels \
+    && python3 -c "import importlib.metadata as m, aurora.runtime.sglang as a; v = m.version('sglang'); assert v == a.SGLANG_VERSION, f'SGLANG_IMAGE has sglang {v}, Aurora is built for {a.SGLANG_VERSION}'" \
     && (getent group 10001 || groupadd --gid 10001 aurora) \
     && (getent passwd 10001 || useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin aurora)
 WORKDIR /tmp
