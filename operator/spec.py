@@ -284,7 +284,8 @@ class DraftSpec(ApiModel):
             "scratch",
             description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
             "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-            "checkpoint in the image or on the checkpoint volume.",
+            "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
+            "directory written by `aurora export --to sglang`).",
         )
     )
 
