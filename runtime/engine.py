@@ -271,6 +271,7 @@ class Row:
     decode_start: float = 0.0
     generation: Generation | None = None
     error: Exception | None = None
+    finished_at: float = 0.0  # perf_counter when it finished or failed
 
     @property
     def done(self) -> bool:
@@ -308,6 +309,8 @@ class BatchDecoder:
             raise ValueError(f"max_rows={max_rows}: use 1 to the model's {model.rows} cache rows")
         self.model, self.eos = model, set(eos_ids)
         self.rows: list[Row] = []
+        # Verify steps taken and rows verified in them: their ratio is the mean batch size.
+        self.steps = self.row_steps = 0
         self._free = list(range(rows - 1, -1, -1))
 
     @property
@@ -372,9 +375,22 @@ class BatchDecoder:
             raise
         if row.done:
             self._free.append(row.slot)
+            row.finished_at = time.perf_counter()
         else:
             self.rows.append(row)
         return row
+
+    def decode_all(self, requests: Sequence[dict[str, Any]]) -> list[Row]:
+        """Decode requests (each the keyword arguments of ``add``) that all arrive
+        now, each joining as soon as a row is free; returns their rows in request
+        order, finished or failed (an error in a prefill propagates)."""
+        rows: list[Row] = []
+        pending = list(requests)
+        while pending or self.rows:
+            while pending and self.capacity:
+                rows.append(self.add(**pending.pop(0)))
+            self.step()
+        return rows
 
     def remove(self, row: Row) -> None:
         """Take a row out between steps (its client went away); its cache row is reused."""
@@ -387,6 +403,8 @@ class BatchDecoder:
         """One verify step for every row; returns the rows that finished or failed in
         it (they have left the batch)."""
         rows = list(self.rows)
+        if rows:
+            self.steps, self.row_steps = self.steps + 1, self.row_steps + len(rows)
         proposals: list[Proposal] = []
         for row in rows:
             try:
@@ -423,6 +441,7 @@ class BatchDecoder:
         finished = [row for row in rows if row.done]
         for row in finished:
             self.remove(row)
+            row.finished_at = time.perf_counter()
         return finished
 
     def _verify(

@@ -102,6 +102,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="requests waiting beyond this answer 503 with Retry-After (default: 64)",
     )
     add(
+        "--max-batch",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests decoded together, continuous batching: they join and leave between "
+        "verify steps and one target forward verifies all their drafts (default: 4; 1 = one "
+        "request at a time; models other than Llama-family always decode one at a time)",
+    )
+    add(
         "--max-new-tokens-limit",
         type=int,
         default=2048,
@@ -149,6 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         max_new_tokens_limit=args.max_new_tokens_limit,
         seed=args.seed,
         poll_interval=args.poll_interval,

@@ -225,6 +225,7 @@ class ServerRuntime:
             trace_sample_rate=config.trace_sample_rate,
             trace_topk=config.trace_topk,
             seed=config.seed,
+            max_batch=config.max_batch,
         )
         self.worker.start()
         if self.redis is not None:
@@ -697,6 +698,9 @@ def create_app(config: ServerConfig, target: Any = None, tokenizer: Any = None) 
             "dtype": config.dtype,
             "torch_threads": torch.get_num_threads(),
             "spec_tokens": config.spec_tokens,
+            # Requests decoded together at most: 1 with --max-batch 1 or a model the
+            # batched forward does not support (then each request decodes alone).
+            "max_batch": runtime.worker.max_batch if runtime.worker else config.max_batch,
             "speculator": config.speculator,
             "ready": runtime.ready,
             "revisions": served.roles() if served else {},
@@ -713,7 +717,7 @@ def create_app(config: ServerConfig, target: Any = None, tokenizer: Any = None) 
             "max_queue": config.max_queue,
             "queue_depth": runtime.worker.depth() if runtime.worker else 0,
             "trace_sample_rate": config.trace_sample_rate,
-            "batching": False,
+            "batching": bool(runtime.worker and runtime.worker.max_batch > 1),
         }
 
     return app

@@ -48,6 +48,7 @@ class ServerConfig:
     dtype: str = "float32"
     threads: int | None = None
     max_queue: int = 64
+    max_batch: int = 4
     max_new_tokens_limit: int = 2048
     seed: int = 0
     poll_interval: float = 0.5
@@ -89,6 +90,12 @@ class ServerConfig:
             (self.trace_topk >= 0, "trace_topk", self.trace_topk, "0 (none) or more"),
             (self.trace_buffer >= 1, "trace_buffer", self.trace_buffer, "at least 1"),
             (self.max_queue >= 1, "--max-queue", self.max_queue, "at least 1"),
+            (
+                1 <= self.max_batch <= 64,
+                "--max-batch",
+                self.max_batch,
+                "an integer from 1 to 64 (1 = one request at a time)",
+            ),
             (
                 self.max_new_tokens_limit >= 1,
                 "--max-new-tokens-limit",

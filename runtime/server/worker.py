@@ -1,11 +1,16 @@
-"""The engine worker: one thread that owns the target and decodes one request at a time.
+"""The engine worker: one thread that owns the target and decodes the requests.
 
 HTTP handlers tokenize, then ``submit`` a Job to a bounded queue (full → QueueFull,
 which the app answers with 503 and Retry-After) and await its future. The worker
 routes each job to an arm (stable, candidate or baseline), runs the engine, resolves
 the future, then hands stats and a sampled trace to the publisher. Any exception in
-one job fails that job only; the worker keeps serving. Batching across requests is
-not done: each verify step serves one request.
+one job fails that job only; the worker keeps serving.
+
+With ``max_batch`` > 1 and a Llama-family model, jobs are decoded together
+(continuous batching, ``engine.BatchDecoder``): queued jobs join the batch between
+verify steps, each step verifies every row's draft in one target forward, and a
+finished, cancelled or failed job leaves without disturbing the others. Other
+models, or ``max_batch`` 1, decode one job at a time with ``generate``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 import torch
 
-from aurora.runtime.engine import Generation, generate
+from aurora.runtime.engine import BatchDecoder, Generation, Row, generate
+from aurora.runtime.llama import Llama, UnsupportedModel
 from aurora.runtime.protocol import RequestStats
 from aurora.runtime.server.metrics import ServerMetrics
 from aurora.runtime.server.revisions import Arm, RevisionSet, Router, RoutingError
@@ -158,8 +164,21 @@ class TextTracker:
             self.sent = safe
 
 
+@dataclass
+class _Request:
+    """A job being decoded in the batch: what its answer needs once its row finishes."""
+
+    job: Job
+    arm: Arm
+    revision: str
+    tracker: TextTracker
+    traced: bool
+
+
 class EngineWorker:
-    """Owns the target model; decodes queued jobs one at a time on its own thread."""
+    """Owns the target model and decodes queued jobs on its own thread: up to
+    ``max_batch`` of them together (continuous batching, when the model has a
+    batched forward), else one at a time."""
 
     def __init__(
         self,
@@ -178,6 +197,7 @@ class EngineWorker:
         trace_sample_rate: float,
         trace_topk: int,
         seed: int,
+        max_batch: int = 1,
     ) -> None:
         self.target, self.tokenizer, self.tokenizer_lock = target, tokenizer, tokenizer_lock
         self.revisions, self.router, self.metrics, self.publisher = (
@@ -190,10 +210,21 @@ class EngineWorker:
         self.trace_sample_rate, self.trace_topk = trace_sample_rate, trace_topk
         self._rng = random.Random(seed + 1)  # trace sampling and per-request sampling seeds
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._busy = False
+        self._held = 0  # jobs taken off the queue and not answered yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aurora-engine-worker", daemon=True)
         self.device = next(target.parameters()).device
+        self.decoder: BatchDecoder | None = None
+        if max_batch > 1:
+            try:
+                self.decoder = BatchDecoder(Llama(target, rows=max_batch), eos_ids=self.eos_ids)
+            except UnsupportedModel as error:
+                log.warning("%s; decoding one request at a time", error)
+
+    @property
+    def max_batch(self) -> int:
+        """Requests decoded together at most (1 when the model has no batched forward)."""
+        return self.decoder.model.rows if self.decoder is not None else 1
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -201,7 +232,7 @@ class EngineWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the job in progress; queued jobs are cancelled."""
+        """Stop after the jobs in progress; queued jobs are cancelled."""
         self._stop.set()
         self._thread.join(timeout)
         while True:
@@ -216,8 +247,8 @@ class EngineWorker:
         return self._thread.is_alive() and not self._stop.is_set()
 
     def depth(self) -> int:
-        """Jobs waiting plus the one being decoded."""
-        return self._queue.qsize() + int(self._busy)
+        """Jobs waiting plus the ones being decoded."""
+        return self._queue.qsize() + self._held
 
     def submit(self, job: Job) -> Job:
         try:
@@ -231,30 +262,127 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            job = self._take(timeout=0.2)
+            if job is None:
                 continue
-            if not job.future.set_running_or_notify_cancel():
-                self.metrics.requests.labels(arm="", revision="", status="cancelled").inc()
-                continue
-            self._busy = True
-            try:
+            if self.decoder is None:
                 self._serve(job)
-            finally:
-                self._busy = False
+            else:
+                self._serve_batch(job)
+
+    def _take(self, timeout: float | None) -> Job | None:
+        """The next queued job whose client still waits (None when the queue is empty)."""
+        while True:
+            try:
+                job = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if job.future.set_running_or_notify_cancel():
+                self._held += 1
+                return job
+            self.metrics.requests.labels(arm="", revision="", status="cancelled").inc()
+
+    def _route(self, job: Job) -> tuple[Arm, str, Any, bool]:
+        """(arm, revision, proposer or None, traced) for a job; RoutingError if it pins
+        what is not served. The job keeps this draft to its end, across swaps."""
+        arm, rev = self.revisions.snapshot().route(
+            self.router.draw(), arm=job.arm, revision=job.revision
+        )
+        proposer = rev.proposer if arm != "baseline" and self.k > 0 else None
+        traced = self.publisher is not None and self._rng.random() < self.trace_sample_rate
+        return arm, rev.name, proposer, traced
+
+    def _decode_options(self, job: Job, proposer: Any, traced: bool) -> dict[str, Any]:
+        """The engine's per-request arguments (generate's and BatchDecoder.add's)."""
+        generator = None
+        if job.temperature > 0:
+            seed = job.seed if job.seed is not None else self._rng.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return dict(
+            proposer=proposer,
+            k=self.k if proposer is not None else 0,
+            max_new_tokens=job.max_new_tokens,
+            temperature=job.temperature,
+            generator=generator,
+            trace_topk=self.trace_topk if traced and proposer is not None else 0,
+        )
 
     def _serve(self, job: Job) -> None:
-        arm, revision = "", job.revision or ""
+        """One job, alone, through ``generate`` (any causal LM)."""
+        arm: Arm | str = job.arm or ""
+        revision = job.revision or ""
         try:
-            arm, rev = self.revisions.snapshot().route(
-                self.router.draw(), arm=job.arm, revision=job.revision
+            arm, revision, proposer, traced = self._route(job)
+            tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
+            generation = generate(
+                self.target,
+                job.prompt_ids,
+                eos_ids=self.eos_ids,
+                stop=tracker if tracker.active else None,
+                before_step=job.check_cancelled,
+                **self._decode_options(job, proposer, traced),
             )
-            revision = rev.name
-            proposer = rev.proposer if arm != "baseline" else None
-            traced = self.publisher is not None and self._rng.random() < self.trace_sample_rate
-            generation, completion = self._decode(job, arm, revision, proposer, traced)
-        except RoutingError as error:
+        except Exception as error:
+            self._fail(job, arm, revision, error)
+            return
+        self._complete(_Request(job, arm, revision, tracker, traced), generation)
+
+    def _serve_batch(self, first: Job) -> None:
+        """Decode ``first`` together with the jobs that arrive while it runs (up to
+        max_batch rows; they join between steps) until the batch is empty. Routing
+        and cancellation happen between steps, as ``before_step`` does for one job."""
+        decoder = self.decoder
+        assert decoder is not None
+        self._admit(decoder, first)
+        while decoder.rows:
+            while decoder.capacity and not self._stop.is_set():
+                job = self._take(timeout=None)
+                if job is None:
+                    break
+                self._admit(decoder, job)
+            for row in list(decoder.rows):
+                request: _Request = row.owner
+                if request.job.cancelled.is_set():
+                    decoder.remove(row)
+                    self._fail(
+                        request.job,
+                        request.arm,
+                        request.revision,
+                        Cancelled(f"request {request.job.id} was cancelled by its client"),
+                    )
+            for row in decoder.step():
+                self._settle(row)
+
+    def _admit(self, decoder: BatchDecoder, job: Job) -> None:
+        arm: Arm | str = job.arm or ""
+        revision = job.revision or ""
+        try:
+            job.check_cancelled()
+            arm, revision, proposer, traced = self._route(job)
+            tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
+            row = decoder.add(
+                job.prompt_ids,
+                stop=tracker if tracker.active else None,
+                owner=_Request(job, arm, revision, tracker, traced),
+                **self._decode_options(job, proposer, traced),
+            )
+        except Exception as error:
+            self._fail(job, arm, revision, error)
+            return
+        if row.done:
+            self._settle(row)
+
+    def _settle(self, row: Row) -> None:
+        request: _Request = row.owner
+        if row.generation is None:
+            self._fail(request.job, request.arm, request.revision, row.error or RuntimeError())
+        else:
+            self._complete(request, row.generation)
+
+    def _fail(self, job: Job, arm: str, revision: str, error: Exception) -> None:
+        """Answer a job with its error: 400 for routing, cancelled, else a 500 with an id."""
+        self._held -= 1
+        if isinstance(error, RoutingError):
             self.metrics.requests.labels(
                 arm=job.arm or "", revision=revision, status="invalid"
             ).inc()
@@ -262,65 +390,47 @@ class EngineWorker:
                 RequestError(str(error), "revision" if job.revision else "arm")
             )
             return
-        except Cancelled as error:
+        if isinstance(error, Cancelled):
             self.metrics.requests.labels(arm=arm, revision=revision, status="cancelled").inc()
             job.future.set_exception(error)
             return
-        except Exception as error:
-            # Log the failure without the exception message: it could quote the prompt.
-            error_id = uuid.uuid4().hex[:12]
-            frames = "".join(traceback.format_tb(error.__traceback__))
-            log.error(
-                "request %s failed with %s (error id %s):\n%s",
-                job.id,
-                type(error).__name__,
-                error_id,
-                frames,
-            )
-            self.metrics.requests.labels(arm=arm, revision=revision, status="error").inc()
-            job.future.set_exception(InternalError(error_id, type(error).__name__))
-            return
-        # Metrics and stats first: once a client has its answer, they include it.
-        self._record(job, completion, generation, traced)
-        job.future.set_result(completion)
-
-    def _decode(
-        self, job: Job, arm: Arm, revision: str, proposer: Any, traced: bool
-    ) -> tuple[Generation, Completion]:
-        generator = None
-        if job.temperature > 0:
-            seed = job.seed if job.seed is not None else self._rng.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
-        speculate = proposer is not None and self.k > 0
-        generation = generate(
-            self.target,
-            job.prompt_ids,
-            proposer=proposer if speculate else None,
-            k=self.k if speculate else 0,
-            max_new_tokens=job.max_new_tokens,
-            temperature=job.temperature,
-            eos_ids=self.eos_ids,
-            stop=tracker if tracker.active else None,
-            generator=generator,
-            trace_topk=self.trace_topk if traced and speculate else 0,
-            before_step=job.check_cancelled,
+        # Log the failure without the exception message: it could quote the prompt.
+        error_id = uuid.uuid4().hex[:12]
+        frames = "".join(traceback.format_tb(error.__traceback__))
+        log.error(
+            "request %s failed with %s (error id %s):\n%s",
+            job.id,
+            type(error).__name__,
+            error_id,
+            frames,
         )
-        text = tracker.finish(generation.output_ids)
+        self.metrics.requests.labels(arm=arm, revision=revision, status="error").inc()
+        job.future.set_exception(InternalError(error_id, type(error).__name__))
+
+    def _complete(self, request: _Request, generation: Generation) -> None:
+        job = request.job
+        try:
+            text = request.tracker.finish(generation.output_ids)
+        except Exception as error:
+            self._fail(job, request.arm, request.revision, error)
+            return
         completion = Completion(
             id=job.id,
             text=text,
             output_ids=generation.output_ids,
             prompt_tokens=len(job.prompt_ids),
             finish_reason=generation.finish_reason,
-            arm=arm,
-            revision=revision,
+            arm=request.arm,
+            revision=request.revision,
             verify_steps=len(generation.steps),
             accept_length=generation.accept_length,
             decode_tokens_per_s=generation.decode_tokens_per_s,
             e2e_latency=time.perf_counter() - job.received,
         )
-        return generation, completion
+        self._held -= 1
+        # Metrics and stats first: once a client has its answer, they include it.
+        self._record(job, completion, generation, request.traced)
+        job.future.set_result(completion)
 
     def _record(
         self, job: Job, completion: Completion, generation: Generation, traced: bool

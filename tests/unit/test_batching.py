@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer
-from aurora.runtime.engine import BatchDecoder, Generation, Row, generate
+from aurora.runtime.engine import BatchDecoder, Generation, generate
 from aurora.runtime.llama import Llama, UnsupportedModel
 
 pytestmark = pytest.mark.unit
@@ -117,24 +117,9 @@ def test_unsupported_configs_are_refused_naming_the_field(
 
 
 def decode_all(decoder: BatchDecoder, requests: list[dict]) -> list[Generation]:
-    """Admit requests as rows free up, step until all are done; outputs in request order."""
-    results: dict[int, Generation] = {}
-    pending = list(enumerate(requests))
-
-    def collect(row: Row) -> None:
-        assert row.error is None, row.error
-        assert row.generation is not None
-        results[row.owner] = row.generation
-
-    while pending or decoder.rows:
-        while pending and decoder.capacity:
-            i, request = pending.pop(0)
-            row = decoder.add(**request, owner=i)
-            if row.done:
-                collect(row)
-        for row in decoder.step():
-            collect(row)
-    return [results[i] for i in range(len(requests))]
+    rows = decoder.decode_all(requests)
+    assert all(row.error is None for row in rows), [row.error for row in rows]
+    return [row.generation for row in rows if row.generation is not None]
 
 
 def test_every_row_decodes_what_generate_gives_it_alone(tiny: LlamaForCausalLM) -> None:
