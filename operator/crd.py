@@ -6,7 +6,8 @@ validates with cannot drift apart (`aurora crd --check` and a unit test keep
 The pydantic JSON schema becomes a *structural* OpenAPI v3 schema: `$ref`s are
 inlined, `Optional[X]` becomes X (the API leaves unset fields out rather than
 storing null), JSON-Schema-only keywords are translated or dropped, and object
-sections get `default: {}` so the API server fills in their nested defaults.
+sections get a default (filled with their nested defaults) so the API server fills
+them in when a section is left out.
 Anything that a CRD schema does not accept raises `SchemaError` here, not later
 in a cluster.
 """
@@ -142,18 +143,26 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_object_sections(node: dict[str, Any]) -> None:
-    """Give optional sub-objects `default: {}` so the API server applies their nested
-    defaults when the user leaves a whole section out (as kubebuilder does)."""
+    """Give optional sub-objects a default so the API server fills in their nested
+    defaults when the user leaves a whole section out. The default is the section with
+    every nested default already in it, not `{}`: the API server validates a default,
+    CEL rules included, without defaulting inside it, so a rule such as
+    `double(self.canaryShare) > 0.0` would find no key in `{}` and the CRD be refused."""
     required = set(node.get("required", ()))
     for name, sub in node.get("properties", {}).items():
-        nested_defaults = any("default" in p for p in sub.get("properties", {}).values())
+        properties = sub.get("properties", {})
+        nested_defaults = any("default" in p for p in properties.values())
         if (
             sub.get("type") == "object"
             and name not in required
             and nested_defaults
             and not sub.get("required")
         ):
-            node["properties"][name] = _ordered({**sub, "default": sub.get("default", {})})
+            # Children were converted first, so nested sections carry their filled default.
+            filled = {
+                key: copy.deepcopy(p["default"]) for key, p in properties.items() if "default" in p
+            }
+            node["properties"][name] = _ordered({**sub, "default": sub.get("default", filled)})
 
 
 def openapi_schema() -> dict[str, Any]:
