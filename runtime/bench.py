@@ -183,9 +183,13 @@ def fit_draft(
     lr: float = 1e-3,
     heldout: Sequence[Prompt] = (),
     progress: Any = None,
+    vocabulary_streams: Sequence[Sequence[int]] = (),
+    target: tuple[Any, Any] | None = None,
 ) -> Path:
     """Train a draft head offline on the target's greedy continuations of ``prompts``
-    and save it as a checkpoint (a regular revision directory under ``out``)."""
+    and save it as a checkpoint (a regular revision directory under ``out``).
+    ``vocabulary_streams`` are extra token streams counted when choosing the draft
+    vocabulary; ``target`` is an already loaded (model, tokenizer)."""
     from types import SimpleNamespace
 
     from aurora.runtime.trainer.objective import (
@@ -195,7 +199,7 @@ def fit_draft(
         evaluate,
     )
 
-    model, tokenizer = load_target(model_spec)
+    model, tokenizer = target or load_target(model_spec)
     config = DraftConfig.for_target(model.config, model_spec, draft_vocab_size=draft_vocab)
     head = EagleDraftHead(config, model.get_input_embeddings())
 
@@ -227,7 +231,9 @@ def fit_draft(
 
     train, held = traces(prompts), traces(heldout)
     vocab = build_vocabulary(
-        [[*r.prompt_ids, *r.output_ids] for r in train], draft_vocab, config.target_vocab_size
+        [*([*r.prompt_ids, *r.output_ids] for r in train), *vocabulary_streams],
+        draft_vocab,
+        config.target_vocab_size,
     )
     head.set_vocabulary(vocab)
     examples = [build_example(model, head, r) for r in train]

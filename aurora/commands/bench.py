@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +44,115 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.set_defaults(handler=_decode)
     _register_batch(sub)
+    _register_adapt(sub)
+
+
+def _register_adapt(sub: argparse._SubParsersAction) -> None:
+    from aurora.commands.workload import SCHEDULE_HELP
+
+    a = sub.add_parser(
+        "adapt",
+        help="domain shift: a static draft against online Aurora (and lambda_discard = 0)",
+        description="Serves one seeded stream whose traffic shifts domain (default prose, then "
+        "code) with three arms on the same requests: a static draft fitted on the first domain "
+        "only; online Aurora, starting from it, whose traces go through an embedded Redis to a "
+        "real trainer and which hot-swaps to each published candidate; and the same with "
+        "lambda_discard = 0. Arms are interleaved per request and the trainers run between "
+        "blocks of requests, while serving is paused, so neither distorts the other's timings. "
+        "Prints a table, draws accept length and decode tokens/s over requests (PNG) and "
+        "reports the throughput ratio online/static after the shift and the requests needed "
+        "to recover.",
+    )
+    a.add_argument("--model", default="smollm2-135m")
+    source = a.add_mutually_exclusive_group()
+    source.add_argument(
+        "--schedule",
+        metavar="SPEC",
+        help=SCHEDULE_HELP + "; the shift is where the second phase starts "
+        "(default: prose:N,code:M from --requests-before/--requests-after)",
+    )
+    source.add_argument(
+        "--prompts",
+        action="append",
+        metavar="FILE",
+        help='a JSONL prompt file, as in `aurora workload` (one {"prompt": ...} or '
+        '{"messages": [...]} per line): once, it is the traffic after the shift (prose before); '
+        "twice, the first is before the shift and the second after",
+    )
+    a.add_argument("--requests-before", type=int, default=8, metavar="N")
+    a.add_argument("--requests-after", type=int, default=40, metavar="N")
+    a.add_argument(
+        "--distinct-prompts",
+        type=int,
+        default=16,
+        metavar="N",
+        help="recurring traffic: each domain draws from this many distinct prompts, as in "
+        "`aurora local` (default: 16; 0 = all prompts)",
+    )
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--spec-tokens", type=int, default=3, help="k for every arm (default: 3)")
+    a.add_argument(
+        "--block", type=int, default=8, help="requests served between training slices (default: 8)"
+    )
+    a.add_argument(
+        "--steps-per-block",
+        type=int,
+        default=8,
+        help="optimizer steps each online trainer runs per slice, at most (default: 8)",
+    )
+    a.add_argument(
+        "--fit-prompts", type=int, default=16, help="prompts the static draft is fitted on"
+    )
+    a.add_argument("--fit-epochs", type=int, default=6)
+    a.add_argument("--lambda-discard", type=float, default=0.5, help="for the online arm")
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument(
+        "--publish-margin",
+        type=float,
+        default=0.05,
+        help="a candidate is published when its offline accept length beats the served "
+        "revision's by this fraction (the trainer's default: 0.05)",
+    )
+    a.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="last requests after the shift over which throughput is compared (default: 16)",
+    )
+    a.add_argument(
+        "--rolling", type=int, default=8, help="rolling window for accept length (default: 8)"
+    )
+    a.add_argument(
+        "--recover-fraction",
+        type=float,
+        default=0.9,
+        help="recovered: rolling accept length stays at or above this fraction of the static "
+        "draft's pre-shift level (default: 0.9)",
+    )
+    a.add_argument(
+        "--target-accept-length",
+        type=float,
+        default=None,
+        help="accept length for the traces-needed figure (default: the recovery level)",
+    )
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1, robust on a shared machine; 0 = all cores)",
+    )
+    a.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("aurora-bench-adapt"),
+        help="cached static draft, trainer checkpoints and the plot (default: ./aurora-bench-adapt)",
+    )
+    a.add_argument("--plot", type=Path, default=None, help="PNG path (default: WORKDIR/adapt.png)")
+    a.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
+    )
+    a.set_defaults(handler=_adapt)
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -96,6 +206,161 @@ def _decode(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def adapt_schedule(args: argparse.Namespace) -> str:
+    """The schedule string from --schedule, --prompts or the default prose-then-code."""
+    from aurora.errors import UsageError
+
+    if args.schedule:
+        return str(args.schedule)
+    for flag in ("requests_before", "requests_after"):
+        if getattr(args, flag) < 1:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1 request"
+            )
+    files = [f"file:{Path(p).expanduser().resolve()}" for p in args.prompts or []]
+    if len(files) > 2:
+        raise UsageError(
+            f"--prompts given {len(files)} times: give one file (traffic after the shift) or "
+            "two (before and after); use --schedule for more phases"
+        )
+    before, after = "prose", "code"
+    if len(files) == 1:
+        after = files[0]
+    elif len(files) == 2:
+        before, after = files
+    return f"{before}:{args.requests_before},{after}:{args.requests_after}"
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from aurora.runtime.bench import write_json
+    from aurora.runtime.bench_adapt import AdaptConfig, plot, rolling_mean, run_adapt
+
+    config = AdaptConfig(
+        model=args.model,
+        schedule=adapt_schedule(args),
+        seed=args.seed,
+        distinct_prompts=args.distinct_prompts,
+        max_new_tokens=args.max_new_tokens,
+        k=args.spec_tokens,
+        block=args.block,
+        steps_per_block=args.steps_per_block,
+        fit_prompts=args.fit_prompts,
+        fit_epochs=args.fit_epochs,
+        lambda_discard=args.lambda_discard,
+        lr=args.lr,
+        publish_margin=args.publish_margin,
+        window=args.window,
+        rolling=args.rolling,
+        recover_fraction=args.recover_fraction,
+        target_accept_length=args.target_accept_length,
+        threads=args.threads,
+        workdir=args.workdir,
+    )
+    console = Console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
+    with Progress(*columns, console=console) as bar:
+        fit = bar.add_task("fit static draft", total=None, detail="(cached drafts skip this)")
+        serve = bar.add_task("serve", total=None, detail="", visible=False)
+
+        def progress(event: str, info: dict) -> None:
+            if event == "fit":
+                bar.update(
+                    fit,
+                    description=f"fit static draft: {info['stage']}",
+                    completed=info["done"],
+                    total=info["total"],
+                )
+            elif event == "request":
+                arms, i = info["arms"], info["index"]
+                phase = "before shift" if i < info["shift"] else "after shift"
+                accept = "  ".join(
+                    f"{name} {rolling_mean(arm.accept_lengths, config.rolling)[-1]:.2f}"
+                    for name, arm in arms.items()
+                )
+                bar.update(fit, visible=False)
+                bar.update(
+                    serve,
+                    visible=True,
+                    description=f"serve ({phase})",
+                    completed=i + 1,
+                    total=info["total"],
+                    detail=f"accept length {accept}",
+                )
+            elif event == "train":
+                arm = info["arm"]
+                bar.update(
+                    serve,
+                    detail=f"{arm.name} trainer: step {arm.trainer.step}, "
+                    f"{len(arm.swaps)} swaps, serving {arm.revision}",
+                )
+
+        result = run_adapt(config, progress)
+    _print_adapt(console, result)
+    png = plot(result, args.plot or args.workdir / "adapt.png")
+    console.print(f"plot: {png}")
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"json: {args.json}")
+    return 0
+
+
+def _print_adapt(console: Any, result: dict) -> None:
+    from rich.table import Table
+
+    window = result["last_window"]["requests"]
+    table = Table(
+        title=f"adapt: {result['schedule']}, shift at request {result['shift_index']}, "
+        f"{result['config']['max_new_tokens']} new tokens, k={result['config']['k']}, greedy"
+    )
+    for col in (
+        "arm",
+        "accept len before",
+        "accept len after",
+        f"accept len last {window}",
+        f"tok/s last {window}",
+        "vs static",
+        "recovered after",
+        "swaps",
+    ):
+        table.add_column(col)
+    for name, row in result["arms"].items():
+        ratio = row["throughput_ratio_vs_static"]
+        recovered = row["recovery_requests"]
+        table.add_row(
+            name,
+            f"{row['accept_length_before_shift']:.2f}",
+            f"{row['accept_length_after_shift']:.2f}",
+            f"{row['accept_length_last_window']:.2f}",
+            f"{row['tokens_per_s_last_window']:.1f}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            "never" if recovered is None else f"{recovered} requests",
+            str(len(result["swaps"][name])),
+        )
+    console.print(table)
+    console.print(
+        f"recovered: {result['recovery_definition']} (level {result['recovery_level']:.2f})"
+    )
+    for name, reached in result["traces_to_target"].items():
+        console.print(
+            f"{name}: accept length {result['target_accept_length']:.2f} "
+            + (
+                "not reached"
+                if reached is None
+                else f"reached after {reached['post_shift_traces']} post-shift traces "
+                f"(served revision trained on {reached['trained_traces']} traces)"
+            )
+        )
 
 
 def _register_batch(sub: argparse._SubParsersAction) -> None:
