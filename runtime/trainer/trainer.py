@@ -163,6 +163,7 @@ class Trainer:
         self._own_pending_read = False
         self._attempted, self._attempt_step = False, 0
         self._last_reclaim = 0.0
+        self._checkpoint_failed = False  # the status reports an error until one succeeds
 
     # ------------------------------------------------------------------ setup
 
@@ -419,9 +420,15 @@ class Trainer:
                     protect=self._protected(),
                 )
                 self.revision = revision
+                if self._checkpoint_failed:
+                    self._checkpoint_failed = False
+                    log.info("checkpoint %s written: the checkpoint volume works again", revision)
+                    with contextlib.suppress(redis.RedisError):
+                        self.redis.hdel(self.keys.trainer, "error")
             except CheckpointError as err:
                 # Nothing is acked: the traces stay pending and are retried.
                 log.error("checkpoint failed, nothing acknowledged: %s", err)
+                self._checkpoint_failed = True
                 self._status(error=str(err))
                 revision, ok = None, torch.zeros(1)
         if self.world > 1:
