@@ -341,8 +341,11 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
             message=f"Redis keys {keys.prefix}:* were left behind ({error}); delete them by hand",
         )
     else:
-        kopf.info(
+        # kopf.event, not kopf.info: info obeys settings.posting.level (WARNING here)
+        # and would never be posted.
+        kopf.event(
             body,
+            type="Normal",
             reason="RedisKeysDeleted",
             message=f"deleted {deleted} Redis keys under {keys.prefix}:",
         )
