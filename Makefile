@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.aurora-installed
 EXTRAS ?= runtime,operator,dev
 
-.PHONY: demo test unit integration e2e lint typecheck install model system clean help
+.PHONY: demo test unit integration e2e chaos lint typecheck install model system clean help
 
 help:
 	@echo "make demo   - run the whole loop locally (aurora local) on the default model"
 	@echo "make test   - lint, type-check and run every test (unit, integration, e2e)"
+	@echo "make chaos  - minutes of load through hot swaps, Redis and trainer kills (RELIABILITY.md)"
 	@echo "make unit | integration | e2e | lint | typecheck | model | clean"
 
 $(STAMP): pyproject.toml
@@ -56,6 +57,11 @@ test: model system lint typecheck
 
 demo: model
 	$(BIN)/aurora local
+
+# The long version of tests/reliability/test_chaos_load.py; prints a JSON report.
+chaos: model
+	mkdir -p out/chaos
+	$(BIN)/python -m aurora.runtime.chaos --workdir out/chaos --report out/chaos/report.json
 
 clean:
 	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 import torch
-import uvicorn
+from live_server import LiveServer, wait_for
 
 from aurora.runtime.checkpoint import DRAFT_FILE, save_checkpoint
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, NgramProposer
@@ -36,7 +36,6 @@ from aurora.runtime.protocol import (
     read_stats,
     set_desired,
 )
-from aurora.runtime.server.app import create_app
 from aurora.runtime.server.config import ServerConfig
 from aurora.runtime.server.revisions import Revision, Served
 
@@ -61,46 +60,6 @@ def config(**options: Any) -> ServerConfig:
     return ServerConfig(**{**defaults, **options})
 
 
-class LiveServer:
-    """create_app under a real uvicorn server on a free loopback port, in a thread."""
-
-    def __init__(self, cfg: ServerConfig, model: tuple[Any, Any] | None) -> None:
-        target, tokenizer = model or (None, None)
-        self.app = create_app(cfg, target, tokenizer)
-        self.runtime = self.app.state.runtime
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(60)
-
-    def post(self, path: str, body: Any, **kwargs: Any) -> httpx.Response:
-        return self.client.post(path, json=body, **kwargs)
-
-    def metric(self, line_prefix: str) -> float:
-        """Sum of the samples whose line starts with ``line_prefix``."""
-        text = self.client.get("/metrics").text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(line_prefix)
-        )
-
-
 @pytest.fixture
 def serve(model: tuple[Any, Any]) -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
@@ -120,15 +79,6 @@ def plain_ids(model: tuple[Any, Any], prompt_ids: list[int], n: int) -> list[int
     return generate(
         target, prompt_ids, max_new_tokens=n, eos_ids=[tokenizer.eos_token_id]
     ).output_ids
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def loaded(client: redis.Redis, server_id: str = "test-server") -> LoadedReport | None:
