@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aurora import __version__
 from aurora.runtime.checkpoint import load_checkpoint
@@ -479,6 +480,19 @@ def create_app(config: ServerConfig, target: Any = None, tokenizer: Any = None) 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (a body that is not JSON, an unknown path or
+        # method) answer in the same OpenAI error shape as every other error.
+        hints = {
+            400: "the request body is not valid JSON: send a UTF-8 encoded JSON object",
+            404: f"{request.url.path} is not an endpoint of this server: see /openapi.json",
+            405: f"{request.method} is not allowed on {request.url.path}: see /openapi.json",
+        }
+        message = hints.get(error.status_code, str(error.detail))
+        headers = dict(error.headers or {})
+        return await _api_error(request, APIError(error.status_code, message, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
