@@ -310,11 +310,10 @@ class StandInKubelet:
             ],
         }
         before = deployment.get("status") or {}
-        comparable = {k: v for k, v in status.items() if k != "conditions"}
-        if (
-            all(before.get(k) == v for k, v in comparable.items())
-            and before.get("conditions", [{}])[0].get("status") == status["conditions"][0]["status"]
-        ):
+        was_available = ((before.get("conditions") or [{}])[0]).get("status")
+        # The API server leaves zero counts out.
+        unchanged = all((before.get(k) or 0) == v for k, v in status.items() if k != "conditions")
+        if unchanged and was_available == status["conditions"][0]["status"]:
             return
         metadata = deployment["metadata"]
         self.apps.patch_namespaced_deployment_status(

@@ -5,8 +5,8 @@ modules by build.sh and cached by version.
 The API server runs with RBAC authorization, service-account token issuing (keys and
 certificates made with openssl), the OwnerReferencesPermissionEnforcement admission
 plugin, and an admin client certificate (group system:masters). The controller manager
-runs only the garbage collector and the namespace controller: owner references are
-honoured as in a real cluster, while the Deployment controller's part (and the
+runs only the garbage collector, the namespace controller and PVC protection: owner
+references are honoured as in a real cluster, while the Deployment controller's part (and the
 kubelet's) is played by the stand-in kubelet (tests/e2e/kubelet.py).
 """
 
@@ -206,6 +206,9 @@ class LocalCluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--profiling=false",
+                # The kubernetes Service endpoint may not be a loopback address; nothing
+                # in the tests reaches the API server through it.
+                "--endpoint-reconciler-type=none",
             ],
         )  # fmt: skip
         self._wait_ready(timeout, [etcd, apiserver])
@@ -213,9 +216,11 @@ class LocalCluster:
             "kube-controller-manager",
             [
                 f"--kubeconfig={self.kubeconfig}",
-                # Owner references and namespace deletion behave as in a real cluster; the
-                # Deployment and ReplicaSet controllers would fight the stand-in kubelet.
-                "--controllers=garbagecollector,namespace",
+                # Owner references, namespace deletion and the PVC protection finalizer
+                # (which the API server adds to every claim) behave as in a real cluster;
+                # the Deployment and ReplicaSet controllers would fight the stand-in kubelet.
+                "--controllers=garbage-collector-controller,namespace-controller,"
+                "persistentvolumeclaim-protection-controller",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
