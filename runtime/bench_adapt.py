@@ -45,6 +45,7 @@ from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_do
 log = logging.getLogger(__name__)
 
 ARMS = ("static", "online", "lambda0")
+LADDER = (1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.5)  # accept lengths for traces_to_accept_length
 NAMESPACE = "bench"
 
 
@@ -67,7 +68,7 @@ class AdaptConfig:
     window: int = 16  # last requests after the shift over which throughput is compared
     rolling: int = 8  # rolling window for accept-length curves and recovery
     recover_fraction: float = 0.9
-    target_accept_length: float | None = None  # default: the recovery level
+    target_accept_length: float = 1.5  # for the traces-needed figure
     threads: int = 1  # one torch thread: robust on a shared machine (OpenMP spin-waits)
     workdir: Path = Path("aurora-bench-adapt")
 
@@ -180,7 +181,8 @@ def summarize(arms: dict[str, dict[str, Any]], shift: int, config: AdaptConfig) 
       stays there (a common yardstick for all arms; see `recovery_requests`);
     - traces to the target accept length: post-shift traces served (one per request)
       until the rolling accept length first reaches it, and how many traces the
-      trainer of the revision then serving had incorporated."""
+      trainer of the revision then serving had incorporated; the same count of
+      post-shift traces for a ladder of accept lengths (`traces_to_accept_length`)."""
     static = arms["static"]
     n = len(static["accept_length"])
     if not 0 < shift < n:
@@ -191,7 +193,7 @@ def summarize(arms: dict[str, dict[str, Any]], shift: int, config: AdaptConfig) 
     start = max(shift, n - config.window)
     pre_level = statistics.fmean(static["accept_length"][:shift])
     level = config.recover_fraction * pre_level
-    target = config.target_accept_length or level
+    target = config.target_accept_length
     rows: dict[str, dict[str, Any]] = {}
     for name, series in arms.items():
         accept, tps = series["accept_length"], series["tokens_per_s"]
@@ -229,6 +231,13 @@ def summarize(arms: dict[str, dict[str, Any]], shift: int, config: AdaptConfig) 
         "recovery_requests": {name: row["recovery_requests"] for name, row in rows.items()},
         "traces_to_target": {
             name: rows[name]["traces_to_target"] for name in ("online", "lambda0")
+        },
+        "traces_to_accept_length": {
+            f"{level:.1f}": {
+                name: first_reaching(arms[name]["accept_length"][shift:], level, config.rolling)
+                for name in ("online", "lambda0")
+            }
+            for level in LADDER
         },
         "arms": rows,
     }

@@ -132,8 +132,8 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--target-accept-length",
         type=float,
-        default=None,
-        help="accept length for the traces-needed figure (default: the recovery level)",
+        default=1.5,
+        help="accept length for the traces-needed figure (default: 1.5)",
     )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument(

@@ -69,7 +69,7 @@ def test_summarize_reports_ratios_over_the_last_window_and_recovery_against_stat
         "online": _series([2.0, 2.0, 1.0, 1.2, 2.0, 2.0], [20, 20, 10, 12, 15, 15], trained=30),
         "lambda0": _series([2.0, 2.0, 1.0, 1.0, 1.2, 1.2], [20, 20, 10, 10, 11, 11]),
     }
-    config = AdaptConfig(window=2, rolling=1, recover_fraction=0.9)
+    config = AdaptConfig(window=2, rolling=1, recover_fraction=0.9, target_accept_length=1.8)
     # When summarized with the shift at request 2
     result = summarize(arms, 2, config)
     # Then throughput compares the last 2 requests, and recovery uses 0.9 x static's 2.0
@@ -80,6 +80,9 @@ def test_summarize_reports_ratios_over_the_last_window_and_recovery_against_stat
     assert result["traces_to_target"]["online"] == {"post_shift_traces": 3, "trained_traces": 30}
     assert result["traces_to_target"]["lambda0"] is None
     assert result["last_window"] == {"start": 4, "requests": 2}
+    # and the ladder counts post-shift traces until each accept length is first reached
+    assert result["traces_to_accept_length"]["1.2"] == {"online": 2, "lambda0": 3}
+    assert result["traces_to_accept_length"]["1.5"] == {"online": 3, "lambda0": None}
     json.dumps(result)  # the --json document is plain JSON
 
 
