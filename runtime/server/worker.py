@@ -350,7 +350,14 @@ class EngineWorker:
                         request.revision,
                         Cancelled(f"request {request.job.id} was cancelled by its client"),
                     )
-            for row in decoder.step():
+            try:
+                finished = decoder.step()
+            except Exception as error:  # outside any one row: fail this batch, keep serving
+                finished = list(decoder.rows)
+                for row in finished:
+                    decoder.remove(row)
+                    row.error = error
+            for row in finished:
                 self._settle(row)
 
     def _admit(self, decoder: BatchDecoder, job: Job) -> None:
