@@ -34,6 +34,16 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------------------- config
 
 
+def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
+    """softmax(logits / temperature) in float32, finite for every temperature > 0: the
+    max is subtracted before dividing, so a tiny temperature tends to greedy instead of
+    overflowing to inf and NaN probabilities (which made sampling fail)."""
+    scaled = logits.float()
+    scaled = scaled - scaled.max(dim=-1, keepdim=True).values
+    # A temperature below float32's range would become 0 in the division (0/0 = NaN).
+    return torch.softmax(scaled / max(temperature, torch.finfo(torch.float32).tiny), dim=-1)
+
+
 @dataclass(frozen=True)
 class DraftConfig:
     """The draft head's architecture; stored in every checkpoint's metadata."""
@@ -407,7 +417,7 @@ class EagleSession:
         for s in range(1, k + 1):
             logits = head.logits(g)[0]
             if temperature > 0:
-                q = torch.softmax(logits.float() / temperature, dim=-1)
+                q = tempered_probs(logits, temperature)
                 j = int(torch.multinomial(q, 1, generator=generator))
                 full = torch.zeros(head.config.target_vocab_size, device=device)
                 full[head.d2t] = q

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from aurora.runtime.draft import DraftSession, Proposal, Proposer
+from aurora.runtime.draft import DraftSession, Proposal, Proposer, tempered_probs
 from aurora.runtime.llama import Llama
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 def _sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = tempered_probs(logits, temperature)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -93,7 +93,7 @@ def accept(
         while n < len(drafted) and drafted[n] == target[n]:
             n += 1
         return n, int(target[n])
-    p = torch.softmax(logits.float() / temperature, dim=-1)
+    p = tempered_probs(logits, temperature)
     for i, token in enumerate(drafted):
         q_token = 1.0 if proposal.probs is None else float(proposal.probs[i, token])
         r = float(torch.rand((), generator=generator))
