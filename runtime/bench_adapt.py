@@ -58,7 +58,7 @@ class AdaptConfig:
     max_new_tokens: int = 32
     k: int = 3
     block: int = 8  # requests served between two training slices
-    steps_per_block: int = 8  # optimizer steps each online trainer runs per slice (at most)
+    steps_per_block: int = 16  # optimizer steps each online trainer runs per slice (at most)
     fit_prompts: int = 16
     fit_epochs: int = 6
     lambda_discard: float = 0.5

@@ -97,8 +97,9 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--steps-per-block",
         type=int,
-        default=8,
-        help="optimizer steps each online trainer runs per slice, at most (default: 8)",
+        default=16,
+        help="optimizer steps each online trainer runs per slice, at most (default: 16, "
+        "2 per trace at the default block)",
     )
     a.add_argument(
         "--fit-prompts", type=int, default=16, help="prompts the static draft is fitted on"
