@@ -185,6 +185,7 @@ def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str
         "--lambda-discard", training.lambda_discard,
         "--publish-every", str(training.sync_every_traces),
         "--device", "cuda" if training.gpus > 0 else "cpu",
+        "--metrics-port", str(TRAINER_METRICS_PORT),
     ]  # fmt: skip
 
 

@@ -87,6 +87,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint-every", type=int, default=10, help="optimizer steps between checkpoints"
     )
     p.add_argument("--keep", type=int, default=5, help="checkpoints retained")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus /metrics on this port from the start, before the model loads "
+        "(Kubernetes probes use it; the operator passes 9100). Default 0: off. With several "
+        "ranks, rank r serves on port + r",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps"
@@ -105,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from aurora.runtime.trainer.metrics import serve_metrics
     from aurora.runtime.trainer.trainer import Trainer, TrainerConfig
 
     namespace, name = parse_speculator(args.speculator)
@@ -114,6 +123,15 @@ def _run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         rank = dist.get_rank()
+    collector = None
+    if args.metrics_port:
+        try:
+            collector = serve_metrics(args.metrics_port + rank)
+        except OSError as error:
+            raise UsageError(
+                f"--metrics-port={args.metrics_port + rank}: cannot listen ({error.strerror}); "
+                "pick a free port or 0 to turn the endpoint off"
+            ) from None
     config = TrainerConfig(
         model=args.model,
         namespace=namespace,
@@ -145,7 +163,10 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    Trainer(config).run(max_steps=args.max_steps, stop=lambda: stopping)
+    trainer = Trainer(config)
+    if collector is not None:
+        collector.trainer = trainer
+    trainer.run(max_steps=args.max_steps, stop=lambda: stopping)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -230,11 +230,6 @@ def test_install_and_a_speculator_become_ready_with_owned_children(installed: In
     wait_for(lambda: redis_client(env).xlen(KEYS.stats) >= 1, "request stats in Redis", 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer Deployment's startup and liveness probes GET /metrics on port 9100, "
-    "but `aurora train` serves nothing there: in a cluster the kubelet would restart it forever",
-)
 def test_the_trainer_becomes_available(installed: Installed) -> None:
     # The trainer started with the server, which is Ready by now: its probes had time.
     def available() -> bool:

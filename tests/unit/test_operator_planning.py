@@ -73,6 +73,7 @@ def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volu
         "--redis-url", "$(AURORA_REDIS_URL)", "--checkpoint-dir", "/checkpoints", "--init", "scratch",
         "--spec-tokens", "4", "--lr", "0.0003",
         "--batch-size", "8", "--lambda-discard", "0.5", "--publish-every", "200", "--device", "cpu",
+        "--metrics-port", "9100",
     ]  # fmt: skip
     assert "nvidia.com/gpu" not in json.dumps(children)
     env = {e["name"]: e for e in _container(server)["env"]}
@@ -112,7 +113,8 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
         assert deployment["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     trainer = _container(children["Deployment/llama31-8b-trainer"])
-    assert trainer["command"][-2:] == ["--device", "cuda"]
+    device = trainer["command"].index("--device")
+    assert trainer["command"][device : device + 2] == ["--device", "cuda"]
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
