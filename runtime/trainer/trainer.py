@@ -276,11 +276,10 @@ class Trainer:
             try:
                 record = protocol.decode_trace(fields)
             except protocol.TraceDecodeError as err:
-                protocol.dead_letter(
-                    self.redis, self.keys, entry_id, fields, err.reason, self.config.trace_maxlen
-                )
-                self.redis.xack(self.keys.traces, GROUP, entry_id)
-                log.warning("trace entry %s dead-lettered: %s", entry_id, err.reason)
+                self._dead_letter(entry_id, fields, err.reason)
+                continue
+            if reason := self._unfit(record):  # well-formed, but would crash featurising
+                self._dead_letter(entry_id, fields, reason)
                 continue
             if record.trace_id in self.incorporated_ids:
                 self.redis.xack(
@@ -296,6 +295,30 @@ class Trainer:
             self._featurise(entry_id, record)
             arrived += 1
         return arrived
+
+    def _dead_letter(self, entry_id: str, fields: dict, reason: str) -> None:
+        protocol.dead_letter(
+            self.redis, self.keys, entry_id, fields, reason, self.config.trace_maxlen
+        )
+        self.redis.xack(self.keys.traces, GROUP, entry_id)
+        log.warning("trace entry %s dead-lettered: %s", entry_id, reason)
+
+    def _unfit(self, record: Any) -> str | None:
+        """Why a decodable trace cannot be learnt from with this target, or None: a
+        token id beyond the target's vocabulary (a trace of another model, or a bit
+        flip) would fail the embedding lookup and stop the trainer."""
+        vocab = int(self.target.get_input_embeddings().num_embeddings)
+        ids = [*record.prompt_ids, *record.output_ids]
+        for step in record.steps:
+            ids += step.proposed
+            ids += [i for row in step.topk_ids or [] for i in row]
+        top = max(ids, default=0)
+        if top >= vocab:
+            return (
+                f"token id {top} is outside the target's vocabulary (0..{vocab - 1}): "
+                "a trace of another model, or corrupted"
+            )
+        return None
 
     def _featurise(self, entry_id: str, record: Any) -> None:
         example = build_example(self.target, self.head, record)
@@ -550,11 +573,6 @@ class Trainer:
         )
         self._status(last_evaluation=evaluation)
         return revision
-
-    @property
-    def checkpoint_failing(self) -> bool:
-        """The last checkpoint write failed and none has succeeded since."""
-        return self._checkpoint_failed
 
     def lag(self) -> int:
         """Traces not yet incorporated: never delivered plus pending (`protocol.trace_lag`,
