@@ -11,10 +11,18 @@ With ``max_batch`` > 1 and a Llama-family model, jobs are decoded together
 verify steps, each step verifies every row's draft in one target forward, and a
 finished, cancelled or failed job leaves without disturbing the others. Other
 models, or ``max_batch`` 1, decode one job at a time with ``generate``.
+
+Rows of one batch share their arm and revision. A request's decode tokens/s is the
+rollout's unit of measurement: a plain (baseline) row batched with drafted rows would
+pay for their verify tokens and draft steps, and they would share its forward, so the
+measured speedup would drift toward the accept length. A job routed to another arm
+waits (routed once, its share stays exact) for a batch of its own; once ``max_batch``
+such jobs wait, the running batch takes no new jobs and drains, so no arm starves.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -175,6 +183,21 @@ class _Request:
     traced: bool
 
 
+@dataclass
+class _Routed:
+    """A job taken off the queue with its routing, decided once."""
+
+    job: Job
+    arm: Arm
+    revision: str
+    proposer: Any
+    traced: bool
+
+    @property
+    def batch_key(self) -> tuple[str, str]:
+        return self.arm, self.revision
+
+
 class EngineWorker:
     """Owns the target model and decodes queued jobs on its own thread: up to
     ``max_batch`` of them together (continuous batching, when the model has a
@@ -211,6 +234,8 @@ class EngineWorker:
         self._rng = random.Random(seed + 1)  # trace sampling and per-request sampling seeds
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._held = 0  # jobs taken off the queue and not answered yet
+        # Routed jobs waiting for a batch of their own arm and revision (see the module doc).
+        self._deferred: collections.deque[_Routed] = collections.deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aurora-engine-worker", daemon=True)
         self.device = next(target.parameters()).device
@@ -241,6 +266,9 @@ class EngineWorker:
             except queue.Empty:
                 break
             job.future.cancel()
+        while self._deferred:  # taken and routed, never started: answered as cancelled
+            routed = self._deferred.popleft()
+            self._fail(routed.job, routed.arm, routed.revision, Cancelled("the server is stopping"))
 
     @property
     def alive(self) -> bool:
@@ -262,13 +290,16 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self._deferred:
+                self._serve_batch(self._deferred.popleft())
+                continue
             job = self._take(timeout=0.2)
             if job is None:
                 continue
             if self.decoder is None:
                 self._serve(job)
-            else:
-                self._serve_batch(job)
+            elif (routed := self._routed(job)) is not None:
+                self._serve_batch(routed)
 
     def _take(self, timeout: float | None) -> Job | None:
         """The next queued job whose client still waits (None when the queue is empty)."""
@@ -327,7 +358,17 @@ class EngineWorker:
             return
         self._complete(_Request(job, arm, revision, tracker, traced), generation)
 
-    def _serve_batch(self, first: Job) -> None:
+    def _routed(self, job: Job) -> _Routed | None:
+        """The job with its routing, or None when it was answered already (cancelled,
+        or it pins an arm or revision that is not served)."""
+        try:
+            job.check_cancelled()
+            return _Routed(job, *self._route(job))
+        except Exception as error:
+            self._fail(job, job.arm or "", job.revision or "", error)
+            return None
+
+    def _serve_batch(self, first: _Routed) -> None:
         """Decode ``first`` together with the jobs that arrive while it runs (up to
         max_batch rows; they join between steps) until the batch is empty. Routing
         and cancellation happen between steps, as ``before_step`` does for one job."""
@@ -335,11 +376,21 @@ class EngineWorker:
         assert decoder is not None
         self._admit(decoder, first)
         while decoder.rows:
-            while decoder.capacity and not self._stop.is_set():
+            # Other arms' jobs wait; once a full batch of them waits, this batch only drains.
+            while (
+                decoder.capacity
+                and len(self._deferred) < self.max_batch
+                and not self._stop.is_set()
+            ):
                 job = self._take(timeout=None)
                 if job is None:
                     break
-                self._admit(decoder, job)
+                if (routed := self._routed(job)) is None:
+                    continue
+                if routed.batch_key == first.batch_key:
+                    self._admit(decoder, routed)
+                else:
+                    self._deferred.append(routed)
             for row in list(decoder.rows):
                 request: _Request = row.owner
                 if request.job.cancelled.is_set():
@@ -360,18 +411,16 @@ class EngineWorker:
             for row in finished:
                 self._settle(row)
 
-    def _admit(self, decoder: BatchDecoder, job: Job) -> None:
-        arm: Arm | str = job.arm or ""
-        revision = job.revision or ""
+    def _admit(self, decoder: BatchDecoder, routed: _Routed) -> None:
+        job, arm, revision, traced = routed.job, routed.arm, routed.revision, routed.traced
         try:
-            job.check_cancelled()
-            arm, revision, proposer, traced = self._route(job)
+            job.check_cancelled()  # it may have waited for a batch of its arm
             tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
             row = decoder.add(
                 job.prompt_ids,
                 stop=tracker if tracker.active else None,
                 owner=_Request(job, arm, revision, tracker, traced),
-                **self._decode_options(job, proposer, traced),
+                **self._decode_options(job, routed.proposer, traced),
             )
         except Exception as error:
             self._fail(job, arm, revision, error)

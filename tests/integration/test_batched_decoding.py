@@ -134,9 +134,15 @@ def test_the_worker_decodes_concurrent_jobs_together_and_isolates_a_failure(
         max_batch=3,
     )
     assert worker.max_batch == 3 and worker.decoder is not None
-    decoder, widths = worker.decoder, []
+    decoder, widths, batches = worker.decoder, [], []
     step = decoder.step
-    decoder.step = lambda: widths.append(len(decoder.rows)) or step()  # type: ignore[method-assign]
+
+    def spy() -> Any:
+        widths.append(len(decoder.rows))
+        batches.append({(row.owner.arm, row.owner.revision) for row in decoder.rows})
+        return step()
+
+    decoder.step = spy  # type: ignore[method-assign]
     jobs = [
         Job(prompt_ids=tokenizer(text).input_ids, max_new_tokens=12, temperature=0.0)
         for text in PROMPTS[:3]
@@ -161,3 +167,5 @@ def test_the_worker_decodes_concurrent_jobs_together_and_isolates_a_failure(
         assert result.arm == "stable" and result.revision == "ngram"  # type: ignore[union-attr]
     assert worker.depth() == 0
     assert max(widths) == 3  # decoded together, not one after another
+    # and a batch never mixes arms or revisions: each request's tokens/s is its arm's own
+    assert all(len(batch) == 1 for batch in batches)
