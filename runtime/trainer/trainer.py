@@ -574,6 +574,11 @@ class Trainer:
         self._status(last_evaluation=evaluation)
         return revision
 
+    @property
+    def checkpoint_failing(self) -> bool:
+        """The last checkpoint write failed and none has succeeded since."""
+        return self._checkpoint_failed
+
     def lag(self) -> int:
         """Traces not yet incorporated: never delivered plus pending (`protocol.trace_lag`,
         the figure the operator reports too)."""
