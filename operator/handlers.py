@@ -37,6 +37,7 @@ FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
 RESYNC_SECONDS = 60.0  # children are re-applied at least this often (drift correction)
 DELETE_ATTEMPTS = 5  # then deletion goes on and the Redis keys are left, with a Warning
+WRITER_WAIT_ATTEMPTS = 24  # x 5 s for the servers and trainer to stop before keys go
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +323,36 @@ def _deletes_traces(spec: kopf.Spec, **_: Any) -> bool:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_traces)
 def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    """Remove the Speculator's Redis keys (traces hold user prompts). Children go with
-    their owner references. Redis away: retried, then deletion goes on with a Warning
-    naming the keys left behind, so a lost Redis never blocks deleting a Speculator."""
+    """Remove the Speculator's Redis keys (traces hold user prompts). The writers go
+    first: servers and the trainer would write the keys again, so their Deployments are
+    deleted and the keys wait until no pod of this Speculator is left (bounded:
+    WRITER_WAIT_ATTEMPTS). The other children go with their owner references. Redis
+    away: retried, then deletion goes on with a Warning naming the keys left behind, so
+    a lost Redis never blocks deleting a Speculator."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     keys = Keys(namespace, name)
+    cluster: Cluster = memo.cluster
+    deployments = [
+        child["metadata"]["name"]
+        for child in cluster.children(namespace, name)
+        if child["kind"] == "Deployment"
+    ]
+    writers = [f"Deployment/{d}" for d in deployments] + [
+        f"Pod/{pod}" for pod in cluster.pods(namespace, name)
+    ]
+    if writers and retry < WRITER_WAIT_ATTEMPTS:
+        for deployment in deployments:
+            cluster.delete(namespace, "Deployment", deployment)
+        raise kopf.TemporaryError(
+            f"stopping {', '.join(writers)} before deleting Redis keys {keys.prefix}:* "
+            "(they would write them again)",
+            delay=5,
+        )
     try:
         spec = SpeculatorSpec.model_validate(body["spec"])
         deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace), keys)
     except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
-        if retry + 1 < DELETE_ATTEMPTS:
+        if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(
                 f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10
             ) from error

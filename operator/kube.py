@@ -141,6 +141,12 @@ class Cluster:
             ),
         ]
 
+    def pods(self, namespace: str, name: str) -> list[str]:
+        """Names of every pod of this Speculator (any component), terminating ones too."""
+        selector = f"{SPECULATOR_LABEL}={name}"
+        pods = self._list(self.core.list_namespaced_pod, "Pod", namespace, selector)
+        return sorted(pod["metadata"]["name"] for pod in pods)
+
     def server_pods(self, namespace: str, name: str) -> list[str]:
         """Names of this Speculator's server pods that are not terminating."""
         selector = f"{SPECULATOR_LABEL}={name},app.kubernetes.io/component=server"

@@ -92,6 +92,9 @@ class RecordingCluster:
     def server_pods(self, namespace: str, name: str) -> list[str]:
         return []  # no kubelet: every server report counts
 
+    def pods(self, namespace: str, name: str) -> list[str]:
+        return []  # no kubelet: no pods outlive their Deployment
+
     def secret_value(self, namespace: str, name: str, key: str) -> str:
         try:
             return self.secrets[(namespace, name)][key]

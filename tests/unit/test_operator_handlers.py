@@ -152,8 +152,26 @@ def test_deletion_with_redis_gone_retries_then_lets_go(events: Events) -> None:
     obj = speculator(traces=NOWHERE)
     with pytest.raises(kopf.TemporaryError, match="cannot delete Redis keys aurora:team-a:chat"):
         call(handlers.cleanup, obj, memo, retry=0)
-    call(handlers.cleanup, obj, memo, retry=handlers.DELETE_ATTEMPTS - 1)
+    last = handlers.WRITER_WAIT_ATTEMPTS + handlers.DELETE_ATTEMPTS - 1
+    call(handlers.cleanup, obj, memo, retry=last)
     assert events.reasons() == ["RedisKeysLeft"]
+
+
+def test_deletion_stops_the_writers_before_the_redis_keys_go(events: Events) -> None:
+    # Given a Speculator whose servers and trainer run (they write its Redis keys),
+    cluster = RecordingCluster()
+    memo = operator_memo(cluster)
+    created, _ = call(handlers.reconcile, speculator(traces=NOWHERE), memo)
+    deployments = {n for kind, n in cluster.objects if kind == "Deployment"}
+    assert deployments
+    # when it is deleted, then its Deployments go first and the keys wait for them,
+    with pytest.raises(kopf.TemporaryError, match="before deleting Redis keys"):
+        call(handlers.cleanup, created, memo, retry=0)
+    assert {n for kind, n in cluster.deleted if kind == "Deployment"} == deployments
+    assert events.reasons() == []
+    # and once no writer is left, the keys are deleted (here: Redis is unreachable).
+    with pytest.raises(kopf.TemporaryError, match="cannot delete Redis keys"):
+        call(handlers.cleanup, created, memo, retry=1)
 
 
 def test_the_finalizer_is_only_for_speculators_whose_traces_are_deleted() -> None:
