@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class LocalConfig:
     model: str = "smollm2-135m"
-    schedule: str = "code:100,prose:140"
+    schedule: str = "code:150,prose:90"
     distinct_prompts: int | None = 40  # None: every prompt of a domain before any repeats
     seed: int = 0
     minutes: float = 14.0

@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--schedule",
-        default="code:100,prose:140",
-        help="traffic schedule, e.g. 'code:100,prose:140' (see `aurora workload show`)",
+        default="code:150,prose:90",
+        help="traffic schedule, e.g. 'code:150,prose:90' (see `aurora workload show`)",
     )
     p.add_argument(
         "--distinct-prompts",
