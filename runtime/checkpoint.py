@@ -205,7 +205,7 @@ def save_checkpoint(
             traces_seen=traces_seen,
             evaluation=evaluation,
             sha256=hashlib.sha256(draft).hexdigest(),
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="milliseconds"),
             draft_config=draft_config,
             tensors={
                 n: {"shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in tensors.items()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ import redis
 from aurora.operator.driver import SampleWindow, run_round
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
-from aurora.runtime.rollout import RolloutPolicy, RolloutState
+from aurora.runtime.rollout import NO_DRAFT, RolloutPolicy, RolloutState
 from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class LocalConfig:
     model: str = "smollm2-135m"
-    schedule: str = "code:150,prose:90"
+    schedule: str = "code:60,prose:400"
+    # The first phase lasts at least its count and until `shift_delay` requests after the
+    # `shift_after_promotions`-th promotion (at most `hold_limit` x its count), so the domain
+    # shift lands on a draft that has proven itself; 0 promotions: follow the counts.
+    shift_after_promotions: int = 2
+    shift_delay: int = 16
+    hold_limit: float = 3.0
+    # Servers decode one request at a time: batches never mix arms, so with batching an
+    # arm's per-request throughput would depend on its traffic share (the busier arm batches
+    # more and each of its requests decodes slower), which biases the live A/B.
+    server_max_batch: int = 1
     distinct_prompts: int | None = 40  # None: every prompt of a domain before any repeats
     seed: int = 0
     minutes: float = 14.0
     redis_url: str | None = None
     servers: int = 1
     clients: int = 2
-    max_new_tokens: int = 64
+    max_new_tokens: int = 32
     spec_tokens: int = 3
     initial_draft: str = "none"
     workdir: Path = Path("aurora-local")
@@ -67,7 +78,7 @@ class LocalConfig:
     steps_per_trace: float = 6.0
     server_threads: int = 1
     trainer_threads: int = 1
-    interval_s: float = 2.0
+    interval_s: float = 1.0
     live: bool = True
     stop_after_decision: bool = False  # end at the first promotion or rollback (tests)
 
@@ -87,6 +98,7 @@ class Sample:
     candidate: str | None
     accept_length: float | None
     speedup: float | None  # stable's decode throughput over the no-speculation baseline
+    speedup_samples: int  # requests behind it: the smaller of the two arms
     candidate_speedup: float | None
     phase: str
 
@@ -104,6 +116,9 @@ class LocalRun:
     state: RolloutState = field(default_factory=RolloutState)
     trainer: dict[str, str] = field(default_factory=dict)
     last_reason: str = ""
+    promotion_requests: list[int] = field(default_factory=list)  # requests done at each
+    # per revision: when it was published, decided and confirmed by every server (epoch s)
+    swaps: dict[str, dict[str, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -131,8 +146,7 @@ class LocalMode:
 
     def start(self) -> None:
         c = self.config
-        c.workdir.mkdir(parents=True, exist_ok=True)
-        (c.workdir / "checkpoints").mkdir(exist_ok=True)
+        self.fresh_workdir()
         if c.redis_url:
             url = c.redis_url
         else:
@@ -179,6 +193,8 @@ class LocalMode:
                     c.baseline_share,
                     "--threads",
                     str(c.server_threads),
+                    "--max-batch",
+                    str(c.server_max_batch),
                     "--server-id",
                     f"local-server-{i}",
                     "--seed",
@@ -211,6 +227,15 @@ class LocalMode:
             logs / "trainer.log",
         )
         self._wait_ready()
+
+    def fresh_workdir(self) -> None:
+        """A run starts at day 0: an earlier run's checkpoints in the workdir are removed,
+        or the trainer would resume that run's draft."""
+        checkpoints = self.config.workdir / "checkpoints"
+        if checkpoints.exists() and any(checkpoints.iterdir()):
+            log.info("day 0: removing the previous run's checkpoints in %s", checkpoints)
+            shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], command: str, log_path: Path) -> None:
         out = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
@@ -266,7 +291,7 @@ class LocalMode:
                 for d in schedule.domains
                 for p in [load_domain(d)]
             }
-        requests = iter(schedule.requests(c.seed, pools=pools))
+        requests = iter(schedule.requests(c.seed, pools=pools, extend=self._hold_phase))
         lock = threading.Lock()
 
         def worker(index: int) -> None:
@@ -274,9 +299,17 @@ class LocalMode:
             while not self.stop.is_set():
                 with lock:
                     item = next(requests, None)
-                if item is None:
-                    return
-                self.run.phase = item.phase
+                    if item is None:
+                        return
+                    if self.run.phase and item.phase != self.run.phase:
+                        self._event(
+                            time.time(),
+                            "TrafficShift",
+                            None,
+                            f"traffic moves from {self.run.phase} to {item.phase} "
+                            f"at request {item.index}",
+                        )
+                    self.run.phase = item.phase
                 port = self.ports[item.index % len(self.ports)]
                 body = {
                     "text": item.prompt.text,
@@ -303,6 +336,34 @@ class LocalMode:
         for t in threads:
             t.join()
 
+    def _hold_phase(self, phase: int) -> bool:
+        """The schedule's gate: hold the first phase until `shift_delay` requests after the
+        `shift_after_promotions`-th promotion (its count is the minimum, `hold_limit` times
+        its count the maximum)."""
+        c, run = self.config, self.run
+        if c.shift_after_promotions <= 0 or phase != 0 or self.stop.is_set():
+            return False
+        first = Schedule.from_string(c.schedule).phases[0].requests
+        if run.requests >= c.hold_limit * first:
+            return False  # no promotions in sight: shift anyway
+        if len(run.promotion_requests) < c.shift_after_promotions:
+            return True
+        return run.requests - run.promotion_requests[c.shift_after_promotions - 1] < c.shift_delay
+
+    def _event(
+        self, at: float, action: str, revision: str | None, reason: str, **figures: Any
+    ) -> None:
+        self.run.events.append(
+            {
+                "t": at - self.run.started,
+                "action": action,
+                "revision": revision,
+                "reason": reason,
+                **figures,
+            }
+        )
+        log.info("%s %s: %s", action, revision or "", reason)
+
     # ------------------------------------------------------------------ rollout
 
     def rollout_loop(self) -> None:
@@ -319,15 +380,20 @@ class LocalMode:
         self.client.set(self.config.keys.rollout, run.state.model_dump_json(by_alias=True))
         run.last_reason = decision.reason
         for event in decision.events:
-            run.events.append(
-                {
-                    "t": event.time - run.started,
-                    "action": event.action,
-                    "revision": event.revision,
-                    "reason": event.reason,
+            figures = {}
+            gated = decision.measurement
+            measured = gated.candidate_speedup_vs_baseline if gated else None
+            if event.action == "Promote" and gated and measured:
+                # the statistically gated figure: the candidate against no speculation
+                figures["speedup_vs_no_speculation"] = {
+                    "estimate": measured.estimate,
+                    "lower": measured.lower,
+                    "upper": measured.upper,
+                    "confidence": gated.confidence,
                 }
-            )
-            log.info("rollout: %s %s: %s", event.action, event.revision, event.reason)
+            self._event(event.time, event.action, event.revision, event.reason, **figures)
+            self._track_swap(event.action, event.revision, event.time)
+        self._confirm_swaps()
         m = decision.measurement or self._measure(window)
         raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
         run.trainer = {_text(k): _text(v) for k, v in raw.items()}
@@ -342,6 +408,7 @@ class LocalMode:
                 speedup=m.stable_speedup_vs_baseline.estimate
                 if m and m.stable_speedup_vs_baseline
                 else None,
+                speedup_samples=min(m.stable.samples, m.baseline.samples) if m else 0,
                 candidate_speedup=(
                     m.candidate_speedup_vs_baseline.estimate
                     if m and m.candidate_speedup_vs_baseline
@@ -350,6 +417,43 @@ class LocalMode:
                 phase=run.phase,
             )
         )
+
+    def _track_swap(self, action: str, revision: str | None, at: float) -> None:
+        """Remember when a revision was published and sent to the servers."""
+        run = self.run
+        if action == "Promoted":
+            run.promotion_requests.append(run.requests)
+        if action == "Fallback":
+            revision = NO_DRAFT  # the event names the regressed revision; plain decoding follows
+        if revision is None or action not in ("StartCanary", "Promote", "Fallback"):
+            return  # ("Promoted" comes once every server confirmed: too late to time from)
+        record = run.swaps.setdefault(revision, {})
+        if action == "StartCanary":
+            candidate = protocol.get_candidate(self.client, self.config.keys, revision)
+            if candidate is not None:
+                record["published"] = candidate.created
+            record["canary_decided"] = at
+        else:
+            record["stable_decided"] = at
+
+    def _confirm_swaps(self) -> None:
+        """Note when every server first reported serving each decided revision (the
+        `swapped` time of the slowest server)."""
+        pending = [
+            (revision, role, record)
+            for revision, record in self.run.swaps.items()
+            for role in ("canary", "stable")
+            if f"{role}_decided" in record and f"{role}_serving" not in record
+        ]
+        if not pending:
+            return
+        reports = list(protocol.get_loaded(self.client, self.config.keys).values())
+        for revision, role, record in pending:
+            field_ = "candidate" if role == "canary" else "stable"
+            serving = [r for r in reports if getattr(r, field_) == revision]
+            if reports and len(serving) >= self.config.servers:
+                times = [r.swapped for r in serving if r.swapped is not None]
+                record[f"{role}_serving"] = max(times) if times else time.time()
 
     def _measure(self, window: SampleWindow) -> Any:
         from aurora.runtime.rollout import measure
@@ -468,9 +572,26 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     """report.json, report.md and timeline.png in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     timeline = [asdict(s) for s in run.timeline]
-    speedups = [s.speedup for s in run.timeline if s.speedup is not None]
+    # a rolling figure counts once both arms hold minSamples requests (fewer is noise)
+    speedups = [
+        s.speedup
+        for s in run.timeline
+        if s.speedup is not None and s.speedup_samples >= run.config.min_samples
+    ]
+    gated = [e["speedup_vs_no_speculation"] for e in run.events if "speedup_vs_no_speculation" in e]
+    best = max(gated, key=lambda f: f["estimate"]) if gated else None
     promotions = [e for e in run.events if e["action"] == "Promoted"]
     rollbacks = [e for e in run.events if e["action"] in ("Rollback", "Reject")]
+    fallbacks = [e for e in run.events if e["action"] == "Fallback"]
+    shifts = [e for e in run.events if e["action"] == "TrafficShift"]
+    swaps = swap_latencies(run.swaps)
+    # a candidate that waited for a running canary to end measures the policy, not the swap
+    prompt = 2 * run.config.interval_s
+    to_serving = [
+        s["publish_to_all_serving_s"]
+        for s in swaps
+        if "publish_to_all_serving_s" in s and s["waited_for_policy_s"] <= prompt
+    ]
     summary = {
         "duration_s": (run.timeline[-1].t if run.timeline else 0.0),
         "requests": run.requests,
@@ -480,7 +601,12 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         "final_stable": run.state.stable_revision,
         "final_speedup_vs_no_speculation": speedups[-1] if speedups else None,
         "max_speedup_vs_no_speculation": max(speedups) if speedups else None,
+        "best_promoted_speedup_vs_no_speculation": best,
         "first_promotion_s": promotions[0]["t"] if promotions else None,
+        "fallbacks": len(fallbacks),
+        "traffic_shift_s": shifts[0]["t"] if shifts else None,
+        "max_checkpoint_to_all_servers_s": max(to_serving) if to_serving else None,
+        "swaps": swaps,
         "trainer": run.trainer,
         "config": {k: str(v) for k, v in asdict(run.config).items()},
     }
@@ -491,10 +617,36 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         "# aurora local report",
         "",
         f"- requests: {run.requests} ({run.failed} failed)",
-        f"- promotions: {len(promotions)}, rollbacks/rejections: {len(rollbacks)}",
+        f"- promotions: {len(promotions)}, rollbacks/rejections: {len(rollbacks)}, "
+        f"fallbacks to plain decoding: {len(fallbacks)}",
         f"- final stable revision: {run.state.stable_revision}",
         f"- measured speedup over no speculation (stable, last): {_fmt(summary['final_speedup_vs_no_speculation'])}x"
-        f" (max {_fmt(summary['max_speedup_vs_no_speculation'])}x)",
+        f" (max {_fmt(summary['max_speedup_vs_no_speculation'])}x; both over at least "
+        f"{run.config.min_samples} requests per arm)",
+        "- best measured speedup over no speculation at a promotion: "
+        + (
+            f"{best['estimate']:.2f}x ({best['confidence']:.0%} bounds "
+            f"{best['lower']:.2f}x-{best['upper']:.2f}x)"
+            if best
+            else "-"
+        ),
+        f"- traffic shift at: {_fmt(summary['traffic_shift_s'])} s",
+        f"- trainer checkpoint to every server serving it: at most "
+        f"{_fmt(summary['max_checkpoint_to_all_servers_s'])} s over {len(to_serving)} canaries "
+        "that did not wait for another canary to end",
+        "",
+        "## Swaps (seconds)",
+        "",
+        "| revision | checkpoint to all servers | of which waiting for the policy | "
+        "canary decision to all servers | stable decision to all servers |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {s['revision']} | {_fmt(s.get('publish_to_all_serving_s'))} | "
+            f"{_fmt(s.get('waited_for_policy_s'))} | "
+            f"{_fmt(s.get('canary_decision_to_all_serving_s'))} | "
+            f"{_fmt(s.get('stable_decision_to_all_serving_s'))} |"
+            for s in swaps
+        ],
         "",
         "## Rollout events",
         "",
@@ -511,6 +663,24 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     (folder / "report.md").write_text("\n".join(lines))
     _plot(run, folder / "timeline.png")
     return folder
+
+
+def swap_latencies(swaps: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Per revision, seconds from publication (canaries) and from each rollout decision to
+    the moment every server served it."""
+    rows = []
+    for revision, record in swaps.items():
+        row: dict[str, Any] = {"revision": revision}
+        if "published" in record and "canary_serving" in record:
+            row["publish_to_all_serving_s"] = record["canary_serving"] - record["published"]
+            row["waited_for_policy_s"] = max(0.0, record["canary_decided"] - record["published"])
+        for role in ("canary", "stable"):
+            if f"{role}_decided" in record and f"{role}_serving" in record:
+                row[f"{role}_decision_to_all_serving_s"] = max(
+                    0.0, record[f"{role}_serving"] - record[f"{role}_decided"]
+                )
+        rows.append(row)
+    return rows
 
 
 def _plot(run: LocalRun, path: Path) -> None:
@@ -544,7 +714,14 @@ def _plot(run: LocalRun, path: Path) -> None:
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_ylabel("measured speedup")
     ax2.set_xlabel("seconds")
-    order = {"StartCanary": 0, "Rollback": 1, "Reject": 1, "Fallback": 1, "Promoted": 2}
+    order = {
+        "TrafficShift": 0,
+        "StartCanary": 0,
+        "Rollback": 1,
+        "Reject": 1,
+        "Fallback": 1,
+        "Promoted": 2,
+    }
     for e in sorted(run.events, key=lambda e: order.get(e["action"], 0)):  # promotions on top
         color = {
             "Promoted": "green",
@@ -552,6 +729,7 @@ def _plot(run: LocalRun, path: Path) -> None:
             "Reject": "red",
             "Fallback": "purple",
             "StartCanary": "orange",
+            "TrafficShift": "blue",
         }.get(e["action"])
         if color:
             for ax in (ax1, ax2):
@@ -566,7 +744,8 @@ def _plot(run: LocalRun, path: Path) -> None:
     ax1.legend(loc="upper left")
     ax2.legend(loc="upper left")
     fig.suptitle(
-        "aurora local: green = promoted, red = rolled back/rejected, orange = canary start"
+        "aurora local: green = promoted, red = rolled back/rejected, purple = fallback,\n"
+        "orange = canary start, blue = traffic shift"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)

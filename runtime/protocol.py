@@ -606,7 +606,8 @@ class DesiredState(BaseModel):
 
 class LoadedReport(BaseModel):
     """What one server has loaded; ``error`` says why a desired revision is not;
-    ``pause_ms`` is how long the last swap paused decoding."""
+    ``pause_ms`` is how long the last swap paused decoding and ``swapped`` when (wall clock)
+    that swap took effect, so a reader can time a rollout from checkpoint to server."""
 
     model_config = _RECORD
 
@@ -615,6 +616,7 @@ class LoadedReport(BaseModel):
     candidate: str | None = None
     error: str | None = None
     pause_ms: float | None = Field(None, ge=0.0)
+    swapped: float | None = Field(None, ge=0.0)
     updated: float = Field(default_factory=time.time)
 
 

@@ -47,8 +47,10 @@ bound is the (1 − confidence) quantile of the resampled ratios, the upper boun
 `minSamples`: Promote when lower ≥ minSpeedup; Rollback when upper < regressionThreshold
 (validated ≤ minSpeedup, so the two never both hold); otherwise keep collecting until the
 candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable revision
-whose upper bound against the baseline is below 1.0 (both arms ≥ minSamples) is flagged
-`Measurement.stable_regressed` and named in the reason. With `fallbackOnRegression` (the
+whose upper bound against the baseline is below 1.0 is flagged `Measurement.stable_regressed`
+and named in the reason; this check reads only the stable's most recent 2 × minSamples
+requests (at least minSamples, and minSamples baseline requests), so a traffic shift shows
+within a few dozen requests instead of waiting for the whole window to turn over. With `fallbackOnRegression` (the
 default) the policy then falls back to plain decoding: stable becomes `NO_DRAFT` ("none"),
 a running canary carries on against it, and the next candidate that beats plain decoding
 is promoted as usual (traffic shifted and the draft went stale: stop paying for it until
@@ -307,6 +309,9 @@ class Measurement(_Model):
     stable_speedup_vs_baseline: Speedup | None
     candidate_speedup_vs_baseline: Speedup | None
     stable_regressed: bool
+    # the regression check: the stable's most recent 2 x minSamples requests vs the baseline
+    stable_recent_samples: int = 0
+    stable_recent_speedup_vs_baseline: Speedup | None = None
 
 
 @dataclass(frozen=True)
@@ -438,10 +443,20 @@ def measure(
         candidate_vs_baseline = _speedup(
             candidate_stats, candidate_means, baseline_stats, baseline_means, confidence
         )
+    recent_arm = stable_arm[-2 * policy.min_samples :]
+    recent_vs_baseline = None
+    if stable_vs_baseline is not None and recent_arm:
+        recent_vs_baseline = _speedup(
+            _arm_stats(stable, recent_arm),
+            _resampled_means(recent_arm, policy, f"stable-recent:{stable}"),
+            baseline_stats,
+            baseline_means,
+            confidence,
+        )
     regressed = (
-        stable_vs_baseline is not None
-        and min(stable_stats.samples, baseline_stats.samples) >= policy.min_samples
-        and stable_vs_baseline.upper < 1.0
+        recent_vs_baseline is not None
+        and min(len(recent_arm), baseline_stats.samples) >= policy.min_samples
+        and recent_vs_baseline.upper < 1.0
     )
     return Measurement(
         confidence=confidence,
@@ -452,10 +467,21 @@ def measure(
         stable_speedup_vs_baseline=stable_vs_baseline,
         candidate_speedup_vs_baseline=candidate_vs_baseline,
         stable_regressed=regressed,
+        stable_recent_samples=len(recent_arm) if recent_vs_baseline is not None else 0,
+        stable_recent_speedup_vs_baseline=recent_vs_baseline,
     )
 
 
 # ---------------------------------------------------------------- decisions
+
+
+def _regression(m: Measurement) -> str:
+    """The figures behind a regression flag."""
+    assert m.stable_recent_speedup_vs_baseline is not None
+    return (
+        f"{_ratio(m.stable_recent_speedup_vs_baseline, m.confidence)} on its last "
+        f"{m.stable_recent_samples} requests against {m.baseline.samples} baseline requests"
+    )
 
 
 def _name(revision: str | None) -> str:
@@ -525,11 +551,9 @@ class _Tick:
 
     def decision(self, action: Action, reason: str, state: RolloutState) -> Decision:
         m = self.measurement
-        if m is not None and m.stable_regressed and m.stable_speedup_vs_baseline is not None:
-            reason += (
-                f"; stable {_name(m.stable.revision)} is slower than no speculation: "
-                f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} stable / "
-                f"{m.baseline.samples} baseline requests"
+        if m is not None and m.stable_regressed:
+            reason += f"; stable {_name(m.stable.revision)} is slower than no speculation: " + (
+                _regression(m)
             )
         return Decision(action, reason, state, _desired(self.policy, state), m, tuple(self.events))
 
@@ -577,13 +601,11 @@ class _Tick:
             or m is None
             or not m.stable_regressed
             or stable in (None, NO_DRAFT)
-            or m.stable_speedup_vs_baseline is None
         ):
             return None
         reason = (
-            f"stable {stable} is slower than no speculation: "
-            f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} stable / "
-            f"{m.baseline.samples} baseline requests; falling back to plain decoding"
+            f"stable {stable} is slower than no speculation: {_regression(m)}; "
+            "falling back to plain decoding"
         )
         if state.candidate_revision is not None:
             reason += f" (canary {state.candidate_revision} carries on against it)"

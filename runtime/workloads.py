@@ -20,6 +20,7 @@ import gzip
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import random
 import re
@@ -510,17 +511,27 @@ class Schedule:
         )
 
     def requests(
-        self, seed: int, pools: Mapping[str, Sequence[Prompt]] | None = None
+        self,
+        seed: int,
+        pools: Mapping[str, Sequence[Prompt]] | None = None,
+        extend: Callable[[int], bool] | None = None,
     ) -> Iterator[ScheduledRequest]:
         """Yield the schedule's requests in order, deterministic under `seed`. A mixture phase
         draws each domain its exact share (largest remainder) in shuffled order. Each domain's
         prompts are drawn without replacement, across phases, reshuffling when exhausted.
-        `pools` replaces the prompts of the domains it names (e.g. a held-out split)."""
+        `pools` replaces the prompts of the domains it names (e.g. a held-out split).
+
+        `extend(i)` gates the end of phase `i` (every phase but the last): once the phase's
+        count is served, it goes on, one request at a time drawn from its mixture, for as long
+        as `extend(i)` answers True. `aurora local` uses it to hold day-0 traffic until the
+        first promotion, so the domain shift lands on a promoted draft."""
         mixer = random.Random(f"aurora/mix/{seed}")
         samplers: dict[str, _Sampler] = {}
         index = 0
-        for phase in self.phases:
-            for domain in _draw_order(phase, mixer):
+        last = len(self.phases) - 1
+        for i, phase in enumerate(self.phases):
+            order = iter(_draw_order(phase, mixer))
+            for domain in itertools.chain(order, _extension(phase, mixer, extend, i, last)):
                 if domain not in samplers:
                     pool = pools[domain] if pools and domain in pools else load_domain(domain)
                     if not pool:
@@ -547,6 +558,20 @@ class _Sampler:
             self.order = self.pool[:]
             self.rng.shuffle(self.order)
         return self.order.pop()
+
+
+def _extension(
+    phase: Phase,
+    rng: random.Random,
+    extend: Callable[[int], bool] | None,
+    index: int,
+    last: int,
+) -> Iterator[str]:
+    """More domains for phase `index`, one at a time, while `extend(index)` says so."""
+    domains = [domain for domain, _ in phase.mix]
+    weights = [weight for _, weight in phase.mix]
+    while extend is not None and index < last and extend(index):
+        yield rng.choices(domains, weights)[0]
 
 
 def _draw_order(phase: Phase, rng: random.Random) -> list[str]:

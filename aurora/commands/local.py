@@ -20,8 +20,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--schedule",
-        default="code:150,prose:90",
-        help="traffic schedule, e.g. 'code:150,prose:90' (see `aurora workload show`)",
+        default="code:60,prose:400",
+        help="traffic schedule (default 'code:60,prose:400': day-0 code traffic, then a shift "
+        "to prose; see `aurora workload show`)",
+    )
+    p.add_argument(
+        "--shift-after-promotions",
+        type=int,
+        default=2,
+        metavar="K",
+        help="hold the schedule's first phase (at least its count, at most 3x) until 16 "
+        "requests after the K-th promotion, so the domain shift lands on a draft that has "
+        "proven itself (default: 2); 0 follows the phase counts as written",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="rows per batch on each server (default 1: the live A/B stays unbiased, since "
+        "batches never mix arms and a busier arm would batch more)",
     )
     p.add_argument(
         "--distinct-prompts",
@@ -35,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     p.add_argument("--servers", type=int, default=1, help="inference server processes (default: 1)")
     p.add_argument("--clients", type=int, default=2, help="concurrent traffic clients (default: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="tokens generated per request (default: 32)"
+    )
     p.add_argument(
         "--spec-tokens", type=int, default=3, help="draft tokens per verify step (k; default 3)"
     )
@@ -54,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workdir",
         type=Path,
         default=Path("aurora-local"),
-        help="checkpoints, logs and the report go here (default: ./aurora-local)",
+        help="checkpoints, logs and the report go here (default: ./aurora-local); an earlier "
+        "run's checkpoints there are removed at start, since every run begins at day 0",
     )
     p.add_argument(
         "--report-dir", type=Path, default=None, help="report folder (default: WORKDIR/report)"
@@ -69,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     config = LocalConfig(
         model=args.model,
         schedule=args.schedule,
+        shift_after_promotions=max(0, args.shift_after_promotions),
+        server_max_batch=args.max_batch,
         distinct_prompts=args.distinct_prompts or None,
         seed=args.seed,
         minutes=args.minutes,

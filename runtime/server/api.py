@@ -137,6 +137,12 @@ def _only_default(name: str, value: Any, default: Any, why: str) -> None:
         raise ValueError(f"{name}={value!r} is not supported: {why}")
 
 
+def _only_value(value: float) -> dict[str, Any]:
+    """Schema for a field accepted only at its default: OpenAPI clients see the one value
+    this server takes; the validators below still answer other values with a clear 400."""
+    return {"enum": [value]}
+
+
 class _Sampling(BaseModel):
     """Fields shared by the OpenAI endpoints."""
 
@@ -146,15 +152,19 @@ class _Sampling(BaseModel):
         None, description="Accepted and ignored: this server serves one model."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Only 1 (no nucleus truncation).")
-    n: int = Field(1, description="Only 1: one completion per request.")
+    top_p: float = Field(
+        1.0, description="Only 1 (no nucleus truncation).", json_schema_extra=_only_value(1.0)
+    )
+    n: int = Field(
+        1, description="Only 1: one completion per request.", json_schema_extra=_only_value(1)
+    )
     stream: bool = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
     stop: str | list[str] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} stop strings."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, description="Only 0.", json_schema_extra=_only_value(0.0))
+    frequency_penalty: float = Field(0.0, description="Only 0.", json_schema_extra=_only_value(0.0))
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream_options: dict[str, Any] | None = None
@@ -278,8 +288,12 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     stop: str | list[str] | None = None
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, description="Only -1 (no top-k truncation).")
+    top_p: float = Field(
+        1.0, description="Only 1 (no nucleus truncation).", json_schema_extra=_only_value(1.0)
+    )
+    top_k: int = Field(
+        -1, description="Only -1 (no top-k truncation).", json_schema_extra=_only_value(-1)
+    )
     sampling_seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @field_validator("stop", mode="wrap")

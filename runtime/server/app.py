@@ -252,7 +252,8 @@ class ServerRuntime:
         )
 
     def _on_swap(self, event: SwapEvent) -> None:
-        self.metrics.swap_pause.observe(event.pause_s)
+        if event.revisions_changed:  # a share-only change swaps nothing in or out
+            self.metrics.swap_pause.observe(event.pause_s)
         self.metrics.set_active(event.served.roles())
 
     def stop(self) -> None:

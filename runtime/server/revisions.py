@@ -192,6 +192,8 @@ class SwapEvent:
 
     served: Served
     pause_s: float
+    # False when only the traffic shares changed: no revision was swapped in or out
+    revisions_changed: bool = True
 
 
 class RevisionWatcher:
@@ -216,6 +218,7 @@ class RevisionWatcher:
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
         self.failed: dict[tuple[str, str], str] = {}  # (revision, path) → error
         self.last_pause_ms: float | None = None
+        self.last_swap_at: float | None = None
         self.report_interval = report_interval
         self._last_report: tuple[Any, ...] | None = None
         self._reported_at = 0.0
@@ -288,9 +291,10 @@ class RevisionWatcher:
         event = None
         if served != current:
             pause = self.revisions.swap(served)
-            event = SwapEvent(served, pause)
-            if served.roles() != current.roles():
+            event = SwapEvent(served, pause, served.roles() != current.roles())
+            if event.revisions_changed:
                 self.last_pause_ms = pause * 1000.0
+                self.last_swap_at = time.time()
                 log.info(
                     "serving stable=%s candidate=%s (swap paused decoding %.3f ms)",
                     stable.name,
@@ -332,7 +336,13 @@ class RevisionWatcher:
         last sent ``report_interval`` ago."""
         served = self.revisions.snapshot()
         roles = served.roles()
-        content = (roles.get("stable"), roles.get("candidate"), error, self.last_pause_ms)
+        content = (
+            roles.get("stable"),
+            roles.get("candidate"),
+            error,
+            self.last_pause_ms,
+            self.last_swap_at,
+        )
         # Unchanged reports are repeated now and then: a heartbeat with a fresh `updated`.
         fresh = time.monotonic() - self._reported_at < self.report_interval
         if content == self._last_report and fresh:
@@ -346,6 +356,7 @@ class RevisionWatcher:
                 candidate=content[1],
                 error=error,
                 pause_ms=self.last_pause_ms,
+                swapped=self.last_swap_at,
             ),
         )
         self._last_report, self._reported_at = content, time.monotonic()

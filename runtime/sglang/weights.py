@@ -279,6 +279,7 @@ class SGLangRevisionWatcher:
         )
         self.error: str | None = None
         self.pause_ms: float | None = None
+        self.swapped: float | None = None  # wall clock of the last swap, for rollout timings
         self.failed: dict[tuple[str, str], str] = {}
         self._stop = threading.Event()
 
@@ -307,6 +308,7 @@ class SGLangRevisionWatcher:
                             f"desired state names {ref.revision!r}: fix the desired state's path"
                         )
                     self.loaded, self.pause_ms, self.error = result.revision, result.pause_ms, None
+                    self.swapped = time.time()
                     log.info(
                         "aurora: SGLang serves draft %s (paused %.1f ms)",
                         result.revision,
@@ -326,6 +328,7 @@ class SGLangRevisionWatcher:
             candidate=self.loaded if canary else None,
             error=self.error,
             pause_ms=self.pause_ms,
+            swapped=self.swapped,
         )
         report_loaded(self.client, self.keys, report)
 

@@ -57,3 +57,7 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
     summary = json.loads((report / "report.json").read_text())["summary"]
     assert summary["requests"] == mode.run.requests > 0  # in-flight requests finished first
     assert (report / "report.md").is_file() and (report / "timeline.png").stat().st_size > 0
+    # the canaried revision's swap was timed from the servers' own reports
+    canaried = next(e["revision"] for e in mode.run.events if e["action"] == "StartCanary")
+    timed = {row["revision"]: row for row in summary["swaps"]}[canaried]
+    assert 0 <= timed["canary_decision_to_all_serving_s"] < 60

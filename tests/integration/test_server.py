@@ -427,6 +427,9 @@ def test_health_ready_and_schema_while_the_model_cannot_be_loaded(tmp_path: Path
         limits = schema["components"]["schemas"]["CompletionRequest"]["properties"]
         assert limits["max_tokens"]["minimum"] == 1
         assert limits["max_tokens"]["maximum"] == 2048 and limits["temperature"]["maximum"] == 2
+        # fields taken only at their default say so, as the validators answer other values 400
+        assert limits["n"]["enum"] == [1] and limits["top_p"]["enum"] == [1.0]
+        assert limits["presence_penalty"]["enum"] == [0.0]
 
 
 # ------------------------------------------------------------ metrics and traces
@@ -560,6 +563,7 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
     server = serve(draft="ngram", redis_url=redis_url, checkpoint_dir=str(tmp_path))
     prompts = [PROMPT, "The capital of France is", "import numpy as np\n", "1, 2, 3, 4,"]
     results: list[tuple[int, str, str, list[int]]] = []
+    arms: list[str] = []
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -575,6 +579,7 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
                         },
                     )
                     meta = reply.json().get("meta_info", {})
+                    arms.append(meta.get("arm", ""))
                     results.append(
                         (
                             reply.status_code,
@@ -610,6 +615,7 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
     try:
         wait_for(lambda: served_by("ngram"), "requests on the initial draft")
         for generation, (desired, (stable, candidate)) in enumerate(changes, 1):
+            asked = time.time()
             set_desired(redis_client, KEYS, desired.model_copy(update={"generation": generation}))
             report = wait_for(
                 lambda s=stable, c=candidate: (
@@ -618,10 +624,23 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
                 f"stable={stable} candidate={candidate} loaded",
             )
             assert report.error is None and report.pause_ms is not None
+            # the report says when the swap took effect, so rollouts can be timed end to end
+            assert report.swapped is not None and asked <= report.swapped <= time.time()
             pauses.append(report.pause_ms)
             # then new requests take the new revision
             for revision in filter(None, (stable, candidate)):
                 wait_for(lambda r=revision: served_by(r), f"requests served by {revision}")
+        # and once more with the same revision and only a new baseline share
+        set_desired(
+            redis_client,
+            KEYS,
+            DesiredState(
+                stable=RevisionRef(revision="r3", path=str(paths["r3"])),
+                baseline_share=0.5,
+                generation=len(changes) + 1,
+            ),
+        )
+        wait_for(lambda: any(arm == "baseline" for arm in list(arms)), "baseline requests")
     finally:
         stop.set()
         for thread in clients:
@@ -636,7 +655,8 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(
     for prompt in prompts:
         outputs = {tuple(ids) for status, p, _, ids in results if p == prompt}
         assert len(outputs) == 1, (prompt, outputs)
-    assert server.metric("aurora_swap_pause_seconds_count") >= 3
+    # three swaps of revisions; the share-only change swapped nothing in or out
+    assert server.metric("aurora_swap_pause_seconds_count") == 3
     log.warning("swap pauses (ms): %s over %d requests", pauses, len(results))
 
 

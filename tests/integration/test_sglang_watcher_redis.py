@@ -52,6 +52,7 @@ def test_stable_and_canary_servers_load_their_revision_and_report_it(
     assert (loaded["pod-stable"].stable, loaded["pod-stable"].error) == ("r1", None)
     assert (loaded["pod-canary"].candidate, loaded["pod-canary"].error) == ("r2", None)
     assert loaded["pod-stable"].pause_ms is not None
+    assert loaded["pod-stable"].swapped is not None  # when, for rollout timings
     # the plugin labels this server's traces with what it reported
     assert LoadedRevision(redis_client, KEYS, "pod-canary", "canary").get() == "r2"
     # polling again changes nothing: no second push

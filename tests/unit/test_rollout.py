@@ -335,6 +335,28 @@ def test_stable_slower_than_plain_decoding_falls_back_to_no_draft() -> None:
     assert m.stable.samples == 40  # the baseline requests only; r1's 60 are not plain
 
 
+def test_a_traffic_shift_is_caught_from_the_stables_recent_requests() -> None:
+    # Given stable r1 fast for 90 requests, then slower than plain decoding for the last 60
+    # (traffic shifted): over its whole window (the last 120) it still looks 1.15x faster,
+    state = RolloutState(stable_revision="r1")
+    before = requests("r1", "stable", 90, 30.0, start=1000.0)
+    after = requests("r1", "stable", 60, 16.0, seed=1, start=2000.0)
+    samples = [*before, *after, *requests("r1", "baseline", 40, 20.0)]
+    decision = decide(POLICY, state, [], samples, [], NOW)
+    m = decision.measurement
+    assert m is not None and m.stable_speedup_vs_baseline is not None
+    assert m.stable_speedup_vs_baseline.estimate > 1.1
+    # when the policy runs, then its last 2 x minSamples requests decide: it falls back.
+    assert m.stable_recent_samples == 2 * POLICY.min_samples == 60
+    assert m.stable_recent_speedup_vs_baseline is not None
+    assert m.stable_recent_speedup_vs_baseline.upper < 1.0
+    assert decision.action == "Fallback"
+    assert "on its last 60 requests against 40 baseline requests" in decision.reason
+    # Fewer than minSamples recent requests are never enough to claim it.
+    few = [*before, *after[: POLICY.min_samples - 1], *requests("r1", "baseline", 40, 20.0)]
+    assert decide(POLICY, state, [], few, [], NOW).action == "None"
+
+
 def test_regressed_stable_is_only_flagged_when_fallback_is_off() -> None:
     policy = POLICY.model_copy(update={"fallback_on_regression": False})
     state = RolloutState(stable_revision="r1")

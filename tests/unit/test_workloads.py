@@ -195,6 +195,31 @@ def test_mixture_draws_the_requested_proportions() -> None:
     assert {r.prompt.domain for r in requests[:100]} == {"code", "prose"}
 
 
+def test_a_gated_phase_goes_on_until_extend_says_stop() -> None:
+    # Given: a gate that holds phase 0 until 4 extra requests were drawn, and asks only there
+    schedule = Schedule.from_string("code=0.5+math=0.5:6,prose:3")
+    asked: list[int] = []
+
+    def extend(phase: int) -> bool:
+        asked.append(phase)
+        return len(asked) <= 4
+
+    # When: the whole schedule is drawn
+    requests = list(schedule.requests(seed=0, extend=extend))
+    # Then: phase 0 served 6 + 4 requests from its own mixture, then the last phase in full
+    assert [r.phase for r in requests] == ["code+math"] * 10 + ["prose"] * 3
+    assert {r.prompt.domain for r in requests[:10]} <= {"code", "math"}
+    assert [r.index for r in requests] == list(range(13))
+    assert asked == [0] * 5  # never asked about the last phase
+
+
+def test_an_ungated_schedule_ignores_extend_answering_no() -> None:
+    schedule = Schedule.from_string("code:5,prose:7")
+    assert ids(schedule, 3) == [
+        r.prompt.id for r in schedule.requests(3, extend=lambda phase: False)
+    ]
+
+
 def test_unweighted_mixture_is_an_even_split() -> None:
     counts = Counter(r.prompt.domain for r in Schedule.from_string("math+chat:9").requests(0))
     assert sorted(counts.values()) == [4, 5]
