@@ -5,6 +5,10 @@ promoted or rolled back by the measured numbers."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +65,53 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
     canaried = next(e["revision"] for e in mode.run.events if e["action"] == "StartCanary")
     timed = {row["revision"]: row for row in summary["swaps"]}[canaried]
     assert 0 <= timed["canary_decision_to_all_serving_s"] < 60
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(
+                line for line in (entry / "status").read_text().splitlines() if line[:6] == "State:"
+            )
+        except (OSError, StopIteration):
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_stops_every_process_and_still_writes_the_report(tmp_path: Path) -> None:
+    # Given: `aurora local` running with its embedded redis-server, serving traffic
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-P", "-m", "aurora", "local", "--no-live"]
+    process = subprocess.Popen(
+        [*command, "--workdir", str(workdir), "--minutes", "10", "--max-new-tokens", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        server_log = workdir / "logs" / "server-0.log"
+        deadline = time.monotonic() + 300
+        while not (server_log.is_file() and "POST /generate" in server_log.read_text()):
+            assert process.poll() is None, process.communicate()[0].decode()[-2000:]
+            assert time.monotonic() < deadline, "no request was served within 300 s"
+            time.sleep(0.5)
+        children = _processes_naming(str(workdir / "checkpoints"))
+        assert len(children) == 2  # one server, one trainer
+        # When: the user presses Ctrl-C
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # Then: it exits with 130, says where the report is, and leaves no process behind
+    assert process.returncode == 130, output[-2000:]
+    assert f"stopped; report in {workdir / 'report'}" in output
+    assert _processes_naming(str(workdir / "checkpoints")) == []
+    summary = json.loads((workdir / "report" / "report.json").read_text())["summary"]
+    assert summary["requests"] >= 1 and summary["failed_requests"] == 0
