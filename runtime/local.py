@@ -130,6 +130,7 @@ class LocalMode:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
+        self.schedule = Schedule.from_string(config.schedule)  # a bad schedule fails here
         self.policy = RolloutPolicy.model_validate(
             {
                 "minSpeedup": config.min_speedup,
@@ -283,7 +284,7 @@ class LocalMode:
 
     def traffic(self) -> None:
         c = self.config
-        schedule = Schedule.from_string(c.schedule)
+        schedule = self.schedule
         pools = None
         if c.distinct_prompts:  # recurring traffic: each domain draws from a fixed subset
             pools = {
@@ -343,8 +344,7 @@ class LocalMode:
         c, run = self.config, self.run
         if c.shift_after_promotions <= 0 or phase != 0 or self.stop.is_set():
             return False
-        first = Schedule.from_string(c.schedule).phases[0].requests
-        if run.requests >= c.hold_limit * first:
+        if run.requests >= c.hold_limit * self.schedule.phases[0].requests:
             return False  # no promotions in sight: shift anyway
         if len(run.promotion_requests) < c.shift_after_promotions:
             return True
@@ -714,14 +714,7 @@ def _plot(run: LocalRun, path: Path) -> None:
     ax2.axhline(1.0, color="grey", lw=0.8)
     ax2.set_ylabel("measured speedup")
     ax2.set_xlabel("seconds")
-    order = {
-        "TrafficShift": 0,
-        "StartCanary": 0,
-        "Rollback": 1,
-        "Reject": 1,
-        "Fallback": 1,
-        "Promoted": 2,
-    }
+    order = {"StartCanary": 0, "Rollback": 1, "Reject": 1, "Fallback": 1, "Promoted": 2}
     for e in sorted(run.events, key=lambda e: order.get(e["action"], 0)):  # promotions on top
         color = {
             "Promoted": "green",

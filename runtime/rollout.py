@@ -50,11 +50,11 @@ candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable
 whose upper bound against the baseline is below 1.0 is flagged `Measurement.stable_regressed`
 and named in the reason; this check reads only the stable's most recent 2 × minSamples
 requests (at least minSamples, and minSamples baseline requests), so a traffic shift shows
-within a few dozen requests instead of waiting for the whole window to turn over. With `fallbackOnRegression` (the
-default) the policy then falls back to plain decoding: stable becomes `NO_DRAFT` ("none"),
-a running canary carries on against it, and the next candidate that beats plain decoding
-is promoted as usual (traffic shifted and the draft went stale: stop paying for it until
-the trainer catches up). Otherwise the decision does not change and the operator reports
+within a few dozen requests instead of waiting for the whole window to turn over. With
+`fallbackOnRegression` (the default) the policy then falls back to plain decoding: stable
+becomes `NO_DRAFT` ("none"), a running canary carries on against it, and the next
+candidate that beats plain decoding is promoted as usual (traffic shifted and the draft
+went stale: stop paying for it until the trainer catches up). Otherwise the decision does not change and the operator reports
 it as Degraded. A fallback never happens while Promoting (servers are mid-swap) and never
 from no draft, so it cannot flip-flop.
 """

@@ -523,14 +523,14 @@ class Schedule:
 
         `extend(i)` gates the end of phase `i` (every phase but the last): once the phase's
         count is served, it goes on, one request at a time drawn from its mixture, for as long
-        as `extend(i)` answers True. `aurora local` uses it to hold day-0 traffic until the
-        first promotion, so the domain shift lands on a promoted draft."""
+        as `extend(i)` answers True. `aurora local` uses it to hold day-0 traffic until its
+        drafts have been promoted, so the domain shift lands on a draft that proved itself."""
         mixer = random.Random(f"aurora/mix/{seed}")
         samplers: dict[str, _Sampler] = {}
         index = 0
         last = len(self.phases) - 1
         for i, phase in enumerate(self.phases):
-            order = iter(_draw_order(phase, mixer))
+            order = _draw_order(phase, mixer)
             for domain in itertools.chain(order, _extension(phase, mixer, extend, i, last)):
                 if domain not in samplers:
                     pool = pools[domain] if pools and domain in pools else load_domain(domain)
