@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from aurora.errors import UsageError
 from aurora.runtime import protocol
+from aurora.runtime.options import knob
 from aurora.runtime.protocol import Keys
 
 # Draft options that name no checkpoint.
@@ -26,32 +27,68 @@ def default_server_id() -> str:
 
 @dataclass
 class ServerConfig:
-    """Everything `aurora serve` takes; field names follow its flags."""
+    """Everything `aurora serve` takes; each knob's flag is generated from its field."""
 
-    model: str = "smollm2-135m"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    draft: str = "ngram"  # scratch | ngram | none | checkpoint directory
-    spec_tokens: int = 4
-    speculator: str = "default/local"  # NAMESPACE/NAME: the Redis key prefix
-    redis_url: str | None = None
-    checkpoint_dir: str | None = None
-    candidate_share: float = 0.0
-    baseline_share: float = 0.05
-    trace_sample_rate: float = 1.0
-    trace_maxlen: int = 10000
+    model: str = knob("smollm2-135m", "model alias, local directory or Hugging Face id")
+    host: str = knob("127.0.0.1", "address to bind")
+    port: int = knob(8000, "TCP port")
+    draft: str = knob(
+        "ngram",
+        "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), none "
+        "(no speculation), or a checkpoint directory",
+    )
+    spec_tokens: int = knob(4, "draft tokens per verify step (0 disables speculation)", metavar="K")
+    speculator: str = knob(
+        "default/local",
+        "the Speculator whose Redis keys this server uses",
+        metavar="NAMESPACE/NAME",
+    )
+    redis_url: str | None = knob(
+        None,
+        "Redis for traces, stats and the desired revisions (password from "
+        "$AURORA_REDIS_PASSWORD when the URL has none). Without it the server runs with no "
+        "traces, stats or hot swaps",
+        env="AURORA_REDIS_URL",
+    )
+    checkpoint_dir: str | None = knob(
+        None,
+        "where revision directories live (desired revisions whose path does not exist here "
+        "are looked up as CHECKPOINT_DIR/REVISION)",
+    )
+    candidate_share: float = knob(
+        0.0, "fraction of requests for the candidate revision until Redis says otherwise"
+    )
+    baseline_share: float = knob(
+        0.05,
+        "fraction of requests served without speculation, the live baseline, until Redis "
+        "says otherwise",
+    )
+    trace_sample_rate: float = knob(1.0, "fraction of finished requests traced to Redis")
+    trace_maxlen: int = knob(10000, "approximate bound on the trace stream's length")
     trace_topk: int = 8
     trace_buffer: int = 1024  # traces and stats waiting for Redis, at most
     stats_maxlen: int = 100000
-    server_id: str = field(default_factory=default_server_id)
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None
-    max_queue: int = 64
-    max_batch: int = 4
-    max_new_tokens_limit: int = 2048
-    seed: int = 0
-    poll_interval: float = 0.5
+    server_id: str = knob(
+        default_factory=default_server_id, help="name in stats and loaded reports (HOSTNAME-PID)"
+    )
+    device: str = knob("cpu", "torch device")
+    dtype: str = knob("float32", "float32, bfloat16 or float16")
+    threads: int | None = knob(
+        None,
+        "torch threads (off: torch's default, one per physical core; on a shared machine "
+        "fewer threads can be much faster)",
+    )
+    max_queue: int = knob(64, "requests waiting beyond this answer 503 with Retry-After")
+    max_batch: int = knob(
+        4,
+        "requests decoded together, continuous batching: they join and leave between verify "
+        "steps and one target forward verifies all their drafts (1 = one request at a time; "
+        "models other than Llama-family always decode one at a time)",
+        metavar="N",
+    )
+    max_new_tokens_limit: int = knob(2048, "largest max_tokens a request may ask for")
+    seed: int = knob(0, "seed for routing, trace sampling and sampling")
+    poll_interval: float = knob(0.5, "seconds between reads of the desired revisions in Redis")
 
     def __post_init__(self) -> None:
         _ = self.keys  # validates --speculator
