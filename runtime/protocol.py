@@ -19,6 +19,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 import redis
@@ -34,6 +35,19 @@ MAX_PROPOSAL = 2**16 - 1  # proposal lengths and accepted counts travel as uint1
 FLOAT16_MAX = 65504.0
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class Builtin(StrEnum):
+    """Revision names every process understands without a checkpoint: what servers serve,
+    report in stats and loaded reports, and the operator and local mode ask for. A
+    StrEnum, so each compares equal to its string on the wire."""
+
+    NONE = "none"  # plain decoding, no draft; as stable after a fallback
+    NGRAM = "ngram"  # model-free prompt lookup
+    SCRATCH = "scratch"  # an untrained draft head (day 0 for the trainer)
+
+
+BUILTIN_REVISIONS: tuple[str, ...] = tuple(Builtin)
 
 
 class ProtocolError(ValueError):
