@@ -157,3 +157,37 @@ def from_args(config: type, args: argparse.Namespace, **extra: Any) -> Any:
         if _HELP in f.metadata and hasattr(args, f.name)
     }
     return config(**{**values, **extra})
+
+
+def option_args(values: dict[str, Any], config: type | None = None) -> list[str]:
+    """Command-line arguments setting each field in `values` (`--field-name VALUE`, or the
+    knob's own flag when `config` declares one; booleans as `--x` / `--no-x`, tuples
+    comma-joined). None cannot be written on a command line: leave the field out instead."""
+    flags = {f.name: f.metadata.get(_FLAG) for f in dataclasses.fields(config)} if config else {}
+    args: list[str] = []
+    for name, value in values.items():
+        flag = flags.get(name) or "--" + name.replace("_", "-")
+        if value is None:
+            raise ValueError(f"{name}=None has no command-line form: leave the field out")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(str(item) for item in value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def to_args(config: Any) -> list[str]:
+    """The command line that `add_options` + `from_args` turn back into `config`: one
+    argument per knob whose value differs from its declared default, and per knob read from
+    an environment variable (the child's environment must not override it)."""
+    kind = type(config)
+    values = {}
+    for f in _knobs(kind, None, ()):
+        value, default = getattr(config, f.name), default_of(kind, f.name)
+        if value is None and default is None:
+            continue  # off stays off (None has no command-line form)
+        if value != default or f.metadata.get(_ENV):
+            values[f.name] = value
+    return option_args(values, kind)

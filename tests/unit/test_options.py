@@ -9,7 +9,15 @@ from typing import Literal
 
 import pytest
 
-from aurora.runtime.options import add_options, default_of, flag_of, from_args, knob
+from aurora.runtime.options import (
+    add_options,
+    default_of,
+    flag_of,
+    from_args,
+    knob,
+    option_args,
+    to_args,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +94,39 @@ def test_only_and_skip_select_knobs() -> None:
 def test_flag_and_default_lookups() -> None:
     assert flag_of(Example, "rate") == "--rate"
     assert default_of(Example, "folder") == Path("out")
+
+
+def test_to_args_is_the_command_line_that_parses_back_to_the_config() -> None:
+    # Given: a config with every kind of knob changed from its default
+    config = Example(
+        port=9,
+        rate=0.25,
+        mode="Rollback",
+        folder=Path("x"),
+        threads=2,
+        live=False,
+        layers=(1, 2, 3),
+        url="redis://y:2/0",
+    )
+    # When: its command line is generated and parsed again, Then: the same config comes back
+    assert _parse(to_args(config)) == config
+
+
+def test_to_args_leaves_defaults_out_but_always_writes_environment_knobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert to_args(Example(port=9)) == ["--port", "9"]
+    # a knob the environment can set is written even at its default, so the child's
+    # environment cannot change it
+    monkeypatch.setenv("EXAMPLE_URL", "redis://from-env:1/0")
+    config = Example(url="redis://chosen:1/0")
+    assert to_args(config) == ["--url", "redis://chosen:1/0"]
+    assert _parse(to_args(config)).url == "redis://chosen:1/0"
+
+
+def test_option_args_spells_field_names_as_flags_and_refuses_none() -> None:
+    assert option_args({"spec_tokens": 3, "live": False, "layers": (1, 2)}) == [
+        *("--spec-tokens", "3", "--no-live", "--layers", "1,2"),
+    ]
+    with pytest.raises(ValueError, match="threads=None"):
+        option_args({"threads": None})
