@@ -30,7 +30,7 @@ class LocalConfig:
     clients: int = 2
     max_new_tokens: int = 32
     spec_tokens: int = 3
-    initial_draft: str = "none"
+    initial_draft: str = protocol.Builtin.NONE
     workdir: Path = Path("aurora-local")
     report_dir: Path | None = None
     namespace: str = "default"

@@ -69,7 +69,7 @@ class LocalMode:
         self.url = url
         self.client = redis.Redis.from_url(url)
         protocol.delete_all(self.client, c.keys)  # a fresh run: day 0
-        initial = None if c.initial_draft == "none" else c.initial_draft
+        initial = None if c.initial_draft == protocol.Builtin.NONE else c.initial_draft
         self.run.state = RolloutState(stable_revision=initial)
         desired = protocol.DesiredState(
             stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
@@ -318,7 +318,7 @@ class LocalMode:
 
 
 def _recent_accept_length(window: SampleWindow, revision: str | None, n: int = 20) -> float | None:
-    names = {revision} if revision else {"", "none"}  # no draft: servers say "none"
+    names = {revision} if revision else {"", protocol.Builtin.NONE}  # as servers say it
     values = [
         s.accept_length for s in window.samples() if s.arm == "stable" and s.revision in names
     ]

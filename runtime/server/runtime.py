@@ -27,13 +27,11 @@ from aurora.runtime.draft import (
     load_draft_head,
 )
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.server.api import APIError, ChatCompletionRequest
 from aurora.runtime.server.config import ServerConfig, connect_redis
 from aurora.runtime.server.metrics import ServerMetrics
 from aurora.runtime.server.revisions import (
-    NGRAM,
-    NONE,
-    SCRATCH,
     Revision,
     RevisionLoader,
     RevisionSet,
@@ -85,17 +83,17 @@ class ServerRuntime:
 
     def build_revision(self, draft: str) -> Revision:
         """A built-in draft (scratch, ngram, none) or a checkpoint directory's revision."""
-        if draft == NGRAM:
-            return Revision(NGRAM, NgramProposer(revision=NGRAM))
-        if draft == NONE:
-            return Revision(NONE, None)
-        if draft == SCRATCH:
+        if draft == Builtin.NGRAM:
+            return Revision(Builtin.NGRAM, NgramProposer(revision=Builtin.NGRAM))
+        if draft == Builtin.NONE:
+            return Revision(Builtin.NONE, None)
+        if draft == Builtin.SCRATCH:
             config = DraftConfig.for_target(self.target.config, self.config.model)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 head = EagleDraftHead(config, self.target.get_input_embeddings())
             head = head.to(device=self.device, dtype=self.target.dtype).eval().requires_grad_(False)
-            return Revision(SCRATCH, EagleProposer(head, SCRATCH))
+            return Revision(Builtin.SCRATCH, EagleProposer(head, Builtin.SCRATCH))
         return self.load_checkpoint_revision(Path(draft))
 
     def load_checkpoint_revision(self, path: Path) -> Revision:
