@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import types
 import typing
@@ -29,6 +30,7 @@ _HELP = "aurora.help"
 _FLAG = "aurora.flag"
 _METAVAR = "aurora.metavar"
 _ENV = "aurora.env"
+_REPEAT = "aurora.repeat"
 
 
 def knob(
@@ -39,13 +41,16 @@ def knob(
     flag: str | None = None,
     metavar: str | None = None,
     env: str | None = None,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
     `flag` overrides the generated `--field-name`; `env` names an environment variable
     whose value, when set, replaces the default on the command line (not in Python).
+    `repeat` (tuple fields): the flag is given once per item (`--draft A --draft B`)
+    instead of once with a comma-separated list.
     """
-    metadata = {_HELP: help, _FLAG: flag, _METAVAR: metavar, _ENV: env}
+    metadata = {_HELP: help, _FLAG: flag, _METAVAR: metavar, _ENV: env, _REPEAT: repeat}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -94,6 +99,8 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 def _describe(default: Any, help: str, env: str | None) -> str:
     shown = "off" if default is None else default
+    if isinstance(default, tuple):
+        shown = ",".join(str(item) for item in default) or "none"
     if isinstance(default, bool):
         shown = "on" if default else "off"
     text = f"{help} (default: {shown}" if help else f"(default: {shown}"
@@ -131,11 +138,17 @@ def add_options(
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["help"] = help
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            kwargs["choices"] = list(kind)
+            kwargs["type"] = kind
         elif get_origin(kind) is Literal:
             kwargs["choices"] = list(get_args(kind))
             kwargs["type"] = type(get_args(kind)[0])
         elif kind in (int, float, str, Path):
             kwargs["type"] = kind
+        elif get_origin(kind) is tuple and f.metadata.get(_REPEAT):
+            # None until given: argparse would append to a default list in place
+            kwargs.update(action="append", type=get_args(kind)[0], default=None)
         elif get_origin(kind) is tuple:
             item = get_args(kind)[0]
             kwargs["type"] = lambda text, item=item: tuple(
@@ -156,14 +169,21 @@ def from_args(config: type, args: argparse.Namespace, **extra: Any) -> Any:
         for f in dataclasses.fields(config)
         if _HELP in f.metadata and hasattr(args, f.name)
     }
+    for f in dataclasses.fields(config):
+        if f.metadata.get(_REPEAT) and f.name in values:
+            given = values[f.name]
+            values[f.name] = default_of(config, f.name) if given is None else tuple(given)
     return config(**{**values, **extra})
 
 
 def option_args(values: dict[str, Any], config: type | None = None) -> list[str]:
     """Command-line arguments setting each field in `values` (`--field-name VALUE`, or the
     knob's own flag when `config` declares one; booleans as `--x` / `--no-x`, tuples
-    comma-joined). None cannot be written on a command line: leave the field out instead."""
-    flags = {f.name: f.metadata.get(_FLAG) for f in dataclasses.fields(config)} if config else {}
+    comma-joined or, for a repeated knob, one flag per item). None cannot be written on a
+    command line: leave the field out instead."""
+    fields = dataclasses.fields(config) if config else ()
+    flags = {f.name: f.metadata.get(_FLAG) for f in fields}
+    repeated = {f.name for f in fields if f.metadata.get(_REPEAT)}
     args: list[str] = []
     for name, value in values.items():
         flag = flags.get(name) or "--" + name.replace("_", "-")
@@ -171,8 +191,12 @@ def option_args(values: dict[str, Any], config: type | None = None) -> list[str]
             raise ValueError(f"{name}=None has no command-line form: leave the field out")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, tuple) and name in repeated:
+            args += [part for item in value for part in (flag, str(item))]
         elif isinstance(value, tuple):
             args += [flag, ",".join(str(item) for item in value)]
+        elif isinstance(value, enum.Enum):
+            args += [flag, str(value.value)]
         else:
             args += [flag, str(value)]
     return args
