@@ -100,7 +100,7 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 def _describe(default: Any, help: str, env: str | None) -> str:
     shown = "off" if default is None else default
     if isinstance(default, tuple):
-        shown = ",".join(str(item) for item in default) or "none"
+        shown = ",".join(str(item) for item in default) or "empty"
     if isinstance(default, bool):
         shown = "on" if default else "off"
     text = f"{help} (default: {shown}" if help else f"(default: {shown}"

@@ -1,0 +1,192 @@
+"""The rooms and the one-way dependencies between them (docs/architecture.md), checked on
+the imports written in every module (ast; imports inside functions count too):
+
+    aurora/commands -> entry points (runtime/local, operator/, benchmarks, chaos)
+                    -> services (runtime/server, runtime/trainer, runtime/sglang, rollout loop)
+                    -> core (engine, draft, llama, protocol, rollout decision, checkpoint, ...)
+
+The runtime never imports the operator; the operator never imports torch, not even through
+the runtime modules it imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = {"aurora": "aurora", "operator": "aurora.operator", "runtime": "aurora.runtime"}
+TORCH = ("torch", "transformers", "safetensors.torch", "accelerate")
+
+COMMANDS = ("aurora.cli", "aurora.__main__", "aurora.commands")
+ENTRY_POINTS = (
+    "aurora.runtime.local",
+    "aurora.operator",
+    "aurora.runtime.bench",
+    "aurora.runtime.bench_batch",
+    "aurora.runtime.bench_adapt",
+    "aurora.runtime.chaos",
+)
+SERVICES = (
+    "aurora.runtime.server",
+    "aurora.runtime.trainer",
+    "aurora.runtime.sglang",
+    "aurora.runtime.rollout.loop",
+)
+LAYERS = {"commands": 3, "entry point": 2, "service": 1, "core": 0}
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layer(module: str) -> str:
+    if _within(module, COMMANDS):
+        return "commands"
+    if _within(module, ENTRY_POINTS):
+        return "entry point"
+    if _within(module, SERVICES):
+        return "service"
+    return "core"
+
+
+@functools.cache
+def modules() -> dict[str, Path]:
+    """Every production module, by the name Python imports it as."""
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+@functools.cache
+def imports(module: str) -> frozenset[str]:
+    """What `module` imports (absolute names; `from a import b` counts `a.b` when that is
+    a module), plus the packages above each, which Python imports first."""
+    path = modules()[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    with_parents = set()
+    for name in names:
+        parts = name.split(".")
+        with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(n for n in with_parents if n in modules() or not n.startswith("aurora"))
+
+
+@functools.cache
+def reach(module: str) -> frozenset[str]:
+    """Every name `module` imports, directly or through the aurora modules it imports."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for name in imports(todo.pop()):
+            if name not in seen:
+                seen.add(name)
+                if name in modules():
+                    todo.append(name)
+    return frozenset(seen)
+
+
+def test_every_production_module_is_found() -> None:
+    names = modules()
+    assert {"aurora.runtime.protocol", "aurora.runtime.engine", "aurora.operator.handlers"} <= set(
+        names
+    )
+    assert layer("aurora.runtime.engine") == "core" and layer("aurora.operator.kube") == (
+        "entry point"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime/local imports the rollout loop from operator/driver.py until the "
+    "`rollout` helper moves it to runtime/rollout/ (issue 14); the lead removes this mark",
+)
+def test_the_runtime_never_imports_the_operator() -> None:
+    offenders = {
+        module: sorted(n for n in imports(module) if _within(n, ("aurora.operator",)))
+        for module in modules()
+        if _within(module, ("aurora.runtime",))
+    }
+    assert {m: names for m, names in offenders.items() if names} == {}
+
+
+def test_the_operator_never_imports_torch_even_through_the_runtime() -> None:
+    offenders = {
+        module: sorted(n for n in reach(module) if _within(n, TORCH))
+        for module in modules()
+        if _within(module, ("aurora.operator",))
+    }
+    assert {m: names for m, names in offenders.items() if names} == {}
+
+
+def test_dependencies_point_one_way_from_commands_to_the_core() -> None:
+    upward = sorted(
+        f"{module} ({layer(module)}) imports {name} ({layer(name)})"
+        for module in modules()
+        for name in imports(module)
+        if name in modules() and LAYERS[layer(name)] > LAYERS[layer(module)]
+    )
+    assert upward == []
+
+
+# ------------------------------------------------------------------ shared names
+
+BUILTIN_NAMES = {"none", "ngram", "scratch"}  # protocol.Builtin's values
+# Modules other helpers of issue 14 are converting (`trainer`, `rollout`, `platform`).
+IN_PROGRESS = (
+    "aurora.runtime.trainer",
+    "aurora.runtime.rollout",
+    "aurora.operator.driver",
+    "aurora.operator.planning",
+    "aurora.commands.train",
+)
+
+
+def builtin_literals(modules_: list[str]) -> list[str]:
+    """`module:line "name"` for each string literal that spells a built-in revision."""
+    found = []
+    for module in modules_:
+        path = modules()[module]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in BUILTIN_NAMES:
+                found.append(f'{module}:{node.lineno} "{node.value}"')
+    return found
+
+
+def test_builtin_revision_names_are_spelled_only_in_protocol_builtin() -> None:
+    others = [
+        m for m in modules() if m != "aurora.runtime.protocol" and not _within(m, IN_PROGRESS)
+    ]
+    assert builtin_literals(others) == []
+    # and the check sees a literal where there is one
+    assert len(builtin_literals(["aurora.runtime.protocol"])) == len(BUILTIN_NAMES)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the trainer, the rollout loop and planning still spell them until the `trainer`, "
+    "`rollout` and `platform` helpers land (issue 14); the lead removes this mark",
+)
+def test_builtin_revision_names_are_spelled_only_in_protocol_builtin_everywhere() -> None:
+    others = [m for m in modules() if m != "aurora.runtime.protocol"]
+    assert builtin_literals(others) == []
