@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from structural_schema import validate
 
-from aurora.operator import crd, planning
-from aurora.operator.planning import Observation, build_status, merge_patch
-from aurora.operator.spec import SpeculatorStatus
+from aurora.operator import crd, events
+from aurora.operator.spec import MAX_REVISION_HISTORY, SpeculatorStatus
+from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime.rollout import (
     Candidate,
     Decision,
@@ -290,8 +290,8 @@ def test_revision_history_is_bounded_newest_first() -> None:
         for i in range(10)
     ]
     decision = canary_decision()
-    history = planning.revision_history(previous, decision.events, decision.measurement)
-    assert len(history) == planning.MAX_REVISION_HISTORY
+    history = events.revision_history(previous, decision.events, decision.measurement)
+    assert len(history) == MAX_REVISION_HISTORY
     assert history[0]["revision"] == "r2" and history[1]["revision"] == "r0"
 
 
@@ -368,7 +368,7 @@ def test_merge_patch_changes_removes_and_leaves_alone() -> None:
     ],
 )
 def test_override_annotation(value: str, expected: tuple[str, str] | None) -> None:
-    override, error = planning.parse_override({planning.OVERRIDE_ANNOTATION: value})
+    override, error = events.parse_override({events.OVERRIDE_ANNOTATION: value})
     if expected is None:
         assert override is None and error is not None and "Promote:<revision>" in error
     else:
@@ -377,4 +377,4 @@ def test_override_annotation(value: str, expected: tuple[str, str] | None) -> No
             and (override.action, override.revision) == expected
             and error is None
         )
-    assert planning.parse_override({}) == (None, None)
+    assert events.parse_override({}) == (None, None)
