@@ -1,6 +1,7 @@
 """The kopf handlers: thin glue from Kubernetes events to plain functions (children,
 validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
-and Redis (`aurora.operator.driver`). Importing this module registers them with kopf.
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module
+registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -26,13 +27,13 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import children, driver, events, validation
+from aurora.operator import children, events, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
 from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
-from aurora.runtime.rollout import Override, RolloutState, measure
+from aurora.runtime.rollout import Override, RolloutState, loop, measure
 
 FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
@@ -177,7 +178,7 @@ def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str) -> Any:
     key = (spec.traces.redis_url, password)
     clients = memo.redis_clients
     if key not in clients:
-        clients[key] = driver.connect(spec.traces.redis_url, password)
+        clients[key] = loop.connect(spec.traces.redis_url, password)
     return clients[key]
 
 
@@ -195,11 +196,10 @@ def rollout(
         return  # being deleted: nothing to re-apply or roll out
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
-    errors = validation.validate_semantics(body)
-    if errors:
+    spec, errors = validation.checked_spec(body)  # the one parse of the spec this tick
+    if spec is None or errors:
         _write_status(patch, status, Observation(generation, spec_errors=errors))
         return
-    spec = SpeculatorSpec.model_validate(body["spec"])
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
         return
@@ -226,13 +226,13 @@ def rollout(
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
-    except (*driver.REDIS_ERRORS, LookupError, ApiException) as error:
+    except (*loop.REDIS_ERRORS, LookupError, ApiException) as error:
         if isinstance(error, LookupError):
             problem = f"cannot read the Redis password: {error}"
         elif isinstance(error, ApiException):
             problem = f"cannot read the Redis password Secret: {api_message(error)}"
         else:
-            problem = driver.redis_problem(spec.traces.redis_url, error)
+            problem = loop.redis_problem(spec.traces.redis_url, error)
         memo.metrics.redis_errors.labels(namespace, name).inc()
         observation = replace(observation, redis_error=problem)
     else:
@@ -248,10 +248,10 @@ def _rollout_round(
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    keys, policy = Keys(namespace, name), spec.rollout.policy()
+    keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
     if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = driver.SampleWindow(size=policy.max_canary_samples)
+        window = memo.window = loop.SampleWindow(size=policy.max_canary_samples)
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
@@ -259,7 +259,7 @@ def _rollout_round(
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )
-    result = driver.run_round(
+    result = loop.run_round(
         client, keys, policy, state, window, now, live_pods=pods, override=override
     )
     for event in result.decision.events:
@@ -342,8 +342,8 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         )
     try:
         spec = SpeculatorSpec.model_validate(body["spec"])
-        deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace), keys)
-    except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
+        deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace), keys)
+    except (*loop.REDIS_ERRORS, LookupError, ValidationError) as error:
         if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(
                 f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10

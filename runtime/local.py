@@ -28,13 +28,24 @@ from typing import Any
 import httpx
 import redis
 
-from aurora.operator.driver import SampleWindow, run_round
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.rollout import NO_DRAFT, RolloutPolicy, RolloutState
+from aurora.runtime.rollout.loop import SampleWindow, run_round
 from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
+
+
+# `aurora local`'s rollout policy where it differs from the policy's defaults (which suit
+# a cluster): fewer samples and a larger baseline, so a short CPU demo reaches decisions.
+LOCAL_ROLLOUT: dict[str, Any] = {
+    "min_samples": 12,
+    "canary_share": "0.4",
+    "baseline_share": "0.2",
+    "max_canary_samples": 60,
+    "on_inconclusive": "Rollback",
+}
 
 
 @dataclass
@@ -64,12 +75,7 @@ class LocalConfig:
     report_dir: Path | None = None
     namespace: str = "default"
     name: str = "local"
-    min_speedup: str = "1.05"
-    min_samples: int = 12
-    canary_share: str = "0.4"
-    baseline_share: str = "0.2"
-    max_canary_samples: int = 60
-    on_inconclusive: str = "Rollback"
+    rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(**LOCAL_ROLLOUT))
     first_candidate_after: int = 16
     publish_every: int = 24
     lr: float = 1e-3
@@ -131,17 +137,7 @@ class LocalMode:
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
         self.schedule = Schedule.from_string(config.schedule)  # a bad schedule fails here
-        self.policy = RolloutPolicy.model_validate(
-            {
-                "minSpeedup": config.min_speedup,
-                "minSamples": config.min_samples,
-                "canaryShare": config.canary_share,
-                "baselineShare": config.baseline_share,
-                "onInconclusive": config.on_inconclusive,
-                "maxCanarySamples": config.max_canary_samples,
-                "seed": config.seed,
-            }
-        )
+        self.policy = config.rollout.model_copy(update={"seed": config.seed})
 
     # ------------------------------------------------------------------ processes
 
@@ -161,7 +157,7 @@ class LocalMode:
         desired = protocol.DesiredState(
             stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
             candidate_share=0.0,
-            baseline_share=float(c.baseline_share),
+            baseline_share=float(c.rollout.baseline_share),
             generation=1,
         )
         protocol.set_desired(self.client, c.keys, desired)
@@ -191,7 +187,7 @@ class LocalMode:
                     "--spec-tokens",
                     str(c.spec_tokens),
                     "--baseline-share",
-                    c.baseline_share,
+                    str(c.rollout.baseline_share),
                     "--threads",
                     str(c.server_threads),
                     "--max-batch",
@@ -576,7 +572,7 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     speedups = [
         s.speedup
         for s in run.timeline
-        if s.speedup is not None and s.speedup_samples >= run.config.min_samples
+        if s.speedup is not None and s.speedup_samples >= run.config.rollout.min_samples
     ]
     gated = [e["speedup_vs_no_speculation"] for e in run.events if "speedup_vs_no_speculation" in e]
     best = max(gated, key=lambda f: f["estimate"]) if gated else None
@@ -608,7 +604,8 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         "max_checkpoint_to_all_servers_s": max(to_serving) if to_serving else None,
         "swaps": swaps,
         "trainer": run.trainer,
-        "config": {k: str(v) for k, v in asdict(run.config).items()},
+        "config": {k: str(v) for k, v in asdict(run.config).items() if k != "rollout"},
+        "rollout": run.config.rollout.model_dump(mode="json"),
     }
     (folder / "report.json").write_text(
         json.dumps({"summary": summary, "events": run.events, "timeline": timeline}, indent=2)
@@ -622,7 +619,7 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         f"- final stable revision: {run.state.stable_revision}",
         f"- measured speedup over no speculation (stable, last): {_fmt(summary['final_speedup_vs_no_speculation'])}x"
         f" (max {_fmt(summary['max_speedup_vs_no_speculation'])}x; both over at least "
-        f"{run.config.min_samples} requests per arm)",
+        f"{run.config.rollout.min_samples} requests per arm)",
         "- best measured speedup over no speculation at a promotion: "
         + (
             f"{best['estimate']:.2f}x ({best['confidence']:.0%} bounds "
