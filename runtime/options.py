@@ -241,3 +241,37 @@ def _refusals(config: type, knobs: dict[str, _Knob], error: ValidationError) -> 
                 message = re.sub(rf"\b(\w+\.)?{alias}\b", flag, message)
             lines.append(message)
     return "; ".join(lines)
+
+
+def option_args(values: dict[str, Any], config: type | None = None) -> list[str]:
+    """Command-line arguments setting each field in `values` (`--field-name VALUE`, or the
+    knob's own flag when `config` declares one; booleans as `--x` / `--no-x`, tuples
+    comma-joined). None cannot be written on a command line: leave the field out instead."""
+    flags = {k.name: k.flag for k in _all_knobs(config)} if config else {}
+    args: list[str] = []
+    for name, value in values.items():
+        flag = flags.get(name) or "--" + name.replace("_", "-")
+        if value is None:
+            raise ValueError(f"{name}=None has no command-line form: leave the field out")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(str(item) for item in value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def to_args(config: Any) -> list[str]:
+    """The command line that `add_options` + `from_args` turn back into `config`: one
+    argument per knob whose value differs from its declared default, and per knob read from
+    an environment variable (the child's environment must not override it)."""
+    kind = type(config)
+    values = {}
+    for k in _all_knobs(kind):
+        value, default = getattr(config, k.name), default_of(kind, k.name)
+        if value is None and default is None:
+            continue  # off stays off (None has no command-line form)
+        if value != default or k.env:
+            values[k.name] = value
+    return option_args(values, kind)

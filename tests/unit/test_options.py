@@ -19,6 +19,8 @@ from aurora.runtime.options import (
     flag_of,
     from_args,
     knob,
+    option_args,
+    to_args,
 )
 from aurora.runtime.schema import RATIO_PATTERN, DecimalText
 
@@ -162,3 +164,39 @@ def test_what_a_pydantic_model_refuses_names_the_flag_and_the_value() -> None:
     # A rule across fields names the flags, not the API fields.
     with pytest.raises(OptionError, match=r"^--min-samples above 100 needs --min-speedup >= 1$"):
         _policy(["--min-samples", "200", "--min-speedup", "0.9"])
+
+
+def test_to_args_is_the_command_line_that_parses_back_to_the_config() -> None:
+    # Given: a config with every kind of knob changed from its default
+    config = Example(
+        port=9,
+        rate=0.25,
+        mode="Rollback",
+        folder=Path("x"),
+        threads=2,
+        live=False,
+        layers=(1, 2, 3),
+        url="redis://y:2/0",
+    )
+    # When: its command line is generated and parsed again, Then: the same config comes back
+    assert _parse(to_args(config)) == config
+
+
+def test_to_args_leaves_defaults_out_but_always_writes_environment_knobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert to_args(Example(port=9)) == ["--port", "9"]
+    # a knob the environment can set is written even at its default, so the child's
+    # environment cannot change it
+    monkeypatch.setenv("EXAMPLE_URL", "redis://from-env:1/0")
+    config = Example(url="redis://chosen:1/0")
+    assert to_args(config) == ["--url", "redis://chosen:1/0"]
+    assert _parse(to_args(config)).url == "redis://chosen:1/0"
+
+
+def test_option_args_spells_field_names_as_flags_and_refuses_none() -> None:
+    assert option_args({"spec_tokens": 3, "live": False, "layers": (1, 2)}) == [
+        *("--spec-tokens", "3", "--no-live", "--layers", "1,2"),
+    ]
+    with pytest.raises(ValueError, match="threads=None"):
+        option_args({"threads": None})
