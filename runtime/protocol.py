@@ -632,6 +632,27 @@ class CandidateRecord(BaseModel):
     traces_seen: int = Field(ge=0)
     evaluation: dict[str, Any] = Field(default_factory=dict)
 
+    def _evaluated(self, key: str) -> float | None:
+        value = self.evaluation.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    @property
+    def offline_accept_length(self) -> float | None:
+        """The candidate's accept length in the trainer's offline evaluation."""
+        return self._evaluated("candidate")
+
+    @property
+    def stable_offline_accept_length(self) -> float | None:
+        """The stable revision's accept length in the same evaluation."""
+        return self._evaluated("stable")
+
+    @property
+    def loadable(self) -> bool:
+        """False when the trainer knows the checkpoint to be broken ("loadable": false)."""
+        return self.evaluation.get("loadable", True) is not False
+
 
 class RevisionRef(BaseModel):
     """A draft revision and where its checkpoint lives."""
@@ -680,6 +701,9 @@ class LoadedReport(BaseModel):
     stable: str | None = None
     candidate: str | None = None
     error: str | None = None
+    # the revision `error` is about; absent, it counts against any desired revision the
+    # server has not loaded
+    error_revision: str | None = None
     pause_ms: float | None = Field(None, ge=0.0)
     swapped: float | None = Field(None, ge=0.0)
     updated: float = Field(default_factory=time.time)

@@ -18,31 +18,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "schedule; shows live progress and writes a report folder (JSON, Markdown, PNG) at the end "
         "or after --minutes. Ctrl-C stops every process cleanly and still writes the report.",
     )
-    from aurora.runtime.local.config import LocalConfig
-    from aurora.runtime.options import add_options, default_of
+    from aurora.runtime.local.config import LOCAL_ROLLOUT, LocalConfig
+    from aurora.runtime.options import add_options
+    from aurora.runtime.rollout.policy import RolloutPolicy
 
     add_options(p, LocalConfig)
-    p.add_argument(
-        "--min-speedup",
-        default=default_of(LocalConfig, "min_speedup"),
-        help="rollout.minSpeedup: candidate over stable",
-    )
-    p.add_argument(
-        "--min-samples",
-        type=int,
-        default=default_of(LocalConfig, "min_samples"),
-        help="requests per arm before deciding",
-    )
+    rollout = p.add_argument_group("rollout policy (the Speculator's spec.rollout)")
+    add_options(rollout, RolloutPolicy, defaults=LOCAL_ROLLOUT)
     p.set_defaults(handler=_run)
 
 
 def local_config(args: argparse.Namespace) -> LocalConfig:
+    """The run's configuration from the parsed flags; a refused rollout policy is a usage
+    error naming the flags."""
+    from aurora.errors import UsageError
     from aurora.runtime.local.config import LocalConfig
-    from aurora.runtime.options import from_args
+    from aurora.runtime.options import OptionError, from_args
+    from aurora.runtime.rollout.policy import RolloutPolicy
 
-    config: LocalConfig = from_args(
-        LocalConfig, args, min_speedup=args.min_speedup, min_samples=args.min_samples
-    )
+    try:
+        rollout = from_args(RolloutPolicy, args)
+    except OptionError as error:
+        raise UsageError(f"rollout policy: {error}") from None
+    config: LocalConfig = from_args(LocalConfig, args, rollout=rollout)
     return config
 
 

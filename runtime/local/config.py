@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aurora.runtime import protocol
 from aurora.runtime.options import knob
+from aurora.runtime.rollout import RolloutPolicy
+
+# `aurora local`'s rollout policy where it differs from the policy's defaults (which suit
+# a cluster): fewer samples and a larger baseline, so a short CPU demo reaches decisions.
+LOCAL_ROLLOUT: dict[str, Any] = {
+    "min_samples": 12,
+    "canary_share": "0.4",
+    "baseline_share": "0.2",
+    "max_canary_samples": 60,
+    "on_inconclusive": "Rollback",
+}
 
 
 @dataclass
@@ -63,12 +75,7 @@ class LocalConfig:
     report_dir: Path | None = knob(None, "report folder, WORKDIR/report when off")
     namespace: str = "default"
     name: str = "local"
-    min_speedup: str = "1.05"
-    min_samples: int = 12
-    canary_share: str = "0.4"
-    baseline_share: str = "0.2"
-    max_canary_samples: int = 60
-    on_inconclusive: str = "Rollback"
+    rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(**LOCAL_ROLLOUT))
     first_candidate_after: int = 16
     publish_every: int = 24
     lr: float = 1e-3

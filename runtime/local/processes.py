@@ -28,7 +28,7 @@ def server_config(config: LocalConfig, index: int, port: int, redis_url: str) ->
         port=port,
         draft=config.initial_draft,
         spec_tokens=config.spec_tokens,
-        baseline_share=float(config.baseline_share),
+        baseline_share=float(config.rollout.baseline_share),
         threads=config.server_threads,
         max_batch=config.server_max_batch,
         server_id=f"local-server-{index}",

@@ -63,7 +63,7 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     speedups = [
         s.speedup
         for s in run.timeline
-        if s.speedup is not None and s.speedup_samples >= run.config.min_samples
+        if s.speedup is not None and s.speedup_samples >= run.config.rollout.min_samples
     ]
     gated = [e["speedup_vs_no_speculation"] for e in run.events if "speedup_vs_no_speculation" in e]
     best = max(gated, key=lambda f: f["estimate"]) if gated else None
@@ -95,7 +95,8 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         "max_checkpoint_to_all_servers_s": max(to_serving) if to_serving else None,
         "swaps": swaps,
         "trainer": run.trainer,
-        "config": {k: str(v) for k, v in asdict(run.config).items()},
+        "config": {k: str(v) for k, v in asdict(run.config).items() if k != "rollout"},
+        "rollout": run.config.rollout.model_dump(mode="json"),
     }
     (folder / "report.json").write_text(
         json.dumps({"summary": summary, "events": run.events, "timeline": timeline}, indent=2)
@@ -109,7 +110,7 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         f"- final stable revision: {run.state.stable_revision}",
         f"- measured speedup over no speculation (stable, last): {fmt(summary['final_speedup_vs_no_speculation'])}x"
         f" (max {fmt(summary['max_speedup_vs_no_speculation'])}x; both over at least "
-        f"{run.config.min_samples} requests per arm)",
+        f"{run.config.rollout.min_samples} requests per arm)",
         "- best measured speedup over no speculation at a promotion: "
         + (
             f"{best['estimate']:.2f}x ({best['confidence']:.0%} bounds "

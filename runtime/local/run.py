@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import redis
 
-from aurora.operator.driver import SampleWindow, run_round
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.local.config import LocalConfig
@@ -29,7 +28,8 @@ from aurora.runtime.local.live import LiveView
 from aurora.runtime.local.processes import Processes, server_config, trainer_args
 from aurora.runtime.local.report import LocalRun, Sample, write_report
 from aurora.runtime.options import to_args
-from aurora.runtime.rollout import NO_DRAFT, RolloutPolicy, RolloutState
+from aurora.runtime.rollout import NO_DRAFT, RolloutState
+from aurora.runtime.rollout.loop import SampleWindow, run_round
 from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,7 @@ class LocalMode:
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
         self.schedule = Schedule.from_string(config.schedule)  # a bad schedule fails here
-        self.policy = RolloutPolicy.model_validate(
-            {
-                "minSpeedup": config.min_speedup,
-                "minSamples": config.min_samples,
-                "canaryShare": config.canary_share,
-                "baselineShare": config.baseline_share,
-                "onInconclusive": config.on_inconclusive,
-                "maxCanarySamples": config.max_canary_samples,
-                "seed": config.seed,
-            }
-        )
+        self.policy = config.rollout.model_copy(update={"seed": config.seed})
 
     # ------------------------------------------------------------------ processes
 
@@ -74,7 +64,7 @@ class LocalMode:
         desired = protocol.DesiredState(
             stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
             candidate_share=0.0,
-            baseline_share=float(c.baseline_share),
+            baseline_share=float(c.rollout.baseline_share),
             generation=1,
         )
         protocol.set_desired(self.client, c.keys, desired)

@@ -1,6 +1,7 @@
 import argparse
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_local_flags_reach_the_config() -> None:
     )
     config = local_config(args)
     assert (config.server_max_batch, config.distinct_prompts, config.live) == (2, 0, False)
-    assert config.initial_draft is Builtin.NGRAM and config.min_speedup == "1.2"
+    assert config.initial_draft is Builtin.NGRAM and config.rollout.min_speedup == Decimal("1.2")
     assert config.shift_after_promotions == 0
 
 
@@ -98,3 +99,17 @@ def test_bench_batch_takes_repeated_batch_sizes() -> None:
 
     args = build_parser().parse_args(["bench", "batch", "--batch", "4", "--batch", "1"])
     assert from_args(BatchBenchConfig, args).batch == (1, 4)
+
+
+def test_local_rollout_flags_come_from_the_policy_and_refuse_what_the_crd_refuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The CRD refuses minSpeedup below 1.0; `aurora local` refuses it too, before starting.
+    assert main(["local", "--min-speedup", "0.9", "--no-live"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-speedup must be at least 1.0" in err
+    with pytest.raises(SystemExit):
+        main(["local", "--help"])
+    out = capsys.readouterr().out
+    assert "--regression-threshold" in out and "--min-samples" in out
+    assert "Requests per arm before deciding. (default: 12)" in out  # local's own default
