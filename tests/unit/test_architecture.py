@@ -6,7 +6,8 @@ the imports written in every module (ast; imports inside functions count too):
                     -> core (engine, draft, llama, protocol, rollout decision, checkpoint, ...)
 
 The runtime never imports the operator; the operator never imports torch, not even through
-the runtime modules it imports.
+the runtime modules it imports. Names shared between processes are spelled once, next to the
+protocol: the built-in revision names (protocol.Builtin) and the Redis keys (protocol.Keys).
 """
 
 from __future__ import annotations
@@ -234,3 +235,27 @@ def test_builtin_revision_names_are_spelled_only_in_protocol_builtin() -> None:
 def test_builtin_revision_names_are_spelled_only_in_protocol_builtin_everywhere() -> None:
     others = [m for m in modules() if m != "aurora.runtime.protocol"]
     assert builtin_literals(others) == []
+
+
+KEY_PARTS = {":traces", ":traces:dead", ":stats", ":candidates", ":desired", ":loaded"}
+KEY_PARTS |= {":rollout", ":trainer", "aurora:"}
+
+
+def key_spellings(modules_: list[str]) -> dict[str, str]:
+    """`module:line` -> the key part, for each f-string that builds a Redis key by hand
+    (a part such as `aurora:` or `:traces` next to a substituted value)."""
+    found = {}
+    for module in modules_:
+        path = modules()[module]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.JoinedStr):
+                for value in node.values:
+                    if isinstance(value, ast.Constant) and value.value in KEY_PARTS:
+                        found[f"{module}:{node.lineno}"] = value.value
+    return found
+
+
+def test_redis_keys_are_spelled_only_in_protocol_keys() -> None:
+    assert key_spellings([m for m in modules() if m != "aurora.runtime.protocol"]) == {}
+    # and the check sees every key the protocol spells
+    assert set(key_spellings(["aurora.runtime.protocol"]).values()) == KEY_PARTS
