@@ -54,7 +54,9 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
         "reports the throughput ratio online/static after the shift and the requests needed "
         "to recover.",
     )
-    a.add_argument("--model", default="smollm2-135m")
+    from aurora.runtime.bench_adapt import AdaptConfig
+    from aurora.runtime.options import add_options
+
     source = a.add_mutually_exclusive_group()
     source.add_argument(
         "--schedule",
@@ -70,76 +72,7 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
         '{"messages": [...]} per line): once, it is the traffic after the shift (prose before); '
         "twice, the first is before the shift and the second after",
     )
-    a.add_argument("--requests-before", type=int, default=8, metavar="N")
-    a.add_argument("--requests-after", type=int, default=40, metavar="N")
-    a.add_argument(
-        "--distinct-prompts",
-        type=int,
-        default=16,
-        metavar="N",
-        help="recurring traffic: each domain draws from this many distinct prompts, as in "
-        "`aurora local` (default: 16; 0 = all prompts)",
-    )
-    a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--spec-tokens", type=int, default=3, help="k for every arm (default: 3)")
-    a.add_argument(
-        "--block", type=int, default=8, help="requests served between training slices (default: 8)"
-    )
-    a.add_argument(
-        "--steps-per-block",
-        type=int,
-        default=16,
-        help="optimizer steps each online trainer runs per slice, at most (default: 16, "
-        "2 per trace at the default block)",
-    )
-    a.add_argument(
-        "--fit-prompts", type=int, default=16, help="prompts the static draft is fitted on"
-    )
-    a.add_argument("--fit-epochs", type=int, default=6)
-    a.add_argument("--lambda-discard", type=float, default=0.5, help="for the online arm")
-    a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument(
-        "--publish-margin",
-        type=float,
-        default=0.05,
-        help="a candidate is published when its offline accept length beats the served "
-        "revision's by this fraction (the trainer's default: 0.05)",
-    )
-    a.add_argument(
-        "--window",
-        type=int,
-        default=16,
-        help="last requests after the shift over which throughput is compared (default: 16)",
-    )
-    a.add_argument(
-        "--rolling", type=int, default=8, help="rolling window for accept length (default: 8)"
-    )
-    a.add_argument(
-        "--recover-fraction",
-        type=float,
-        default=0.9,
-        help="recovered: rolling accept length stays at or above this fraction of the static "
-        "draft's pre-shift level (default: 0.9)",
-    )
-    a.add_argument(
-        "--target-accept-length",
-        type=float,
-        default=1.5,
-        help="accept length for the traces-needed figure (default: 1.5)",
-    )
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default: 1, robust on a shared machine; 0 = all cores)",
-    )
-    a.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("aurora-bench-adapt"),
-        help="cached static draft, trainer checkpoints and the plot (default: ./aurora-bench-adapt)",
-    )
+    add_options(a, AdaptConfig)
     a.add_argument("--plot", type=Path, default=None, help="PNG path (default: WORKDIR/adapt.png)")
     a.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
@@ -228,28 +161,9 @@ def _adapt(args: argparse.Namespace) -> int:
 
     from aurora.runtime.bench import write_json
     from aurora.runtime.bench_adapt import AdaptConfig, plot, rolling_mean, run_adapt
+    from aurora.runtime.options import from_args
 
-    config = AdaptConfig(
-        model=args.model,
-        schedule=adapt_schedule(args),
-        seed=args.seed,
-        distinct_prompts=args.distinct_prompts,
-        max_new_tokens=args.max_new_tokens,
-        k=args.spec_tokens,
-        block=args.block,
-        steps_per_block=args.steps_per_block,
-        fit_prompts=args.fit_prompts,
-        fit_epochs=args.fit_epochs,
-        lambda_discard=args.lambda_discard,
-        lr=args.lr,
-        publish_margin=args.publish_margin,
-        window=args.window,
-        rolling=args.rolling,
-        recover_fraction=args.recover_fraction,
-        target_accept_length=args.target_accept_length,
-        threads=args.threads,
-        workdir=args.workdir,
-    )
+    config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
     console = Console()
     columns = (
         TextColumn("{task.description}"),
