@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aurora.runtime.protocol import Builtin
 from aurora.runtime.llama import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, rope_theta
+from aurora.runtime.protocol import Builtin
 
 # ---------------------------------------------------------------------------- config
 

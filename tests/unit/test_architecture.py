@@ -227,11 +227,6 @@ def test_builtin_revision_names_are_spelled_only_in_protocol_builtin() -> None:
     assert len(builtin_literals(["aurora.runtime.protocol"])) == len(BUILTIN_NAMES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer still spells them until the `trainer` helper lands (issue 14); the "
-    "lead removes this mark",
-)
 def test_builtin_revision_names_are_spelled_only_in_protocol_builtin_everywhere() -> None:
     others = [m for m in modules() if m != "aurora.runtime.protocol"]
     assert builtin_literals(others) == []
