@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora.errors import UsageError
+from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_domain, split_prompts
 
@@ -54,7 +55,7 @@ NAMESPACE = "bench"
 class AdaptConfig:
     """Everything `aurora bench adapt` takes; each knob's flag is generated from its field."""
 
-    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    model: str = model_knob()
     schedule: str = ""  # the request stream; "" is prose:REQUESTS_BEFORE,code:REQUESTS_AFTER
     requests_before: int = knob(8, "requests before the shift (default schedule)", metavar="N")
     requests_after: int = knob(40, "requests after the shift (default schedule)", metavar="N")

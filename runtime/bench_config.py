@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aurora.errors import UsageError
+from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 
 
@@ -15,7 +16,7 @@ from aurora.runtime.options import knob
 class BenchConfig:
     """The knobs every decode benchmark shares: the model, the prompts, threads, output."""
 
-    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    model: str = model_knob()
     domain: str = knob("code", "built-in workload domain or file:PATH")
     prompts: int = knob(8, "number of prompts, one request each")
     seed: int = knob(0, "seed of the split into train and held-out prompts")

@@ -37,6 +37,7 @@ import redis
 from aurora.runtime import protocol
 from aurora.runtime.checkpoint import CheckpointStore, save_checkpoint
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
+from aurora.runtime.models import DEFAULT_MODEL
 from aurora.runtime.options import add_options, from_args, knob, option_args, to_args
 from aurora.runtime.protocol import Builtin, DesiredState, Keys, RevisionRef
 from aurora.runtime.server.config import ServerConfig
@@ -71,7 +72,7 @@ class ChaosConfig:
     max_new_tokens: int = knob(8, "tokens per request")
     trainer_kills: int = knob(6, "trainer SIGKILLs (0 skips the trainer phase)")
     trainer_traces: int = knob(48, "traces the trainer must incorporate")
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     seed: int = knob(0, "seed of the swap schedule and the revisions' random heads")
     confirm_timeout_s: float = 90.0
 
@@ -140,7 +141,7 @@ def write_revision(target: Any, root: Path, revision: str, seed: int) -> Path:
 
     from aurora.runtime.draft import DraftConfig, EagleDraftHead
 
-    config = DraftConfig.for_target(target.config, "smollm2-135m")
+    config = DraftConfig.for_target(target.config, DEFAULT_MODEL)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = EagleDraftHead(config, target.get_input_embeddings())

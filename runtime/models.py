@@ -25,6 +25,7 @@ from typing import Any
 
 from aurora.errors import UsageError
 from aurora.paths import downloads_dir, models_dir
+from aurora.runtime.options import knob
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,11 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def model_knob() -> Any:
+    """The `--model` knob of every command that loads the target (one default, one help)."""
+    return knob(DEFAULT_MODEL, "target model: alias, local directory or Hugging Face id")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

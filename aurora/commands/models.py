@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from aurora.runtime.models import DEFAULT_MODEL
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,13 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Idempotent: a second run only re-verifies.",
     )
     pull.add_argument(
-        "alias", nargs="?", default="smollm2-135m", help="model alias (default: smollm2-135m)"
+        "alias", nargs="?", default=DEFAULT_MODEL, help=f"model alias (default: {DEFAULT_MODEL})"
     )
     pull.add_argument("--force", action="store_true", help="convert again even if cached")
     pull.set_defaults(handler=_pull)
 
     verify = sub.add_parser("verify", help="re-check a pulled model's checksums and greedy output")
-    verify.add_argument("alias", nargs="?", default="smollm2-135m")
+    verify.add_argument("alias", nargs="?", default=DEFAULT_MODEL)
     verify.set_defaults(handler=_verify)
 
     listing = sub.add_parser("list", help="list known aliases and whether they are pulled")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora.runtime import protocol
+from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.rollout import RolloutPolicy
 
@@ -23,7 +24,7 @@ LOCAL_ROLLOUT: dict[str, Any] = {
 
 @dataclass
 class LocalConfig:
-    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    model: str = model_knob()
     schedule: str = knob(
         "code:60,prose:400",
         "traffic schedule: day-0 code traffic, then a shift to prose by default (see "

@@ -14,6 +14,7 @@ import redis
 
 from aurora.errors import UsageError
 from aurora.runtime import protocol
+from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.protocol import BUILTIN_REVISIONS, Builtin, Keys
 
@@ -26,7 +27,7 @@ def default_server_id() -> str:
 class ServerConfig:
     """Everything `aurora serve` takes; each knob's flag is generated from its field."""
 
-    model: str = knob("smollm2-135m", "model alias, local directory or Hugging Face id")
+    model: str = model_knob()
     host: str = knob("127.0.0.1", "address to bind")
     port: int = knob(8000, "TCP port")
     draft: str = knob(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aurora.errors import UsageError
 from aurora.runtime import protocol
+from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.protocol import Builtin
 
@@ -22,7 +23,7 @@ def _default_consumer() -> str:
 class TrainerConfig:
     """Everything `aurora train` takes; each knob's flag is generated from its field."""
 
-    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    model: str = model_knob()
     speculator: str = knob(
         "default/local",
         "whose traces to read (Redis keys aurora:NAMESPACE:NAME:*)",
@@ -100,7 +101,7 @@ class TrainerConfig:
 class FitConfig:
     """Everything `aurora draft fit` takes (and `fit_draft`, the offline training loop)."""
 
-    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    model: str = model_knob()
     domain: str = knob("code", "built-in workload domain or file:PATH")
     prompts: int = knob(40, "training prompts")
     heldout: int = knob(8, "held-out prompts to evaluate on")
