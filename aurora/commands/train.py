@@ -95,6 +95,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Kubernetes probes use it; the operator passes 9100). Default 0: off. With several "
         "ranks, rank r serves on port + r",
     )
+    p.add_argument(
+        "--serve-checkpoints-port",
+        type=int,
+        default=0,
+        help="serve the checkpoints over HTTP on this port (GET /revisions/REV/FILE), for "
+        "servers that share no volume with the trainer; rank 0 only. Default 0: off",
+    )
+    p.add_argument(
+        "--advertise-url",
+        default=None,
+        metavar="URL",
+        help="base URL of that endpoint as servers reach it (e.g. the trainer's Service, "
+        "http://NAME-trainer.NS.svc:9200); each candidate record carries its revision's URL",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps"
@@ -132,12 +146,24 @@ def _run(args: argparse.Namespace) -> int:
                 f"--metrics-port={args.metrics_port + rank}: cannot listen ({error.strerror}); "
                 "pick a free port or 0 to turn the endpoint off"
             ) from None
+    if args.serve_checkpoints_port and rank == 0:
+        from aurora.runtime.trainer.serve_checkpoints import serve_checkpoints
+
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            serve_checkpoints(args.checkpoint_dir, args.serve_checkpoints_port)
+        except OSError as error:
+            raise UsageError(
+                f"--serve-checkpoints-port={args.serve_checkpoints_port}: cannot listen "
+                f"({error.strerror}); pick a free port or 0 to turn it off"
+            ) from None
     config = TrainerConfig(
         model=args.model,
         namespace=namespace,
         name=name,
         redis_url=args.redis_url,
         checkpoint_dir=args.checkpoint_dir,
+        advertise_url=args.advertise_url if args.serve_checkpoints_port else None,
         consumer=f"{socket.gethostname()}-{os.getpid()}-rank{rank}",
         init=args.init,
         device=args.device,

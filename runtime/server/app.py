@@ -55,6 +55,7 @@ from aurora.runtime.server.revisions import (
     NONE,
     SCRATCH,
     Revision,
+    RevisionFetcher,
     RevisionLoader,
     RevisionSet,
     RevisionWatcher,
@@ -231,8 +232,9 @@ class ServerRuntime:
         self.worker.start()
         if self.redis is not None:
             loader = RevisionLoader(
-                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir
-            )
+                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir,
+                fetch=RevisionFetcher(self.redis, self.keys),
+            )  # fmt: skip
             self.watcher = RevisionWatcher(
                 self.revisions,
                 loader,

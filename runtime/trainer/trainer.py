@@ -52,6 +52,7 @@ from aurora.runtime.trainer.objective import (
     build_vocabulary,
     evaluate,
 )
+from aurora.runtime.trainer.serve_checkpoints import revision_url
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class TrainerConfig:
     name: str = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
     checkpoint_dir: Path = Path("checkpoints")
+    # Base URL where servers fetch this trainer's checkpoints (serve_checkpoints.py);
+    # None: servers read them from a shared volume at the record's path.
+    advertise_url: str | None = None
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     init: str = "scratch"  # or a checkpoint directory
     device: str = "cpu"
@@ -560,9 +564,10 @@ class Trainer:
             self._status(last_evaluation=evaluation)
             return None
         _, meta = load_checkpoint(self.store.path(revision))
-        protocol.offer_candidate(
-            self.redis, self.keys, meta.to_candidate(self.store.path(revision))
-        )
+        record = meta.to_candidate(self.store.path(revision))
+        if c.advertise_url:
+            record = record.model_copy(update={"url": revision_url(c.advertise_url, revision)})
+        protocol.offer_candidate(self.redis, self.keys, record)
         self.published = revision
         log.info(
             "published candidate %s: offline accept length %.2f vs stable %s %.2f",
