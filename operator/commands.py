@@ -82,7 +82,7 @@ def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str
             "--serve-checkpoints-port", str(CHECKPOINTS_PORT),
             "--advertise-url", trainer_url(namespace, name),
         ]  # fmt: skip
-    return command
+    return command + list(training.extra_args)
 
 
 def fetch_draft_command(spec: SpeculatorSpec) -> list[str]:

@@ -445,6 +445,9 @@ class TrainingSpec(PodOptions):
     sync_every_traces: int = Field(
         200, ge=1, le=10_000_000, description="Publish a candidate every this many traces."
     )
+    extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Appended to the trainer command line."
+    )
 
 
 _POLICY = RolloutPolicy.model_validate(

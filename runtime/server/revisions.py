@@ -160,14 +160,12 @@ class RevisionFetcher:
     def __init__(self, client: redis.Redis, keys: Keys, keep: int = 3) -> None:
         self.client, self.keys, self.keep = client, keys, keep
 
-    def __call__(self, ref: RevisionRef, dest: Path) -> Path:
+    def __call__(self, ref: RevisionRef, dest: Path) -> Path | None:
+        """`dest` holding the fetched revision; None when its record names no URL (the
+        trainer shares a volume with this server instead)."""
         record = get_candidate(self.client, self.keys, ref.revision)
         if record is None or not record.url:
-            raise FileNotFoundError(
-                f"revision {ref.revision!r}: no checkpoint at {dest} and its candidate record "
-                "names no URL to fetch it from (servers and trainer need a shared volume, or "
-                "the trainer needs --serve-checkpoints-port and --advertise-url)"
-            )
+            return None
         fetch_revision(record.url, ref.revision, record.sha256, dest)
         prune_fetched(dest.parent, self.keep, protect={ref.revision})
         return dest
@@ -186,17 +184,22 @@ class RevisionLoader:
         build_builtin: Callable[[str], Revision],
         build_head: Callable[[Path], Revision],
         checkpoint_dir: str | None,
-        fetch: Callable[[RevisionRef, Path], Path] | None = None,
+        fetch: Callable[[RevisionRef, Path], Path | None] | None = None,
     ) -> None:
         self.build_builtin, self.build_head = build_builtin, build_head
         self.checkpoint_dir, self.fetch = checkpoint_dir, fetch
 
     def resolve(self, ref: RevisionRef) -> Path:
-        """The checkpoint's folder on this server, fetched first when it is not here."""
-        path = self.path_of(ref)
-        if self.fetch is not None and not path.is_dir():
-            path = self.fetch(ref, path)
-        return path
+        """The checkpoint's folder on this server: already in `checkpoint_dir`, else
+        downloaded from where the trainer published it (when its record says), else the
+        ref's own path (a volume shared with the trainer)."""
+        if self.checkpoint_dir and (Path(self.checkpoint_dir) / ref.revision).is_dir():
+            return Path(self.checkpoint_dir) / ref.revision
+        if self.fetch is not None:
+            fetched = self.fetch(ref, Path(self.checkpoint_dir or ".") / ref.revision)
+            if fetched is not None:
+                return fetched
+        return self.path_of(ref)
 
     def path_of(self, ref: RevisionRef) -> Path:
         """The ref's own path when it exists, else ``<checkpoint_dir>/<revision>``."""

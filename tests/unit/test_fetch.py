@@ -172,3 +172,33 @@ def test_an_archive_cannot_write_outside_the_drafts_folder(
     with pytest.raises(FetchError, match="cannot unpack"):
         fetch_draft(f"{base}/evil.tgz", hashlib.sha256(data).hexdigest(), tmp_path / "drafts")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_server_prefers_its_own_copy_then_the_publishers_url_then_a_shared_path(
+    tmp_path: Path,
+) -> None:
+    from aurora.runtime.protocol import RevisionRef
+    from aurora.runtime.server.revisions import Revision, RevisionLoader
+
+    shared = tmp_path / "trainer-volume" / "r5"  # a path the record names
+    shared.mkdir(parents=True)
+    fetched: list[str] = []
+
+    def fetch(ref: RevisionRef, dest: Path) -> Path | None:
+        fetched.append(ref.revision)
+        if ref.revision == "r-no-url":
+            return None  # published without a URL: the shared volume it is
+        dest.mkdir(parents=True)
+        return dest
+
+    def never(_: object) -> Revision:
+        raise AssertionError("not used")
+
+    mine = tmp_path / "server-volume"
+    loader = RevisionLoader(never, never, str(mine), fetch)
+    # a record with a URL is downloaded even when its path happens to be readable here
+    assert loader.resolve(RevisionRef(revision="r5", path=str(shared))) == mine / "r5"
+    assert loader.resolve(RevisionRef(revision="r5", path=str(shared))) == mine / "r5"
+    assert fetched == ["r5"]  # the second time, its own copy
+    no_url = RevisionRef(revision="r-no-url", path=str(shared))
+    assert loader.resolve(no_url) == shared

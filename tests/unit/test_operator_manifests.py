@@ -357,3 +357,23 @@ def test_hadolint_passes() -> None:
         [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------- Helm chart
+
+CHART = ROOT / "charts" / "aurora"
+
+
+def test_the_chart_ships_the_generated_crd_and_the_peering_crds() -> None:
+    # Helm installs charts/aurora/crds/ before the templates; they must be the same CRDs
+    # as kustomize installs (rendering and kubeconform: tests/e2e/test_packaging.py).
+    assert (CHART / "crds" / crd.CRD_FILENAME).read_text() == crd.render_crd()
+    assert (CHART / "crds" / "kopf-peering.yaml").read_text() == (
+        MANIFESTS / "base" / "peering" / "peering-crds.yaml"
+    ).read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert chart["appVersion"] == pyproject["project"]["version"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["replicaCount"] == 2 and values["scope"] == "cluster"
+    assert values["serviceMonitors"]["labels"] == {"release": "kube-prometheus-stack"}
