@@ -1,6 +1,6 @@
 """The kopf handlers: thin glue from Kubernetes events to plain functions (children,
 validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
-and Redis (`aurora.operator.driver`). Importing this module registers them with kopf.
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -31,14 +31,14 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import children, driver, events, redis_access, validation
+from aurora.operator import children, events, redis_access, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
 from aurora.operator.names import selector_text
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
 from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
-from aurora.runtime.rollout import Override, RolloutState, measure
+from aurora.runtime.rollout import Override, RolloutState, loop, measure
 
 FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
@@ -102,13 +102,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             memo.cluster.ensure_peering(memo.peering, namespace)
 
 
-def _refusal(body: Mapping[str, Any], memo: kopf.Memo) -> tuple[list[str], str]:
-    """(errors, condition reason): an invalid spec, or a Redis the operator may not use."""
-    errors = validation.validate_semantics(body)
-    if errors:
-        return errors, "InvalidSpec"
-    refused = validation.redis_refusal(body, memo.settings.redis)
-    return ([refused], validation.REDIS_NOT_ALLOWED) if refused else ([], "")
+def _refusal(
+    body: Mapping[str, Any], memo: kopf.Memo
+) -> tuple[SpeculatorSpec | None, list[str], str]:
+    """(the parsed spec, errors, condition reason): an invalid spec, or a Redis the
+    operator may not use. The one parse of the spec per handler call."""
+    spec, errors = validation.checked_spec(body)
+    if spec is None or errors:
+        return spec, errors, "InvalidSpec"
+    refused = redis_access.refusal(spec, memo.settings.redis)
+    return spec, ([refused] if refused else []), validation.REDIS_NOT_ALLOWED
 
 
 # ---------------------------------------------------------------------- children
@@ -172,8 +175,8 @@ def reconcile(
     """Follow the spec: children applied, status for this generation."""
     with memo.metrics.reconciling("reconcile") as outcome:
         generation = int(meta.get("generation") or 0)
-        errors, reason = _refusal(body, memo)
-        if errors:
+        spec, errors, reason = _refusal(body, memo)
+        if spec is None or errors:
             outcome.error = reason
             if status.get("observedGeneration") != generation:  # one Event per generation
                 kopf.warn(body, reason=reason, message="; ".join(errors)[:1024])
@@ -187,13 +190,12 @@ def reconcile(
         if apply_error:
             outcome.error = "ApplyFailed"
             kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
-        enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
         observation = Observation(
             generation,
             expected_servers=expected,
             servers=servers,
             apply_error=apply_error,
-            rollout_enabled=enabled,
+            rollout_enabled=spec.rollout.enabled,
             selector=selector_text(body["metadata"]["name"], "server"),
         )
         _write_status(patch, status, observation)
@@ -206,7 +208,7 @@ def _client(memo: kopf.Memo, url: str, password: str | None) -> Any:
     key = (url, password)
     clients = memo.redis_clients  # shared by every Speculator (kopf copies memo shallowly)
     if key not in clients:
-        clients[key] = driver.connect(url, password)
+        clients[key] = loop.connect(url, password)
     return clients[key]
 
 
@@ -237,7 +239,7 @@ def _provision(memo: kopf.Memo, body: Mapping[str, Any], *, strict: bool = False
         return
     try:
         redis_access.provision(_admin(memo), namespace, name, access.password)
-    except driver.REDIS_ERRORS as error:
+    except loop.REDIS_ERRORS as error:
         if strict:
             raise
         log.warning("%s/%s: cannot create its Redis user yet: %s", namespace, name, error)
@@ -256,12 +258,11 @@ def rollout(
     if meta.get("deletionTimestamp"):
         return  # being deleted: nothing to re-apply or roll out
     generation = int(meta.get("generation") or 0)
-    errors, reason = _refusal(body, memo)
-    if errors:
+    spec, errors, reason = _refusal(body, memo)
+    if spec is None or errors:
         refused = Observation(generation, spec_errors=errors, spec_error_reason=reason)
         _write_status(patch, status, refused)
         return
-    spec = SpeculatorSpec.model_validate(body["spec"])
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
         return
@@ -304,13 +305,13 @@ def _round(
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
-    except (*driver.REDIS_ERRORS, LookupError, ApiException) as error:
+    except (*loop.REDIS_ERRORS, LookupError, ApiException) as error:
         if isinstance(error, LookupError):
             problem = f"cannot read the Redis password: {error}"
         elif isinstance(error, ApiException):
             problem = f"cannot read the Redis password Secret: {api_message(error)}"
         else:
-            problem = driver.redis_problem(spec.traces.redis_url, error)
+            problem = loop.redis_problem(spec.traces.redis_url, error)
         memo.metrics.redis_errors.labels(namespace, name).inc()
         observation = replace(observation, redis_error=problem)
     else:
@@ -326,10 +327,10 @@ def _rollout_round(
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    keys, policy = Keys(namespace, name), spec.rollout.policy()
+    keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
     if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = driver.SampleWindow(size=policy.max_canary_samples)
+        window = memo.window = loop.SampleWindow(size=policy.max_canary_samples)
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
@@ -337,7 +338,7 @@ def _rollout_round(
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )
-    result = driver.run_round(
+    result = loop.run_round(
         client, keys, policy, state, window, now, live_pods=pods, override=override
     )
     for event in result.decision.events:
@@ -433,11 +434,11 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         spec = SpeculatorSpec.model_validate(body["spec"])
         access = redis_access.plan(spec, namespace, name, memo.settings.redis)
         if access.managed:  # its own user cannot SCAN: the admin deletes, then the user
-            deleted = driver.delete_speculator_keys(_admin(memo), keys)
+            deleted = loop.delete_speculator_keys(_admin(memo), keys)
             redis_access.deprovision(_admin(memo), namespace, name)
         else:
-            deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace, name), keys)
-    except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
+            deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace, name), keys)
+    except (*loop.REDIS_ERRORS, LookupError, ValidationError) as error:
         if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(
                 f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10

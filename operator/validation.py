@@ -140,6 +140,11 @@ def validate_semantics(body: Mapping[str, Any]) -> list[str]:
     """Every error in a Speculator that the API server's schema did not (or could not)
     refuse, each naming the field, the value and the fix; empty when the spec is good.
     Runs the pydantic models too, so CEL rules hold even where no API server ran them."""
+    return checked_spec(body)[1]
+
+
+def checked_spec(body: Mapping[str, Any]) -> tuple[SpeculatorSpec | None, list[str]]:
+    """The parsed spec (None when the models refuse it) and `validate_semantics`' errors."""
     name = str(body.get("metadata", {}).get("name", ""))
     errors = []
     if len(name) > MAX_NAME_LENGTH:
@@ -153,13 +158,7 @@ def validate_semantics(body: Mapping[str, Any]) -> list[str]:
         for item in error.errors():
             message = str(item["msg"]).removeprefix("Value error, ")
             errors.append(f"{_location(item['loc'])}: {message}")
-        return errors
-    try:  # the rollout policy's own checks, should it ever refuse more than the CRD
-        spec.rollout.policy()
-    except ValidationError as error:
-        errors += [
-            f"spec.rollout: {str(e['msg']).removeprefix('Value error, ')}" for e in error.errors()
-        ]
+        return None, errors
     errors += _resource_errors("engine", spec.engine.resources)
     errors += _resource_errors("training", spec.training.resources)
     errors += _pod_errors("engine", spec.engine) + _pod_errors("training", spec.training)
@@ -170,4 +169,4 @@ def validate_semantics(body: Mapping[str, Any]) -> list[str]:
             "spec.traces.redisUrl carries a password, which would show in every pod spec: "
             "remove it from the URL and reference a Secret with spec.traces.passwordSecretRef"
         )
-    return errors
+    return spec, errors

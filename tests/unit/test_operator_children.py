@@ -438,19 +438,3 @@ def test_torch_pods_with_gpus_get_the_cuda_runtime_image() -> None:
     assert _container(sglang["Deployment/llama31-8b-server"])["image"] == "s:1"
     torch = _by_name(desired_children(TORCH, OperatorSettings(images=images)))
     assert _container(torch["Deployment/smollm2-cpu-server"])["image"] == "r:cpu"
-
-
-def test_what_the_rollout_policy_refuses_is_an_invalid_spec(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Should the policy ever refuse more than the CRD does, the Speculator is InvalidSpec
-    # rather than a timer that fails every round.
-    from aurora.operator.spec import RolloutSpec
-    from aurora.runtime.rollout import RolloutPolicy
-
-    def stricter(self: RolloutSpec) -> RolloutPolicy:
-        return RolloutPolicy.model_validate({"minSamples": 1})
-
-    monkeypatch.setattr(RolloutSpec, "policy", stricter)
-    errors = validate_semantics(TORCH)
-    assert errors and all(error.startswith("spec.rollout: ") for error in errors)

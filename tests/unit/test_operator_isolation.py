@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from operator_harness import Events, RecordingCluster, call, operator_memo, speculator
 
-from aurora.operator import driver, handlers, redis_access
+from aurora.operator import handlers, redis_access
 from aurora.operator.children import desired_children
 from aurora.operator.network import network_policies
 from aurora.operator.settings import OperatorSettings, RedisSettings
 from aurora.operator.spec import SpeculatorSpec
 from aurora.runtime.protocol import Keys
+from aurora.runtime.rollout import loop
 
 pytestmark = pytest.mark.unit
 
@@ -186,7 +187,7 @@ def test_a_redis_outside_the_allowlist_is_refused_before_any_secret_or_connectio
     def no_connection(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"the operator connected to {args}")
 
-    monkeypatch.setattr(driver, "connect", no_connection)
+    monkeypatch.setattr(loop, "connect", no_connection)
     # when a Speculator points at a host its author picked, with a Secret of the namespace
     evil = speculator(traces={"redisUrl": "redis://collector.evil.example:6379/0",
                               "passwordSecretRef": {"name": "db"}})  # fmt: skip
@@ -219,7 +220,7 @@ def test_a_managed_speculator_gets_its_secret_created_once_and_never_read(
     monkeypatch.setattr(
         redis_access, "provision", lambda admin, ns, name, pw: provisioned.append((ns, name))
     )
-    monkeypatch.setattr(driver, "connect", lambda url, password: object())
+    monkeypatch.setattr(loop, "connect", lambda url, password: object())
     body = speculator(traces={"redisUrl": MANAGED_URL})
     after, _ = call(handlers.reconcile, body, memo)
     again, _ = call(handlers.reconcile, copy.deepcopy(after), memo)

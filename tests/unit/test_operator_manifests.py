@@ -340,7 +340,7 @@ def test_dockerfile_copies_only_what_exists_and_installs_real_extras() -> None:
 def test_the_operator_runs_without_torch() -> None:
     # The operator image has no torch: importing everything it runs must not need it.
     code = (
-        "import sys; import aurora.operator.handlers, aurora.operator.children, aurora.operator.status, aurora.operator.driver, "
+        "import sys; import aurora.operator.handlers, aurora.operator.children, aurora.operator.status, aurora.runtime.rollout.loop, "
         "aurora.commands.operator; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(
