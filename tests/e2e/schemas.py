@@ -4,7 +4,8 @@ server publishes every built-in kind and every installed CRD's schema there, so 
 schemas match the Kubernetes version the e2e tests run.
 
 One file per kind, at `<dest>/<group>/<kind>_<version>.json` (core kinds at
-`<dest>/<kind>_<version>.json`), the layout kubeconform reads with
+`<dest>/v1/<kind>_v1.json`: kubeconform's `.Group` of "v1" is "v1"), the layout kubeconform
+reads with
 `-schema-location '<dest>/{{.Group}}/{{.ResourceKind}}_{{.ResourceAPIVersion}}.json'`.
 Each holds the definitions its kind reaches. As in the upstream "standalone-strict"
 schemas: objects refuse unknown fields (unless marked x-kubernetes-preserve-unknown-
@@ -23,15 +24,22 @@ _STRING_OR_INTEGER = {"oneOf": [{"type": "string"}, {"type": "integer"}]}
 _STRING_OR_NUMBER = {"oneOf": [{"type": "string"}, {"type": "number"}]}
 
 
-def _strict(node: Any) -> Any:
-    """A definition rewritten for strict validation (recursively)."""
-    if isinstance(node, list):
-        return [_strict(item) for item in node]
-    if not isinstance(node, Mapping):
-        return node
-    if node.get("format") == "int-or-string" or node.get("x-kubernetes-int-or-string"):
+def _strict(schema: Any) -> Any:
+    """A schema node rewritten for strict validation, recursing into its sub-schemas
+    (not into `properties` maps, whose keys are field names such as "format")."""
+    if not isinstance(schema, Mapping):
+        return schema
+    if schema.get("format") == "int-or-string" or schema.get("x-kubernetes-int-or-string") is True:
         return dict(_STRING_OR_INTEGER)
-    out = {key: _strict(value) for key, value in node.items()}
+    out = dict(schema)
+    if isinstance(schema.get("properties"), Mapping):
+        out["properties"] = {name: _strict(sub) for name, sub in schema["properties"].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), Mapping):
+            out[key] = _strict(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            out[key] = [_strict(sub) for sub in schema[key]]
     if (
         "properties" in out
         and "additionalProperties" not in out
@@ -82,7 +90,7 @@ def write_schemas(openapi_v2: Mapping[str, Any], dest: Path) -> list[str]:
             reach = _reachable(definitions, name)
             schema = copy.deepcopy(_converted(name, definition))
             schema["definitions"] = {n: _converted(n, d) for n, d in reach.items()}
-            folder = dest / group if group else dest
+            folder = dest / (group or version)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{kind.lower()}_{version}.json").write_text(json.dumps(schema))
             written.append(f"{group}/{version}/{kind}")

@@ -7,6 +7,7 @@ dry run). helm and kubeconform are built from Go modules (tests/e2e/tools/build.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.packaging]
 
 CHART = ROOT / "charts" / "aurora"
 RELEASE, NAMESPACE = "aurora", "aurora-system"
+# helm template renders for this Kubernetes version (the one the e2e API server runs)
+KUBE_VERSION = os.environ.get("AURORA_E2E_K8S_VERSION", "v1.37.2")
 CHART_VARIANTS = {
     "default": [],
     "namespaced": ["--set", "scope=namespace"],
@@ -40,8 +43,13 @@ def schemas(installed: Installed, tools: Path, tmp_path_factory: pytest.TempPath
     Prometheus Operator's ServiceMonitor (from its Go module)."""
     servicemonitors = tools.parent / "crds" / "monitoring.coreos.com_servicemonitors.yaml"
     installed.kubectl("apply", "--server-side", "-f", str(servicemonitors))
-    installed.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/servicemonitors.monitoring.coreos.com")  # fmt: skip
+    for _ in range(60):  # (kubectl wait fails on a CRD that has no conditions yet)
+        crd = json.loads(installed.kubectl(
+            "get", "crd", "servicemonitors.monitoring.coreos.com", "-o", "json").stdout)  # fmt: skip
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            break
+        time.sleep(1)
     dest = tmp_path_factory.mktemp("schemas")
     for _ in range(30):  # the CRD reaches the published OpenAPI shortly after it is served
         openapi = json.loads(installed.kubectl("get", "--raw", "/openapi/v2").stdout)
@@ -57,7 +65,7 @@ def schemas(installed: Installed, tools: Path, tmp_path_factory: pytest.TempPath
 def helm_template(tools: Path, *args: str) -> str:
     done = subprocess.run(
         [str(tools / "helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-         "--include-crds", *args],
+         "--include-crds", "--kube-version", KUBE_VERSION, *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
