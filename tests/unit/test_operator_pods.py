@@ -222,6 +222,12 @@ def test_the_day0_draft_is_fetched_by_an_init_step_not_copied_by_hand() -> None:
         assert mounts(template)["/drafts"]["readOnly"] is True
     server = pod(kids, "chat-server")["spec"]["containers"][0]["command"]
     assert server[server.index("--draft") + 1] == "/drafts/eagle3"
+    # the init step is a real `aurora` command line
+    from aurora.cli import build_parser
+
+    (init,) = pod(kids, "chat-server")["spec"]["initContainers"]
+    parsed = build_parser().parse_args(init["command"][1:])
+    assert (parsed.url, parsed.sha256, str(parsed.into)) == ("https://h/eagle3.tgz", SHA, "/drafts")
     outside = copy.deepcopy(draft)
     outside["initial"] = "/models/eagle3"
     with pytest.raises(ValueError, match=r"draft\.fetch puts the day-0 draft under /drafts/"):
