@@ -61,6 +61,7 @@ class ServerSummary:
     rolled_out: bool
     message: str
     stuck: str | None = None
+    current: int = 0  # server pods that exist, old and new (the scale subresource's count)
 
 
 def summarize_servers(
@@ -71,7 +72,7 @@ def summarize_servers(
     old replica is left (old pods still serving is not done)."""
     by_name = {d.get("metadata", {}).get("name"): d for d in observed}
     desired = sum(expected.values())
-    ready = updated = 0
+    ready = updated = current = 0
     problems: list[str] = []
     stuck = None
     for deployment_name, replicas in sorted(expected.items()):
@@ -88,6 +89,7 @@ def summarize_servers(
         d_total = int(status.get("replicas") or 0)
         ready += min(d_ready, replicas)
         updated += min(d_updated, replicas)
+        current += d_total
         if wanted != replicas:
             problems.append(f"{deployment_name} has {wanted} replicas, the spec wants {replicas}")
         elif int(status.get("observedGeneration") or 0) < generation:
@@ -104,7 +106,7 @@ def summarize_servers(
             ):
                 stuck = f"{deployment_name}: {cond.get('message', 'progress deadline exceeded')}"
     message = "; ".join(problems) or f"{ready}/{desired} server replicas ready"
-    return ServerSummary(desired, ready, updated, not problems, message, stuck)
+    return ServerSummary(desired, ready, updated, not problems, message, stuck, current)
 
 
 def measurement_status(m: Measurement) -> dict[str, Any]:
@@ -138,6 +140,7 @@ class Observation:
 
     generation: int
     spec_errors: Sequence[str] = ()
+    spec_error_reason: str = "InvalidSpec"  # or why the operator refused it (RedisNotAllowed)
     expected_servers: Mapping[str, int] = field(default_factory=dict)
     servers: Sequence[Mapping[str, Any]] | None = None
     apply_error: str | None = None
@@ -148,6 +151,7 @@ class Observation:
     measurement: Measurement | None = None  # when the policy did not run (rollout disabled)
     rollout_error: str | None = None
     trace_lag: int | None = None
+    selector: str | None = None  # the server pods' label selector (for autoscalers)
 
 
 def _rollout_condition(
@@ -267,10 +271,13 @@ def build_status(
             "ready": summary.ready,
             "updated": summary.updated,
         }
+        status["replicas"] = summary.current
+    if o.selector is not None:
+        status["selector"] = o.selector
     if o.spec_errors:
         message = "; ".join(o.spec_errors)
-        ready = progressing = ConditionState(False, "InvalidSpec", message)
-        degraded = ConditionState(True, "InvalidSpec", message)
+        ready = progressing = ConditionState(False, o.spec_error_reason, message)
+        degraded = ConditionState(True, o.spec_error_reason, message)
     else:
         ready = _ready_condition(summary, status.get("activeRevision"))
         progressing = _progressing_condition(o, summary, _stored_rollout_state(o, previous))

@@ -625,8 +625,11 @@ class CandidateRecord(BaseModel):
 
     revision: str = Field(min_length=1)
     parent: str | None = None
-    path: str  # checkpoint directory, as servers see it
+    path: str  # checkpoint directory, as servers see it (on a shared volume)
     sha256: str  # of draft.safetensors
+    # Where servers download it when they share no volume with the trainer
+    # (aurora.runtime.fetch checks the sha256 above before anything loads it).
+    url: str | None = None
     created: float = Field(default_factory=time.time)
     step: int = Field(ge=0)
     traces_seen: int = Field(ge=0)
@@ -780,16 +783,21 @@ def connect(url: str, password: str | None = None, *, timeout: float | None = 2.
     With a ``timeout`` the client fails fast: short socket timeouts and no hidden
     retries, for callers that retry with their own backoff (servers, the operator's
     timer). ``timeout=None`` keeps redis-py's defaults, for blocking stream reads (the
-    trainer). A malformed URL raises ValueError naming it."""
+    trainer). ``rediss://`` is TLS, verified against the system CAs or the bundle in
+    $AURORA_REDIS_CA_FILE. A user in the URL (``redis://USER@host``) authenticates as
+    that ACL user. A malformed URL raises ValueError naming it."""
     password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
     options: dict[str, Any] = {}
+    ca_file = os.environ.get("AURORA_REDIS_CA_FILE")
+    if ca_file and url.startswith("rediss://"):
+        options["ssl_ca_certs"] = ca_file
     if timeout is not None:
-        options = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 10,
-        }
+        options.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=10,
+        )
     try:
         if password and not redis.connection.parse_url(url).get("password"):
             options["password"] = password
