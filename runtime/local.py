@@ -31,7 +31,7 @@ import redis
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.rollout import NO_DRAFT, RolloutPolicy, RolloutState
-from aurora.runtime.rollout.loop import SampleWindow, run_round
+from aurora.runtime.rollout.loop import SampleWindow, run_round, window_size
 from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class LocalMode:
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
         self.schedule = Schedule.from_string(config.schedule)  # a bad schedule fails here
-        self.policy = config.rollout.model_copy(update={"seed": config.seed})
+        self.policy = config.rollout
 
     # ------------------------------------------------------------------ processes
 
@@ -363,7 +363,7 @@ class LocalMode:
     # ------------------------------------------------------------------ rollout
 
     def rollout_loop(self) -> None:
-        window = SampleWindow(size=self.policy.max_canary_samples)
+        window = SampleWindow(size=window_size(self.policy))
         while not self.stop.wait(self.config.interval_s):
             self.rollout_tick(window)
 
@@ -456,7 +456,11 @@ class LocalMode:
 
         state = self.run.state
         return measure(
-            window.samples(), state.stable_revision, state.candidate_revision, self.policy
+            window.samples(),
+            state.stable_revision,
+            state.candidate_revision,
+            self.policy,
+            since=state.window_since,
         )
 
     # ------------------------------------------------------------------ main
