@@ -69,6 +69,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -233,7 +234,8 @@ class Decision:
 
 
 def _usable(sample: RequestStats) -> bool:
-    return math.isfinite(sample.decode_seconds) and sample.decode_seconds > 0
+    seconds = sample.decode_seconds
+    return 0 < seconds < math.inf
 
 
 def _arm_stats(revision: str | None, arm: list[RequestStats]) -> tuple[ArmStats, ArmTotals]:
@@ -266,14 +268,14 @@ def _speedup(
     )
 
 
+_ORDER = attrgetter("created", "arm", "revision", "server", "cohort")
+
+
 def in_window(samples: Iterable[RequestStats], since: float | None) -> list[RequestStats]:
-    """The requests created since `since`, oldest first (a total order on their content,
-    so the result does not depend on the input order)."""
-    kept = (s for s in samples if since is None or s.created >= since)
-    return sorted(
-        kept,
-        key=lambda s: (s.created, s.server, s.arm, s.revision, s.decode_seconds, s.new_tokens),
-    )
+    """The requests created since `since`, oldest first (sums are exact, so the figures
+    do not depend on the input order)."""
+    kept = samples if since is None else (s for s in samples if s.created >= since)
+    return sorted(kept, key=_ORDER)
 
 
 def measure(
@@ -296,7 +298,20 @@ def measure(
     arm. `restarts` traffic-mix restarts leave this window a smaller share of the error
     rate. Deterministic: same samples in any order give the same measurement.
     """
-    usable = [s for s in in_window(samples, since) if _usable(s)]
+    return _measure(in_window(samples, since), stable, candidate, policy, since, restarts, now)
+
+
+def _measure(
+    window: list[RequestStats],
+    stable: str | None,
+    candidate: str | None,
+    policy: RolloutPolicy,
+    since: float | None,
+    restarts: int,
+    now: float | None,
+) -> Measurement:
+    """`measure` on the requests of the window, already in order."""
+    usable = [s for s in window if _usable(s)]
     if stable is None:
         stable_arm = [s for s in usable if s.arm in ("stable", "baseline")]
         baseline_arm = stable_arm
@@ -572,21 +587,20 @@ class _Tick:
         return self.record(state, "Fallback", stable, reason, stable_revision=NO_DRAFT)
 
     def restart_on_mix_change(
-        self, state: RolloutState, samples: Sequence[RequestStats]
-    ) -> RolloutState:
+        self, state: RolloutState, window: list[RequestStats]
+    ) -> tuple[RolloutState, list[RequestStats]]:
         """The state with the window restarted where the traffic mix changed within it
-        (a MixChange event), or unchanged."""
-        window = in_window(samples, state.window_since)
+        (a MixChange event) and the requests of the window, or both unchanged."""
         cut = mix_change(window)
         if cut is None:
-            return state
+            return state, window
         before, after = window[:cut], window[cut:]
         at = datetime.fromtimestamp(after[0].created, UTC).strftime("%H:%M:%S UTC")
         reason = (
             f"traffic mix changed at {at} ({_mix(before)} -> {_mix(after)}): comparisons "
             f"restart there; the {len(before)} requests before it no longer count"
         )
-        return self.record(
+        state = self.record(
             state,
             "MixChange",
             state.candidate_revision or state.stable_revision,
@@ -594,6 +608,7 @@ class _Tick:
             window_since=after[0].created,
             window_restarts=state.window_restarts + 1,
         )
+        return state, [s for s in after if s.created >= after[0].created]
 
     # -- phases
 
@@ -775,16 +790,17 @@ def decide(
     """
     tick = _Tick(policy, candidates, loads, now, None, published)
     if state.stable_revision is not None or state.candidate_revision is not None:
+        window = in_window(samples, state.window_since)
         if state.phase != "Promoting":  # (the window restarts once servers confirm anyway)
-            state = tick.restart_on_mix_change(state, samples)
-        tick.measurement = measure(
-            samples,
+            state, window = tick.restart_on_mix_change(state, window)
+        tick.measurement = _measure(
+            window,
             state.stable_revision,
             state.candidate_revision,
             policy,
-            since=state.window_since,
-            restarts=state.window_restarts,
-            now=now,
+            state.window_since,
+            state.window_restarts,
+            now,
         )
     measurement = tick.measurement
     if state.phase == "Promoting":

@@ -52,6 +52,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 
 from aurora.runtime.protocol import RequestStats
@@ -87,26 +88,36 @@ class ArmTotals:
     def ms_per_token(self) -> float | None:
         return 1000.0 * self.seconds / self.tokens if self.seconds > 0 and self.tokens > 0 else None
 
+    @cached_property
     def log_variance(self) -> float | None:
         """Variance of log(tokens / seconds), cluster-robust (None: too few clusters)."""
         g = len(self.clusters)
         if g < 2 or self.tokens <= 0 or self.seconds <= 0:
             return None
-        spread = math.fsum((t / self.tokens - d / self.seconds) ** 2 for t, d in self.clusters)
-        return g / (g - 1) * spread
+        a, b = 1 / self.tokens, 1 / self.seconds
+        return g / (g - 1) * math.fsum((t * a - d * b) ** 2 for t, d in self.clusters)
 
 
 def totals(samples: Iterable[RequestStats]) -> ArmTotals:
-    """The arm's totals; a request with a cohort id joins its cohort's cluster."""
-    clusters: dict[str, list[float]] = {}
-    requests, tokens, seconds = 0, 0.0, 0.0
-    for i, s in enumerate(samples):
+    """The arm's totals (exact sums, so the order of `samples` does not matter); a
+    request with a cohort id joins its cohort's cluster."""
+    alone: list[tuple[float, float]] = []
+    cohorts: dict[str, tuple[list[float], list[float]]] = {}
+    for s in samples:
         t, d = float(s.decode_tokens), s.decode_seconds
-        requests, tokens, seconds = requests + 1, tokens + t, seconds + d
-        cluster = clusters.setdefault(s.cohort or f"#{i}", [0.0, 0.0])
-        cluster[0] += t
-        cluster[1] += d
-    return ArmTotals(requests, tokens, seconds, tuple((t, d) for t, d in clusters.values()))
+        if s.cohort:
+            cluster = cohorts.setdefault(s.cohort, ([], []))
+            cluster[0].append(t)
+            cluster[1].append(d)
+        else:
+            alone.append((t, d))
+    clusters = alone + [(math.fsum(t), math.fsum(d)) for t, d in cohorts.values()]
+    return ArmTotals(
+        len(alone) + sum(len(t) for t, _ in cohorts.values()),
+        math.fsum(t for t, _ in clusters),
+        math.fsum(d for _, d in clusters),
+        tuple(clusters),
+    )
 
 
 def mixture_multiplier(t: float, alpha: float, rho: float) -> float:
@@ -141,7 +152,7 @@ def speedup_bounds(
     if a is None or b is None:
         return None
     theta = math.log(a / b)
-    va, vb = numerator.log_variance(), denominator.log_variance()
+    va, vb = numerator.log_variance, denominator.log_variance
     ga, gb = len(numerator.clusters), len(denominator.clusters)
     if va is None or vb is None or min(ga, gb) < MIN_CLUSTERS:
         return Bounds(math.exp(theta), 0.0, math.inf)

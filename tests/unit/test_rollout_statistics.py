@@ -102,10 +102,10 @@ def test_requests_routed_together_count_once() -> None:
     rng = random.Random(0)
     rates = [rng.lognormvariate(3.0, 0.3) for _ in range(40)]
     doubled = [rate for rate in rates for _ in range(2)]
-    once = arm(rates).log_variance()
+    once = arm(rates).log_variance
     assert once is not None
-    fake = arm(doubled).log_variance()
-    paired = arm(doubled, cohort_size=2).log_variance()
+    fake = arm(doubled).log_variance
+    paired = arm(doubled, cohort_size=2).log_variance
     assert fake is not None and paired is not None
     assert fake == pytest.approx(once / 2, rel=0.05)
     assert paired == pytest.approx(once, rel=1e-9)
