@@ -1,6 +1,7 @@
-"""The kopf handlers: thin glue from Kubernetes events to the planning functions
-(`aurora.operator.planning`), the cluster (`aurora.operator.kube`) and the rollout
-loop (`aurora.runtime.rollout.loop`, Redis). Importing this module registers them with kopf.
+"""The kopf handlers: thin glue from Kubernetes events to plain functions (children,
+validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module
+registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -26,9 +27,10 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import planning
+from aurora.operator import children, events, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
+from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
 from aurora.runtime.rollout import Override, RolloutState, loop, measure
@@ -57,13 +59,6 @@ KOPF_PERMISSIONS = frozenset(
     }
 )
 
-_EVENT_TYPES = {
-    "Rollback": "Warning",
-    "Reject": "Warning",
-    "Hold": "Warning",
-    "Fallback": "Warning",
-}
-
 
 def _plain(value: Any) -> Any:
     """kopf's read-only views as plain dicts and lists."""
@@ -74,12 +69,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_status(
-    patch: kopf.Patch, status: Mapping[str, Any], observation: planning.Observation
-) -> None:
+def _write_status(patch: kopf.Patch, status: Mapping[str, Any], observation: Observation) -> None:
     before = _plain(status)
-    after = planning.build_status(observation, before, datetime.now(UTC))
-    for key, value in planning.merge_patch(before, after).items():
+    after = build_status(observation, before, datetime.now(UTC))
+    for key, value in merge_patch(before, after).items():
         patch.status[key] = value
 
 
@@ -111,7 +104,7 @@ def _reconcile_children(
     cluster: Cluster = memo.cluster
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = body["metadata"].get("generation")
-    desired = planning.desired_children(body, memo.images)
+    desired = children.desired_children(body, memo.images)
     expected = {
         child["metadata"]["name"]: child["spec"]["replicas"]
         for child in desired
@@ -133,7 +126,7 @@ def _reconcile_children(
             if transient(error):
                 raise
             problems.append(f"{child['kind']} {child['metadata']['name']}: {api_message(error)}")
-    for kind, stale in planning.stale_children(cluster.children(namespace, name), desired):
+    for kind, stale in children.stale_children(cluster.children(namespace, name), desired):
         log.info("deleting %s %s/%s: the spec no longer wants it", kind, namespace, stale)
         cluster.delete(namespace, kind, stale)
     memo.last_apply, memo.applied_generation = now, generation
@@ -153,11 +146,11 @@ def reconcile(
 ) -> None:
     """Follow the spec: children applied, status for this generation."""
     generation = int(meta.get("generation") or 0)
-    errors = planning.validate_semantics(body)
+    errors = validation.validate_semantics(body)
     if errors:
         if status.get("observedGeneration") != generation:  # one Event per bad generation
             kopf.warn(body, reason="InvalidSpec", message="; ".join(errors)[:1024])
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+        _write_status(patch, status, Observation(generation, spec_errors=errors))
         return  # not raised: a bad spec is not retried until it changes
     try:
         servers, expected, apply_error = _reconcile_children(body, memo, force=True)
@@ -166,7 +159,7 @@ def reconcile(
     if apply_error:
         kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
     enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
-    observation = planning.Observation(
+    observation = Observation(
         generation,
         expected_servers=expected,
         servers=servers,
@@ -203,9 +196,9 @@ def rollout(
         return  # being deleted: nothing to re-apply or roll out
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
-    spec, errors = planning.checked_spec(body)  # the one parse of the spec this tick
+    spec, errors = validation.checked_spec(body)  # the one parse of the spec this tick
     if spec is None or errors:
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+        _write_status(patch, status, Observation(generation, spec_errors=errors))
         return
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
@@ -220,14 +213,14 @@ def rollout(
         )
         return  # the next round tries again; nothing was changed
 
-    observation = planning.Observation(
+    observation = Observation(
         generation, expected_servers=expected, servers=servers, apply_error=apply_error,
         rollout_enabled=spec.rollout.enabled,
     )  # fmt: skip
-    override, override_error = planning.parse_override(meta.get("annotations") or {})
+    override, override_error = events.parse_override(meta.get("annotations") or {})
     if override_error:
         kopf.warn(body, reason="InvalidOverride", message=override_error)
-        patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None
+        patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None
     try:
         client = _redis(memo, spec, namespace)
         observation = _rollout_round(
@@ -244,14 +237,14 @@ def rollout(
         observation = replace(observation, redis_error=problem)
     else:
         if override is not None:
-            patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None  # a one-shot command
+            patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None  # a one-shot command
     _write_status(patch, status, observation)
 
 
 def _rollout_round(
     body: kopf.Body, status: kopf.Status, memo: kopf.Memo, client: Any, spec: SpeculatorSpec,
-    observation: planning.Observation, pods: list[str], override: Override | None, now: float,
-) -> planning.Observation:  # fmt: skip
+    observation: Observation, pods: list[str], override: Override | None, now: float,
+) -> Observation:  # fmt: skip
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -274,7 +267,7 @@ def _rollout_round(
     for event in result.decision.events:
         kopf.event(
             body,
-            type=_EVENT_TYPES.get(event.action, "Normal"),
+            type=events.event_type(event.action),
             reason=event.action,
             message=event.reason[:1024],
         )

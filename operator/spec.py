@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.rollout.policy import RolloutPolicy
 from aurora.runtime.schema import FRACTION_PATTERN, Rule
 from aurora.runtime.schema import check_rules as _check_rules
@@ -250,14 +251,15 @@ class EngineSpec(ApiModel):
 
 
 class DraftSpec(ApiModel):
-    initial: Annotated[str, StringConstraints(pattern=r"^(scratch|ngram|/.+)$", max_length=512)] = (
-        Field(
-            "scratch",
-            description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-            "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-            "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
-            "directory written by `aurora export --to sglang`).",
-        )
+    initial: Annotated[
+        str,
+        StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
+    ] = Field(
+        Builtin.SCRATCH,
+        description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
+        "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
+        "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
+        "directory written by `aurora export --to sglang`).",
     )
 
 
@@ -326,10 +328,10 @@ class StorageSpec(ApiModel):
 
 SPEC_RULES = (
     Rule(
-        "self.engine.kind != 'sglang' || self.draft.initial != 'scratch'",
-        "engine.kind sglang needs a draft to load at start: set draft.initial to 'ngram' "
-        "or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != "scratch",
+        f"self.engine.kind != 'sglang' || self.draft.initial != '{Builtin.SCRATCH}'",
+        f"engine.kind sglang needs a draft to load at start: set draft.initial to "
+        f"'{Builtin.NGRAM}' or to the path of an EAGLE-3 draft checkpoint",
+        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != Builtin.SCRATCH,
     ),
 )
 

@@ -10,9 +10,9 @@ import pytest
 from rollout_support import candidate_record, request_stats
 from structural_schema import validate
 
-from aurora.operator import crd, planning
-from aurora.operator.planning import Observation, build_status, merge_patch
-from aurora.operator.spec import SpeculatorStatus
+from aurora.operator import crd, events
+from aurora.operator.spec import MAX_REVISION_HISTORY, SpeculatorStatus
+from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime.protocol import LoadedReport, RequestStats
 from aurora.runtime.rollout import Decision, RolloutPolicy, RolloutState, decide
 
@@ -279,8 +279,8 @@ def test_revision_history_is_bounded_newest_first() -> None:
         for i in range(10)
     ]
     decision = canary_decision()
-    history = planning.revision_history(previous, decision.events, decision.measurement)
-    assert len(history) == planning.MAX_REVISION_HISTORY
+    history = events.revision_history(previous, decision.events, decision.measurement)
+    assert len(history) == MAX_REVISION_HISTORY
     assert history[0]["revision"] == "r2" and history[1]["revision"] == "r0"
 
 
@@ -357,7 +357,7 @@ def test_merge_patch_changes_removes_and_leaves_alone() -> None:
     ],
 )
 def test_override_annotation(value: str, expected: tuple[str, str] | None) -> None:
-    override, error = planning.parse_override({planning.OVERRIDE_ANNOTATION: value})
+    override, error = events.parse_override({events.OVERRIDE_ANNOTATION: value})
     if expected is None:
         assert override is None and error is not None and "Promote:<revision>" in error
     else:
@@ -366,4 +366,4 @@ def test_override_annotation(value: str, expected: tuple[str, str] | None) -> No
             and (override.action, override.revision) == expected
             and error is None
         )
-    assert planning.parse_override({}) == (None, None)
+    assert events.parse_override({}) == (None, None)

@@ -9,8 +9,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama
+from transformers import LlamaForCausalLM
 
 from aurora.runtime.draft import NgramProposer
 from aurora.runtime.server.metrics import ServerMetrics
@@ -27,12 +27,7 @@ class Tokenizer:
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return tiny_llama(vocab_size=16, sharpen=1.0)
 
 
 def run(tiny: LlamaForCausalLM, jobs: list[Job], **options: Any) -> tuple[EngineWorker, list[Any]]:
@@ -111,7 +106,7 @@ def test_the_test_only_slowdown_delays_only_its_revision(
     work = jobs(24)
     for i, job in enumerate(work):
         job.revision = "r2" if i % 2 else "r1"
-    worker, (completions, batches) = run(tiny, work, slow_revision=("r2", 0.05))
+    _, (completions, batches) = run(tiny, work, slow_revision=("r2", 0.05))
     # one delay before every verify step of a batch serving r2, none for r1's
     r2_steps = sum(1 for batch in batches if {revision for _, revision in batch} == {"r2"})
     assert r2_steps > 0 and slept == [0.05] * r2_steps
