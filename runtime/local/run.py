@@ -26,7 +26,13 @@ from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.local.config import LocalConfig
 from aurora.runtime.local.live import LiveView
 from aurora.runtime.local.processes import Processes, server_config, trainer_args
-from aurora.runtime.local.report import LocalRun, Sample, write_report
+from aurora.runtime.local.report import (
+    LocalRun,
+    Sample,
+    decision_figures,
+    stable_figure,
+    write_report,
+)
 from aurora.runtime.options import to_args
 from aurora.runtime.rollout import NO_DRAFT, RolloutState
 from aurora.runtime.rollout.loop import SampleWindow, run_round, window_size
@@ -191,21 +197,12 @@ class LocalMode:
         self.client.set(self.config.keys.rollout, run.state.model_dump_json(by_alias=True))
         run.last_reason = decision.reason
         for event in decision.events:
-            figures = {}
-            gated = decision.measurement
-            measured = gated.candidate_speedup_vs_baseline if gated else None
-            if event.action == "Promote" and gated and measured:
-                # the statistically gated figure: the candidate against no speculation
-                figures["speedup_vs_no_speculation"] = {
-                    "estimate": measured.estimate,
-                    "lower": measured.lower,
-                    "upper": measured.upper,
-                    "confidence": gated.confidence,
-                }
+            figures = decision_figures(event.action, decision.measurement)
             self._event(event.time, event.action, event.revision, event.reason, **figures)
             self._track_swap(event.action, event.revision, event.time)
         self._confirm_swaps()
         m = decision.measurement or self._measure(window)
+        run.final = stable_figure(m)
         raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
         run.trainer = {_text(k): _text(v) for k, v in raw.items()}
         run.timeline.append(
