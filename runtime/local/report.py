@@ -169,7 +169,7 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         + (
             f"{run.final['revision']}, {quote(run.final)}"
             if run.final is not None
-            else f"{run.state.stable_revision or 'none'} (plain decoding: no speedup to measure)"
+            else f"{run.state.stable_revision or NO_DRAFT} (plain decoding: no speedup to measure)"
             if run.state.stable_revision in (None, NO_DRAFT)
             else f"{run.state.stable_revision} (no concurrent measurement against no speculation yet)"
         ),
