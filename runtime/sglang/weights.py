@@ -46,7 +46,7 @@ from aurora.runtime.protocol import (
     get_loaded,
     report_loaded,
 )
-from aurora.runtime.server.revisions import RevisionLoader
+from aurora.runtime.server.revisions import RevisionFetcher, RevisionLoader
 
 log = logging.getLogger("aurora.sglang")
 
@@ -283,8 +283,10 @@ class SGLangRevisionWatcher:
         self._stop = threading.Event()
 
     def path_of(self, ref: RevisionRef) -> Path:
-        """Where the checkpoint is, resolved as the torch server resolves it."""
-        return RevisionLoader(_no_builtin, _no_builtin, self.checkpoint_dir).path_of(ref)
+        """Where the checkpoint is, resolved (and fetched when it is on no shared volume)
+        as the torch server does it."""
+        fetch = RevisionFetcher(self.client, self.keys)
+        return RevisionLoader(_no_builtin, _no_builtin, self.checkpoint_dir, fetch).resolve(ref)
 
     def poll(self) -> None:
         """Read the desired state once, push what this server should serve, report."""
