@@ -329,12 +329,14 @@ def _rollout_round(
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
-    if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = loop.SampleWindow(size=policy.max_canary_samples)
+    if window is None or window.size != loop.window_size(policy):
+        window = memo.window = loop.SampleWindow(size=loop.window_size(policy))
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
-        measured = measure(window.samples(), state.stable_revision, None, policy)
+        measured = measure(
+            window.samples(), state.stable_revision, None, policy, since=state.window_since
+        )
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )

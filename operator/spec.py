@@ -572,18 +572,24 @@ class Condition(ApiModel):
 
 
 class MeasurementStatus(ApiModel):
-    """Figures measured on live traffic (decimal strings) with the samples behind them.
-    `speedup` is what speculation buys now: the active revision against requests served
-    without speculation. `candidateSpeedup` is the canary against the active revision,
-    with its one-sided bounds at `confidence`."""
+    """Figures measured on live traffic (decimal strings) with the samples behind them,
+    all over one comparison window (`windowSince`) for every arm. Throughput is
+    time-weighted (total decode tokens over total decode seconds). `speedup` is what
+    speculation buys now: the active revision against requests served without
+    speculation. `candidateSpeedup` is the canary against the active revision. Bounds are
+    one-sided confidence-sequence bounds at `confidence`, valid at every round."""
 
     accept_length: str | None = Field(
         None, description="Active revision: mean accepted tokens per verify step."
     )
     speedup: str | None = Field(
-        None, description="Active revision vs no speculation, decode tokens/s."
+        None, description="Active revision vs no speculation, time-weighted decode tokens/s."
     )
-    tokens_per_second: str | None = Field(None, description="Active revision, mean per request.")
+    speedup_lower: str | None = None
+    speedup_upper: str | None = None
+    tokens_per_second: str | None = Field(
+        None, description="Active revision: decode tokens over decode seconds in the window."
+    )
     samples: int | None = Field(
         None, ge=0, description="Requests behind the active revision's figures."
     )
@@ -598,6 +604,15 @@ class MeasurementStatus(ApiModel):
     confidence: str | None = None
     stable_regressed: bool | None = Field(
         None, description="Active revision slower than no speculation."
+    )
+    window_since: str | None = Field(
+        None,
+        json_schema_extra={"format": "date-time"},
+        description="Requests since then count, for every arm: the last change of what is "
+        "served, or the last traffic-mix change after it.",
+    )
+    window_restarts: int | None = Field(
+        None, ge=0, description="Traffic-mix changes that restarted the window."
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -120,8 +120,13 @@ def measurement_status(m: Measurement) -> dict[str, Any]:
         "confidence": fraction_or_none(m.confidence, 2),
         "stableRegressed": m.stable_regressed,
     }
-    if m.stable_speedup_vs_baseline is not None:
-        out["speedup"] = fraction_or_none(m.stable_speedup_vs_baseline.estimate)
+    if (plain := m.stable_speedup_vs_baseline) is not None:
+        out["speedup"] = fraction_or_none(plain.estimate)
+        out["speedupLower"] = fraction_or_none(plain.lower)
+        out["speedupUpper"] = fraction_or_none(plain.upper)
+    if m.window_since is not None:
+        out["windowSince"] = rfc3339(datetime.fromtimestamp(m.window_since, UTC))
+    out["windowRestarts"] = m.window_restarts
     if m.candidate.revision is not None:
         out["candidateAcceptLength"] = fraction_or_none(m.candidate.accept_length, 2)
         out["candidateTokensPerSecond"] = fraction_or_none(m.candidate.decode_tokens_per_s, 1)

@@ -574,6 +574,24 @@ class RequestStats(BaseModel):
     latency_s: float = Field(ge=0.0)
     domain: str = ""
     created: float = Field(default_factory=time.time)
+    # Added later; entries from older writers decode with these defaults.
+    decode_s: float | None = Field(default=None, ge=0.0)  # after the first token; None: derived
+    prompt_tokens: int = Field(default=0, ge=0)  # 0: unknown
+    cohort: str = ""  # batch cohort routed to its arm as one; "": routed alone
+    batch_rows: float = Field(default=1.0, ge=0.0)  # mean rows per verify step it decoded with
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens decoded after the first (the first comes with the prefill)."""
+        return max(0, self.new_tokens - 1)
+
+    @property
+    def decode_seconds(self) -> float:
+        """Decode time: as written, or from tokens and rate for entries without it."""
+        if self.decode_s is not None:
+            return self.decode_s
+        rate = self.decode_tokens_per_s
+        return self.decode_tokens / rate if rate > 0 else 0.0
 
 
 class StatsPage(list[tuple[str, RequestStats]]):
@@ -588,7 +606,8 @@ class StatsPage(list[tuple[str, RequestStats]]):
 def publish_stats(client: redis.Redis, keys: Keys, stats: RequestStats, maxlen: int | None) -> str:
     """XADD one request's stats (fields as plain strings); returns the entry id."""
     _check_maxlen(maxlen)
-    fields = {name: str(value) for name, value in stats.model_dump(mode="json").items()}
+    dumped = stats.model_dump(mode="json", exclude_none=True)
+    fields = {name: str(value) for name, value in dumped.items()}
     return _str(client.xadd(keys.stats, fields, maxlen=maxlen, approximate=True))  # type: ignore[arg-type]
 
 

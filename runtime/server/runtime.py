@@ -175,6 +175,7 @@ class ServerRuntime:
             trace_topk=config.trace_topk,
             seed=config.seed,
             max_batch=config.max_batch,
+            slow_revision=config.slow_revision,
         )
         self.worker.start()
         if self.redis is not None:

@@ -175,7 +175,9 @@ def test_good_values_pass_both() -> None:
         (_spec(rollout={"canaryShare": "0"}), "above 0 and below 1"),
         (_spec(rollout={"minSpeedup": "0.9", "regressionThreshold": "0.8"}), "at least 1.0"),
         (_spec(rollout={"minSpeedup": "1.05", "regressionThreshold": "1.1"}), "must not exceed"),
-        (_spec(rollout={"confidence": "0.4"}), "above 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0.5"}), "above 0 and below 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0"}), "above 0 and below 0.5"),
+        (_spec(rollout={"minSamples": 5}), "minSamples must be at least 10"),
         (_spec(rollout={"minSamples": 50, "maxCanarySamples": 20}), "at least rollout.minSamples"),
     ],
 )  # fmt: skip
