@@ -114,3 +114,20 @@ def test_local_rollout_flags_come_from_the_policy_and_refuse_what_the_crd_refuse
     assert "--regression-threshold" in out and "--min-samples" in out
     help_of_min_samples = out.split("--min-samples MIN_SAMPLES")[-1].split("--")[0]
     assert "(default: 12)" in help_of_min_samples  # local mode's own default
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--false-promotion-rate", "0.5"], "--false-promotion-rate must be above 0 and below 0.5"),
+        (["--false-promotion-rate", "0"], "--false-promotion-rate must be above 0 and below 0.5"),
+        (["--min-samples", "5"], "--min-samples must be at least 10"),
+    ],
+)
+def test_local_refuses_a_gate_it_cannot_keep(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An error rate outside (0, 0.5), or fewer samples than the confidence sequence needs,
+    # is refused before anything starts, as the CRD refuses it.
+    assert main(["local", *flags, "--no-live"]) == 2
+    assert message in capsys.readouterr().err
