@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(b, BatchBenchConfig)
     b.set_defaults(handler=_batch)
     _register_adapt(sub)
+    from aurora.commands import bench_gate
+
+    bench_gate.register(sub)
 
 
 def _register_adapt(sub: argparse._SubParsersAction) -> None:

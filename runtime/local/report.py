@@ -159,20 +159,19 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     (folder / "report.json").write_text(
         json.dumps({"summary": summary, "events": run.events, "timeline": timeline}, indent=2)
     )
+    if run.final is not None:
+        headline = f"{run.final['revision']}, {quote(run.final)}"
+    elif run.state.stable_revision in (None, NO_DRAFT):
+        headline = f"{NO_DRAFT} (plain decoding: no speedup to measure)"
+    else:
+        headline = f"{run.state.stable_revision} (no concurrent figure against no speculation yet)"
     lines = [
         "# aurora local report",
         "",
         f"- requests: {run.requests} ({run.failed} failed)",
         f"- promotions: {len(promotions)}, rollbacks/rejections: {len(rollbacks)}, "
         f"fallbacks to plain decoding: {len(fallbacks)}",
-        "- final stable revision: "
-        + (
-            f"{run.final['revision']}, {quote(run.final)}"
-            if run.final is not None
-            else f"{run.state.stable_revision or NO_DRAFT} (plain decoding: no speedup to measure)"
-            if run.state.stable_revision in (None, NO_DRAFT)
-            else f"{run.state.stable_revision} (no concurrent measurement against no speculation yet)"
-        ),
+        f"- final stable revision: {headline}",
         f"- traffic shift at: {fmt(summary['traffic_shift_s'])} s",
         f"- trainer checkpoint to every server serving it: at most "
         f"{fmt(summary['max_checkpoint_to_all_servers_s'])} s over {len(to_serving)} canaries "

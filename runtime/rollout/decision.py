@@ -406,6 +406,8 @@ def _figures(m: Measurement) -> str:
     """The canary's numbers in one phrase, for reasons: the gated figure with its
     comparator, window and counts, then both against no speculation."""
     text = f"{m.candidate.samples} candidate / {m.stable.samples} stable requests"
+    if m.candidate.ms_per_token is not None and m.stable.ms_per_token is not None:
+        text += f" ({m.candidate.ms_per_token:.1f} / {m.stable.ms_per_token:.1f} ms per token)"
     if m.speedup_vs_stable is not None:
         text = (
             f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs "

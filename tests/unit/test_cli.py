@@ -151,3 +151,20 @@ def test_the_chaos_runs_trainer_command_line_parses_with_the_real_cli(tmp_path: 
     trainer = from_args(TrainerConfig, args)
     assert (trainer.draft_vocab, trainer.keep, trainer.checkpoint_dir) == (512, 1000000, tmp_path)
     assert (trainer.speculator, args.threads) == ("default/chaos-trainer", 1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--false-promotion-rate", "0.5"], "--false-promotion-rate must be above 0 and below 0.5"),
+        (["--false-promotion-rate", "0"], "--false-promotion-rate must be above 0 and below 0.5"),
+        (["--min-samples", "5"], "--min-samples must be at least 10"),
+    ],
+)
+def test_local_refuses_a_gate_it_cannot_keep(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An error rate outside (0, 0.5), or fewer samples than the confidence sequence needs,
+    # is refused before anything starts, as the CRD refuses it.
+    assert main(["local", *flags, "--no-live"]) == 2
+    assert message in capsys.readouterr().err

@@ -719,3 +719,18 @@ def test_inconsistent_policy_names_both_fields() -> None:
         RolloutPolicy(canary_share="0.9", baseline_share="0.1")
     with pytest.raises(ValidationError, match=r"rollout\.maxCanarySamples"):
         RolloutPolicy(min_samples=50, max_canary_samples=40)
+
+
+def test_a_decision_quotes_its_gated_figure_comparator_window_and_counts() -> None:
+    decision = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW)
+    assert decision.action == "Promote"
+    reason = decision.reason
+    m = decision.measurement
+    assert m is not None and m.speedup_vs_stable is not None
+    s = m.speedup_vs_stable
+    assert f"lower bound {s.lower:.3f}x >= minSpeedup 1.05 (falsePromotionRate 0.05)" in reason
+    assert f"speedup {s.estimate:.3f}x (95.5% confidence sequence" in reason
+    assert "time-weighted) vs r1 on 60 candidate / 60 stable requests" in reason
+    assert f"({m.candidate.ms_per_token:.1f} / {m.stable.ms_per_token:.1f} ms per token)" in reason
+    assert "window since 00:16:40 UTC (4000 s)" in reason  # the canary started at t=1000
+    assert "vs no speculation (40 requests): candidate" in reason
