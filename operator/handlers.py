@@ -1,6 +1,6 @@
-"""The kopf handlers: thin glue from Kubernetes events to the planning functions
-(`aurora.operator.planning`), the cluster (`aurora.operator.kube`) and Redis
-(`aurora.operator.driver`). Importing this module registers them with kopf.
+"""The kopf handlers: thin glue from Kubernetes events to plain functions (children,
+validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -11,7 +11,12 @@
   annotations: GitOps tools replace those) and turns policy events into Events.
   Redis unreachable: Degraded (RedisUnavailable); nothing served changes.
 - delete: owner references let the garbage collector remove the children; with
-  `spec.traces.deletionPolicy: Delete` a finalizer first removes the Redis keys.
+  `spec.traces.deletionPolicy: Delete` a finalizer first removes the Redis keys (and,
+  on the managed Redis, the Speculator's Redis user).
+
+A Speculator whose Redis the operator's settings do not allow (redis_access.py) is
+refused like an invalid spec (reason RedisNotAllowed) before any connection is made or
+Secret read. Every handler's duration and failures are metrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import driver, planning
+from aurora.operator import children, events, redis_access, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
+from aurora.operator.names import selector_text
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
+from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
-from aurora.runtime.rollout import Override, RolloutState, measure
+from aurora.runtime.rollout import Override, RolloutState, loop, measure
 
 FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
@@ -54,15 +61,10 @@ KOPF_PERMISSIONS = frozenset(
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
+        # Peering (`aurora operator --peering`): replicas' keep-alives in the peering object.
+        *(("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")),
     }
 )
-
-_EVENT_TYPES = {
-    "Rollback": "Warning",
-    "Reject": "Warning",
-    "Hold": "Warning",
-    "Fallback": "Warning",
-}
 
 
 def _plain(value: Any) -> Any:
@@ -74,12 +76,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_status(
-    patch: kopf.Patch, status: Mapping[str, Any], observation: planning.Observation
-) -> None:
+def _write_status(patch: kopf.Patch, status: Mapping[str, Any], observation: Observation) -> None:
     before = _plain(status)
-    after = planning.build_status(observation, before, datetime.now(UTC))
-    for key, value in planning.merge_patch(before, after).items():
+    after = build_status(observation, before, datetime.now(UTC))
+    for key, value in merge_patch(before, after).items():
         patch.status[key] = value
 
 
@@ -93,8 +93,25 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING  # Events for warnings; ours are explicit
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.peering.lifetime = memo.get("peering_lifetime") or settings.peering.lifetime
     if memo.get("cluster") is None:
         memo.cluster = Cluster.connect()
+    if memo.get("peering") and not settings.peering.standalone:
+        scope = [None] if settings.peering.clusterwide else memo.get("peering_namespaces", [])
+        for namespace in scope:
+            memo.cluster.ensure_peering(memo.peering, namespace)
+
+
+def _refusal(
+    body: Mapping[str, Any], memo: kopf.Memo
+) -> tuple[SpeculatorSpec | None, list[str], str]:
+    """(the parsed spec, errors, condition reason): an invalid spec, or a Redis the
+    operator may not use. The one parse of the spec per handler call."""
+    spec, errors = validation.checked_spec(body)
+    if spec is None or errors:
+        return spec, errors, "InvalidSpec"
+    refused = redis_access.refusal(spec, memo.settings.redis)
+    return spec, ([refused] if refused else []), validation.REDIS_NOT_ALLOWED
 
 
 # ---------------------------------------------------------------------- children
@@ -111,7 +128,7 @@ def _reconcile_children(
     cluster: Cluster = memo.cluster
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = body["metadata"].get("generation")
-    desired = planning.desired_children(body, memo.images)
+    desired = children.desired_children(body, memo.settings)
     expected = {
         child["metadata"]["name"]: child["spec"]["replicas"]
         for child in desired
@@ -126,14 +143,18 @@ def _reconcile_children(
     if not (force or unapplied or drifted or now - memo.get("last_apply", 0.0) >= RESYNC_SECONDS):
         return servers, expected, None
     problems = []
+    _provision(memo, body)
     for child in desired:
         try:
-            memo.cluster.apply(child)
+            if child["kind"] in children.UNLISTED_KINDS:
+                memo.cluster.create(child)  # a Secret: created once, never read back
+            else:
+                memo.cluster.apply(child)
         except ApiException as error:
             if transient(error):
                 raise
             problems.append(f"{child['kind']} {child['metadata']['name']}: {api_message(error)}")
-    for kind, stale in planning.stale_children(cluster.children(namespace, name), desired):
+    for kind, stale in children.stale_children(cluster.children(namespace, name), desired):
         log.info("deleting %s %s/%s: the spec no longer wants it", kind, namespace, stale)
         cluster.delete(namespace, kind, stale)
     memo.last_apply, memo.applied_generation = now, generation
@@ -152,41 +173,76 @@ def reconcile(
     **_: Any,
 ) -> None:
     """Follow the spec: children applied, status for this generation."""
-    generation = int(meta.get("generation") or 0)
-    errors = planning.validate_semantics(body)
-    if errors:
-        if status.get("observedGeneration") != generation:  # one Event per bad generation
-            kopf.warn(body, reason="InvalidSpec", message="; ".join(errors)[:1024])
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
-        return  # not raised: a bad spec is not retried until it changes
-    try:
-        servers, expected, apply_error = _reconcile_children(body, memo, force=True)
-    except ApiException as error:
-        raise kopf.TemporaryError(f"Kubernetes API: {api_message(error)}", delay=15) from error
-    if apply_error:
-        kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
-    enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
-    observation = planning.Observation(
-        generation,
-        expected_servers=expected,
-        servers=servers,
-        apply_error=apply_error,
-        rollout_enabled=enabled,
-    )
-    _write_status(patch, status, observation)
+    with memo.metrics.reconciling("reconcile") as outcome:
+        generation = int(meta.get("generation") or 0)
+        spec, errors, reason = _refusal(body, memo)
+        if spec is None or errors:
+            outcome.error = reason
+            if status.get("observedGeneration") != generation:  # one Event per generation
+                kopf.warn(body, reason=reason, message="; ".join(errors)[:1024])
+            observation = Observation(generation, spec_errors=errors, spec_error_reason=reason)
+            _write_status(patch, status, observation)
+            return  # not raised: a bad spec is not retried until it changes
+        try:
+            servers, expected, apply_error = _reconcile_children(body, memo, force=True)
+        except ApiException as error:
+            raise kopf.TemporaryError(f"Kubernetes API: {api_message(error)}", delay=15) from error
+        if apply_error:
+            outcome.error = "ApplyFailed"
+            kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
+        observation = Observation(
+            generation,
+            expected_servers=expected,
+            servers=servers,
+            apply_error=apply_error,
+            rollout_enabled=spec.rollout.enabled,
+            selector=selector_text(body["metadata"]["name"], "server"),
+        )
+        _write_status(patch, status, observation)
 
 
 # ----------------------------------------------------------------------- rollout
 
 
-def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str) -> Any:
-    ref = spec.traces.password_secret_ref
-    password = memo.cluster.secret_value(namespace, ref.name, ref.key) if ref else None
-    key = (spec.traces.redis_url, password)
-    clients = memo.redis_clients
+def _client(memo: kopf.Memo, url: str, password: str | None) -> Any:
+    key = (url, password)
+    clients = memo.redis_clients  # shared by every Speculator (kopf copies memo shallowly)
     if key not in clients:
-        clients[key] = driver.connect(spec.traces.redis_url, password)
+        clients[key] = loop.connect(url, password)
     return clients[key]
+
+
+def _admin(memo: kopf.Memo) -> Any:
+    """The managed Redis as its admin: creating and removing Speculators' users."""
+    redis = memo.settings.redis
+    return _client(memo, redis.managed_url, redis.admin_password)
+
+
+def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str, name: str) -> Any:
+    """The Speculator's Redis as the Speculator: on the managed Redis its own user (so
+    even the operator's rounds touch only its keys), else the password its labelled
+    Secret holds. Only for a Speculator `_refusal` let through."""
+    access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+    password = access.password
+    if not access.managed and access.secret_name is not None:
+        password = memo.cluster.secret_value(namespace, access.secret_name, access.secret_key)
+    return _client(memo, access.url, password)
+
+
+def _provision(memo: kopf.Memo, body: Mapping[str, Any], *, strict: bool = False) -> None:
+    """The Speculator's Redis user on the managed Redis, refreshed (idempotent). Redis
+    away: logged, and the next round tries again (strict: raised)."""
+    spec = SpeculatorSpec.model_validate(body["spec"])
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+    if not access.managed or access.password is None:
+        return
+    try:
+        redis_access.provision(_admin(memo), namespace, name, access.password)
+    except loop.REDIS_ERRORS as error:
+        if strict:
+            raise
+        log.warning("%s/%s: cannot create its Redis user yet: %s", namespace, name, error)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=TICK_SECONDS)
@@ -201,17 +257,31 @@ def rollout(
     """One round every spec.rollout.intervalSeconds: children, policy, status."""
     if meta.get("deletionTimestamp"):
         return  # being deleted: nothing to re-apply or roll out
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
-    errors = planning.validate_semantics(body)
-    if errors:
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+    spec, errors, reason = _refusal(body, memo)
+    if spec is None or errors:
+        refused = Observation(generation, spec_errors=errors, spec_error_reason=reason)
+        _write_status(patch, status, refused)
         return
-    spec = SpeculatorSpec.model_validate(body["spec"])
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
         return
     memo.last_round = now
+    with memo.metrics.reconciling("rollout") as outcome:
+        seen = _round(body, meta, status, patch, memo, spec, generation, now)
+        if seen is None:
+            outcome.error = "KubernetesUnavailable"
+            return
+        outcome.error = seen.redis_error and "RedisUnavailable"
+        _write_status(patch, status, seen)
+
+
+def _round(
+    body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+    spec: SpeculatorSpec, generation: int, now: float,
+) -> Observation | None:  # fmt: skip
+    """Children, then the policy through Redis; None when the API server is away."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         servers, expected, apply_error = _reconcile_children(body, memo, force=False)
         pods = memo.cluster.server_pods(namespace, name)
@@ -219,61 +289,64 @@ def rollout(
         log.warning(
             "%s/%s: Kubernetes API unavailable this round: %s", namespace, name, api_message(error)
         )
-        return  # the next round tries again; nothing was changed
+        return None  # the next round tries again; nothing was changed
 
-    observation = planning.Observation(
+    observation = Observation(
         generation, expected_servers=expected, servers=servers, apply_error=apply_error,
-        rollout_enabled=spec.rollout.enabled,
+        rollout_enabled=spec.rollout.enabled, selector=selector_text(name, "server"),
     )  # fmt: skip
-    override, override_error = planning.parse_override(meta.get("annotations") or {})
+    override, override_error = events.parse_override(meta.get("annotations") or {})
     if override_error:
         kopf.warn(body, reason="InvalidOverride", message=override_error)
-        patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None
+        patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None
     try:
-        client = _redis(memo, spec, namespace)
+        _provision(memo, body, strict=True)
+        client = _redis(memo, spec, namespace, name)
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
-    except (*driver.REDIS_ERRORS, LookupError, ApiException) as error:
+    except (*loop.REDIS_ERRORS, LookupError, ApiException) as error:
         if isinstance(error, LookupError):
             problem = f"cannot read the Redis password: {error}"
         elif isinstance(error, ApiException):
             problem = f"cannot read the Redis password Secret: {api_message(error)}"
         else:
-            problem = driver.redis_problem(spec.traces.redis_url, error)
+            problem = loop.redis_problem(spec.traces.redis_url, error)
         memo.metrics.redis_errors.labels(namespace, name).inc()
         observation = replace(observation, redis_error=problem)
     else:
         if override is not None:
-            patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None  # a one-shot command
-    _write_status(patch, status, observation)
+            patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None  # a one-shot command
+    return observation
 
 
 def _rollout_round(
     body: kopf.Body, status: kopf.Status, memo: kopf.Memo, client: Any, spec: SpeculatorSpec,
-    observation: planning.Observation, pods: list[str], override: Override | None, now: float,
-) -> planning.Observation:  # fmt: skip
+    observation: Observation, pods: list[str], override: Override | None, now: float,
+) -> Observation:  # fmt: skip
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    keys, policy = Keys(namespace, name), spec.rollout.policy()
+    keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
-    if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = driver.SampleWindow(size=policy.max_canary_samples)
+    if window is None or window.size != loop.window_size(policy):
+        window = memo.window = loop.SampleWindow(size=loop.window_size(policy))
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
-        measured = measure(window.samples(), state.stable_revision, None, policy)
+        measured = measure(
+            window.samples(), state.stable_revision, None, policy, since=state.window_since
+        )
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )
-    result = driver.run_round(
+    result = loop.run_round(
         client, keys, policy, state, window, now, live_pods=pods, override=override
     )
     for event in result.decision.events:
         kopf.event(
             body,
-            type=_EVENT_TYPES.get(event.action, "Normal"),
+            type=events.event_type(event.action),
             reason=event.action,
             message=event.reason[:1024],
         )
@@ -321,6 +394,13 @@ def _deletes_traces(spec: kopf.Spec, **_: Any) -> bool:
     return (spec.get("traces") or {}).get("deletionPolicy", "Delete") == DeletionPolicy.DELETE
 
 
+def _cleanup_refusal(body: Mapping[str, Any], memo: kopf.Memo) -> str | None:
+    try:
+        return validation.redis_refusal(body, memo.settings.redis)
+    except ValidationError as error:
+        return f"the spec is not valid ({error.error_count()} errors)"
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_traces)
 def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Remove the Speculator's Redis keys (traces hold user prompts). The writers go
@@ -348,10 +428,19 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
             "(they would write them again)",
             delay=5,
         )
+    if refused := _cleanup_refusal(body, memo):
+        kopf.warn(body, reason="RedisKeysLeft", message=f"Redis keys not deleted: {refused}")
+        memo.metrics.forget(namespace, name)
+        return  # never connect to a Redis the operator may not use
     try:
         spec = SpeculatorSpec.model_validate(body["spec"])
-        deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace), keys)
-    except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
+        access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+        if access.managed:  # its own user cannot SCAN: the admin deletes, then the user
+            deleted = loop.delete_speculator_keys(_admin(memo), keys)
+            redis_access.deprovision(_admin(memo), namespace, name)
+        else:
+            deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace, name), keys)
+    except (*loop.REDIS_ERRORS, LookupError, ValidationError) as error:
         if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(
                 f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -32,7 +30,11 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from aurora.runtime.rollout import RolloutPolicy
+from aurora.runtime.protocol import Builtin
+from aurora.runtime.rollout.policy import RolloutPolicy
+from aurora.runtime.schema import FRACTION_PATTERN, Rule
+from aurora.runtime.schema import check_rules as _check_rules
+from aurora.runtime.schema import rules_schema as _rules_schema
 
 GROUP: Final = "aurora.dev"
 VERSION: Final = "v1alpha1"
@@ -46,9 +48,7 @@ API_VERSION: Final = "aurora.dev/v1alpha1"
 # (at most 63 characters), which leaves 49 for the Speculator's own name.
 MAX_NAME_LENGTH = 49
 
-# Decimal strings. A fraction is a share of traffic: 0 to 1 inclusive.
-FRACTION_PATTERN = r"^(0(\.[0-9]{1,6})?|1(\.0{1,6})?)$"
-RATIO_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,6})?$"
+# Decimal strings: FRACTION_PATTERN (a share, 0 to 1) comes from aurora.runtime.schema.
 POSITIVE_REAL_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 # Kubernetes resource.Quantity, as controller-gen writes it for int-or-string fields.
 QUANTITY_PATTERN = (
@@ -59,7 +59,6 @@ QUANTITY_PATTERN = (
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 Fraction = Annotated[str, StringConstraints(pattern=FRACTION_PATTERN, max_length=16)]
-Ratio = Annotated[str, StringConstraints(pattern=RATIO_PATTERN, max_length=16)]
 PositiveReal = Annotated[str, StringConstraints(pattern=POSITIVE_REAL_PATTERN, max_length=24)]
 
 
@@ -102,28 +101,6 @@ def decimal(value: str) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """A cross-field rule, written once: `cel` for the API server, `check` for Python."""
-
-    cel: str
-    message: str
-    check: Callable[[Any], bool]
-
-    def as_schema(self) -> dict[str, str]:
-        return {"rule": self.cel, "message": self.message}
-
-
-def _rules_schema(rules: tuple[Rule, ...]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]}
-
-
-def _check_rules(model: BaseModel, rules: tuple[Rule, ...]) -> None:
-    failed = [rule.message for rule in rules if not rule.check(model)]
-    if failed:
-        raise ValueError("; ".join(failed))
-
-
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -156,11 +133,6 @@ class EngineKind(StrEnum):
     SGLANG = "sglang"
 
 
-class OnInconclusive(StrEnum):
-    HOLD = "Hold"
-    ROLLBACK = "Rollback"
-
-
 class DeletionPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
@@ -179,6 +151,11 @@ class SecretKeyRef(ApiModel):
     key: str = Field("password", min_length=1, description="Key in the Secret.")
 
 
+class ConfigMapKeyRef(ApiModel):
+    name: DnsSubdomain = Field(description="ConfigMap in the Speculator's namespace.")
+    key: str = Field("ca.crt", min_length=1, description="Key in the ConfigMap.")
+
+
 class LocalObjectReference(ApiModel):
     name: DnsSubdomain
 
@@ -192,6 +169,63 @@ class TargetSpec(ApiModel):
     )
     served_name: str | None = Field(
         None, max_length=256, description="Model name clients use; defaults to `model`."
+    )
+
+
+EnvName = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)]
+# Environment variables the operator sets itself; a user's env may not replace them.
+RESERVED_ENV_PREFIX = "AURORA_"
+
+
+class EnvVar(ApiModel):
+    """A container environment variable (corev1 EnvVar): a value, or `valueFrom` a
+    Secret, ConfigMap or field reference, e.g. HF_TOKEN from a Secret."""
+
+    name: EnvName
+    value: str | None = Field(None, max_length=32768)
+    value_from: OpaqueObject | None = None
+
+
+class VolumeMount(ApiModel):
+    """Where one of the section's `volumes` is mounted in the container."""
+
+    name: DnsLabel
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/.*", max_length=1024)]
+    read_only: bool = False
+    sub_path: str | None = Field(None, max_length=1024)
+
+
+class PodOptions(ApiModel):
+    """The pod template's scheduling and customisation, one set per section: the servers
+    (spec.engine) and the trainer (spec.training) are scheduled independently."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[OpaqueObject] = Field(default_factory=list, max_length=64)
+    affinity: OpaqueObject | None = Field(
+        None, description="corev1 Affinity: node affinity, pod (anti-)affinity."
+    )
+    priority_class_name: str | None = Field(None, max_length=253)
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra environment variables (names starting AURORA_ are reserved), e.g. "
+        "HF_TOKEN from a Secret for a gated model.",
+    )
+    env_from: list[OpaqueObject] = Field(
+        default_factory=list, max_length=32, description="corev1 EnvFromSource list."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Added to the pods (Aurora's own labels win)."
+    )
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    volumes: list[OpaqueObject] = Field(
+        default_factory=list, max_length=32, description="Extra corev1 Volumes."
+    )
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=32)
+    cache_size: Quantity | None = Field(
+        None,
+        description="sizeLimit of the /cache emptyDir (model downloads, compiler caches); "
+        "defaults to 20Gi for sglang servers and 8Gi otherwise.",
     )
 
 
@@ -230,7 +264,7 @@ ENGINE_RULES = (
 )
 
 
-class EngineSpec(ApiModel):
+class EngineSpec(PodOptions):
     model_config = ConfigDict(json_schema_extra=_rules_schema(ENGINE_RULES))
 
     kind: EngineKind = Field(
@@ -260,8 +294,17 @@ class EngineSpec(ApiModel):
     extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="Appended to the server command line."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[OpaqueObject] = Field(default_factory=list, max_length=64)
+    shm_size: Quantity | None = Field(
+        None,
+        description="sizeLimit of the in-memory /dev/shm (sglang only; NCCL and SGLang's "
+        "workers share tensors through it); defaults to 16Gi.",
+    )
+    topology_spread_constraints: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=8,
+        description="corev1 TopologySpreadConstraints for the servers; by default they "
+        "spread over nodes and zones (ScheduleAnyway).",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> EngineSpec:
@@ -278,16 +321,55 @@ class EngineSpec(ApiModel):
         return "cuda" if self.gpus > 0 else "cpu"
 
 
-class DraftSpec(ApiModel):
-    initial: Annotated[str, StringConstraints(pattern=r"^(scratch|ngram|/.+)$", max_length=512)] = (
-        Field(
-            "scratch",
-            description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-            "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-            "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
-            "directory written by `aurora export --to sglang`).",
-        )
+# Where the init step puts a fetched day-0 draft in every pod that loads it.
+DRAFTS_DIR: Final = "/drafts"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class DraftFetch(ApiModel):
+    """A day-0 draft downloaded by an init step the operator adds to each pod that
+    loads it: the file at `url` (a .tar, .tar.gz or .tgz archive is unpacked), checked
+    against `sha256` before anything reads it."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    sha256: Annotated[str, StringConstraints(pattern=SHA256_PATTERN)] = Field(
+        description="sha256 of the file at url (hex); a download that differs is refused."
     )
+    size_limit: Quantity = Field("20Gi", description="sizeLimit of the /drafts emptyDir.")
+
+
+DRAFT_RULES = (
+    Rule(
+        f"!has(self.fetch) || self.initial.startsWith('{DRAFTS_DIR}/')",
+        f"draft.fetch puts the day-0 draft under {DRAFTS_DIR}/: set draft.initial to the "
+        f"path inside it, e.g. {DRAFTS_DIR}/eagle3 for an archive holding eagle3/",
+        lambda d: d.fetch is None or d.initial.startswith(f"{DRAFTS_DIR}/"),
+    ),
+)
+
+
+class DraftSpec(ApiModel):
+    model_config = ConfigDict(json_schema_extra=_rules_schema(DRAFT_RULES))
+
+    initial: Annotated[
+        str,
+        StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
+    ] = Field(
+        Builtin.SCRATCH,
+        description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
+        "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
+        "checkpoint: baked into the image, fetched by draft.fetch (under /drafts/), or on "
+        "a shared checkpoint volume (for engine.kind sglang: a directory written by "
+        "`aurora export --to sglang`).",
+    )
+    fetch: DraftFetch | None = Field(
+        None, description="Download the day-0 draft in an init step (no volume to fill by hand)."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> DraftSpec:
+        _check_rules(self, DRAFT_RULES)
+        return self
 
 
 class TracesSpec(ApiModel):
@@ -296,7 +378,17 @@ class TracesSpec(ApiModel):
         description="Redis for traces, statistics and revisions (no password in the URL: "
         "use passwordSecretRef).",
     )
-    password_secret_ref: SecretKeyRef | None = None
+    password_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Only for a Redis the operator's allowlist names but does not manage; "
+        'the Secret must carry the label aurora.dev/redis-credentials: "true". On the '
+        "operator's managed Redis each Speculator gets its own Redis user instead.",
+    )
+    ca_config_map_ref: ConfigMapKeyRef | None = Field(
+        None,
+        description="CA bundle for a rediss:// URL whose server certificate a private CA "
+        "signed (a ConfigMap in this namespace).",
+    )
     sample_rate: Fraction = Field("1", description="Share of finished requests traced, 0 to 1.")
     max_length: int = Field(
         100_000, ge=100, le=100_000_000, description="Trace stream MAXLEN (retention by count)."
@@ -308,7 +400,7 @@ class TracesSpec(ApiModel):
     )
 
 
-class TrainingSpec(ApiModel):
+class TrainingSpec(PodOptions):
     enabled: bool = True
     image: str | None = Field(
         None,
@@ -326,117 +418,57 @@ class TrainingSpec(ApiModel):
     sync_every_traces: int = Field(
         200, ge=1, le=10_000_000, description="Publish a candidate every this many traces."
     )
+    extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Appended to the trainer command line."
+    )
 
 
-_POLICY = RolloutPolicy.model_validate(
-    {}
-)  # the rollout policy's own defaults are the CRD's defaults
+class RolloutSpec(RolloutPolicy):
+    """`spec.rollout`: the rollout policy itself (`aurora.runtime.rollout.RolloutPolicy`,
+    whose fields, defaults and rules the CRD carries), plus whether and how often the
+    operator runs it."""
+
+    enabled: bool = Field(True, description="false: candidates are recorded but never served.")
+    interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
 
 
-def _text(value: object) -> str:
-    return format(value, "f") if isinstance(value, Decimal) else repr(value)
+class RevisionSharing(StrEnum):
+    FETCH = "Fetch"
+    SHARED_VOLUME = "SharedVolume"
 
 
-ROLLOUT_RULES = (
+STORAGE_RULES = (
     Rule(
-        "double(self.canaryShare) > 0.0 && double(self.canaryShare) < 1.0",
-        "rollout.canaryShare must be above 0 and below 1, e.g. '0.5'",
-        lambda r: 0.0 < decimal(r.canary_share) < 1.0,
-    ),
-    Rule(
-        "double(self.canaryShare) + double(self.baselineShare) < 1.0",
-        "rollout.canaryShare + rollout.baselineShare must be below 1 (the stable revision "
-        "needs traffic)",
-        lambda r: decimal(r.canary_share) + decimal(r.baseline_share) < 1.0,
-    ),
-    Rule(
-        "double(self.minSpeedup) >= 1.0",
-        "rollout.minSpeedup must be at least 1.0 (a candidate must not be slower than stable)",
-        lambda r: decimal(r.min_speedup) >= 1.0,
-    ),
-    Rule(
-        "double(self.regressionThreshold) <= double(self.minSpeedup)",
-        "rollout.regressionThreshold must not exceed rollout.minSpeedup, e.g. '0.97' with '1.05'",
-        lambda r: decimal(r.regression_threshold) <= decimal(r.min_speedup),
-    ),
-    Rule(
-        "double(self.confidence) > 0.5 && double(self.confidence) < 1.0",
-        "rollout.confidence must be above 0.5 and below 1, e.g. '0.9'",
-        lambda r: 0.5 < decimal(r.confidence) < 1.0,
-    ),
-    Rule(
-        "self.maxCanarySamples >= self.minSamples",
-        "rollout.maxCanarySamples must be at least rollout.minSamples",
-        lambda r: r.max_canary_samples >= r.min_samples,
+        "self.mode != 'SharedVolume' || self.accessMode != 'ReadWriteOncePod'",
+        "storage.accessMode ReadWriteOncePod lets a single pod mount the volume, but with "
+        "storage.mode SharedVolume the servers and the trainer all mount it: use "
+        "ReadWriteMany, or storage.mode Fetch (the default: servers fetch revisions over HTTP)",
+        lambda st: st.mode != RevisionSharing.SHARED_VOLUME or st.access_mode != "ReadWriteOncePod",
     ),
 )
 
 
-class RolloutSpec(ApiModel):
-    """`aurora.runtime.rollout.RolloutPolicy` as the API carries it (decimal strings),
-    plus how often the operator runs it."""
-
-    model_config = ConfigDict(json_schema_extra=_rules_schema(ROLLOUT_RULES))
-
-    enabled: bool = Field(True, description="false: candidates are recorded but never served.")
-    min_speedup: Ratio = Field(
-        _text(_POLICY.min_speedup),
-        description="Promote when the lower confidence bound of the measured decode speedup "
-        "over stable reaches this.",
-    )
-    regression_threshold: Ratio = Field(
-        _text(_POLICY.regression_threshold),
-        description="Roll back when the upper confidence bound falls below this.",
-    )
-    min_samples: int = Field(
-        _POLICY.min_samples, ge=2, le=10_000_000, description="Requests per arm before deciding."
-    )
-    max_canary_samples: int = Field(
-        _POLICY.max_canary_samples,
-        ge=2,
-        le=10_000_000,
-        description="Still inconclusive with this many candidate requests: follow onInconclusive.",
-    )
-    canary_share: Fraction = Field(
-        _text(_POLICY.canary_share),
-        description="Share of requests (torch) or of replicas (sglang) on the candidate.",
-    )
-    baseline_share: Fraction = Field(
-        _text(_POLICY.baseline_share),
-        description="Share of requests served without speculation (the live baseline).",
-    )
-    confidence: Fraction = Field(
-        _text(_POLICY.confidence), description="One-sided confidence of the speedup bounds."
-    )
-    on_inconclusive: OnInconclusive = OnInconclusive(_POLICY.on_inconclusive)
-    replace_canary_with_newer: bool = Field(
-        _POLICY.replace_canary_with_newer,
-        description="A candidate trained from the canary replaces it at once.",
-    )
-    fallback_on_regression: bool = Field(
-        _POLICY.fallback_on_regression,
-        description="When stable measures slower than no speculation, serve without a draft "
-        "until a candidate beats plain decoding.",
-    )
-    interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
-
-    @model_validator(mode="after")
-    def _rules(self) -> RolloutSpec:
-        _check_rules(self, ROLLOUT_RULES)
-        return self
-
-    def policy(self) -> RolloutPolicy:
-        """The rollout policy this section describes (the policy re-validates it)."""
-        fields = self.model_dump(exclude={"enabled", "interval_seconds"})
-        return RolloutPolicy.model_validate(fields)
-
-
 class StorageSpec(ApiModel):
+    """Where revisions live. Fetch (the default): the trainer keeps them on its own volume
+    and serves them over HTTP; each server downloads a revision, checks its sha256 and
+    loads it, so servers and trainer can run on any nodes. SharedVolume: one volume that
+    the trainer writes and every server mounts read-only (ReadWriteMany, or
+    ReadWriteOnce with every pod pinned to one node)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules_schema(STORAGE_RULES))
+
+    mode: RevisionSharing = Field(
+        RevisionSharing.FETCH,
+        description="Fetch: servers download revisions from the trainer (no shared volume). "
+        "SharedVolume: servers mount the trainer's volume.",
+    )
     size: Quantity = "10Gi"
     storage_class_name: str | None = Field(None, max_length=253)
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
         "ReadWriteOnce",
-        description="ReadWriteMany when servers and trainer may land on different nodes.",
+        description="With mode Fetch only the trainer mounts the volume, so ReadWriteOnce "
+        "works on any cluster. With mode SharedVolume: ReadWriteMany when servers and trainer "
+        "may land on different nodes.",
     )
     existing_claim: DnsSubdomain | None = Field(
         None, description="Use this PVC instead of creating one (never deleted by Aurora)."
@@ -446,13 +478,60 @@ class StorageSpec(ApiModel):
         description="Delete: the checkpoint PVC is owned by the Speculator and goes with it.",
     )
 
+    @model_validator(mode="after")
+    def _rules(self) -> StorageSpec:
+        _check_rules(self, STORAGE_RULES)
+        return self
+
+
+class NetworkSpec(ApiModel):
+    """The NetworkPolicies the operator creates for this Speculator's pods: servers take
+    requests on their port, the trainer's checkpoints reach only this Speculator's
+    servers, and pods may reach DNS, Redis and nothing else unless `extraEgress` says so."""
+
+    policies: bool = Field(True, description="false: create no NetworkPolicies (manage your own).")
+    ingress_from: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=32,
+        description="corev1 NetworkPolicyPeers allowed to reach the servers' port; empty: "
+        "any client.",
+    )
+    extra_egress: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=32,
+        description="NetworkPolicyEgressRules added for servers and trainer, e.g. port 443 "
+        "to download a model from the Hugging Face hub.",
+    )
+
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 SPEC_RULES = (
     Rule(
-        "self.engine.kind != 'sglang' || self.draft.initial != 'scratch'",
-        "engine.kind sglang needs a draft to load at start: set draft.initial to 'ngram' "
-        "or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != "scratch",
+        "self.storage.mode != 'SharedVolume' || self.storage.accessMode != 'ReadWriteOnce' || "
+        f"('{HOSTNAME_LABEL}' in self.engine.nodeSelector && "
+        f"'{HOSTNAME_LABEL}' in self.training.nodeSelector && "
+        f"self.engine.nodeSelector['{HOSTNAME_LABEL}'] == "
+        f"self.training.nodeSelector['{HOSTNAME_LABEL}'])",
+        "storage.mode SharedVolume with accessMode ReadWriteOnce fails with a Multi-Attach "
+        "error once servers and trainer land on different nodes: use storage.mode Fetch (the "
+        "default), accessMode ReadWriteMany, or pin engine and training to one node with "
+        f"nodeSelector {HOSTNAME_LABEL}",
+        lambda s: (
+            s.storage.mode != RevisionSharing.SHARED_VOLUME
+            or s.storage.access_mode != "ReadWriteOnce"
+            or (
+                HOSTNAME_LABEL in s.engine.node_selector
+                and s.engine.node_selector.get(HOSTNAME_LABEL)
+                == s.training.node_selector.get(HOSTNAME_LABEL)
+            )
+        ),
+    ),
+    Rule(
+        f"self.engine.kind != 'sglang' || self.draft.initial != '{Builtin.SCRATCH}'",
+        f"engine.kind sglang needs a draft to load at start: set draft.initial to "
+        f"'{Builtin.NGRAM}' or to the path of an EAGLE-3 draft checkpoint",
+        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != Builtin.SCRATCH,
     ),
 )
 
@@ -469,6 +548,7 @@ class SpeculatorSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=_defaults(TrainingSpec))
     rollout: RolloutSpec = Field(default_factory=_defaults(RolloutSpec))
     storage: StorageSpec = Field(default_factory=_defaults(StorageSpec))
+    network: NetworkSpec = Field(default_factory=_defaults(NetworkSpec))
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
 
     @model_validator(mode="after")
@@ -492,18 +572,24 @@ class Condition(ApiModel):
 
 
 class MeasurementStatus(ApiModel):
-    """Figures measured on live traffic (decimal strings) with the samples behind them.
-    `speedup` is what speculation buys now: the active revision against requests served
-    without speculation. `candidateSpeedup` is the canary against the active revision,
-    with its one-sided bounds at `confidence`."""
+    """Figures measured on live traffic (decimal strings) with the samples behind them,
+    all over one comparison window (`windowSince`) for every arm. Throughput is
+    time-weighted (total decode tokens over total decode seconds). `speedup` is what
+    speculation buys now: the active revision against requests served without
+    speculation. `candidateSpeedup` is the canary against the active revision. Bounds are
+    one-sided confidence-sequence bounds at `confidence`, valid at every round."""
 
     accept_length: str | None = Field(
         None, description="Active revision: mean accepted tokens per verify step."
     )
     speedup: str | None = Field(
-        None, description="Active revision vs no speculation, decode tokens/s."
+        None, description="Active revision vs no speculation, time-weighted decode tokens/s."
     )
-    tokens_per_second: str | None = Field(None, description="Active revision, mean per request.")
+    speedup_lower: str | None = None
+    speedup_upper: str | None = None
+    tokens_per_second: str | None = Field(
+        None, description="Active revision: decode tokens over decode seconds in the window."
+    )
     samples: int | None = Field(
         None, ge=0, description="Requests behind the active revision's figures."
     )
@@ -518,6 +604,15 @@ class MeasurementStatus(ApiModel):
     confidence: str | None = None
     stable_regressed: bool | None = Field(
         None, description="Active revision slower than no speculation."
+    )
+    window_since: str | None = Field(
+        None,
+        json_schema_extra={"format": "date-time"},
+        description="Requests since then count, for every arm: the last change of what is "
+        "served, or the last traffic-mix change after it.",
+    )
+    window_restarts: int | None = Field(
+        None, ge=0, description="Traffic-mix changes that restarted the window."
     )
 
 
@@ -551,6 +646,12 @@ class SpeculatorStatus(ApiModel):
         None, ge=0, description="Traces published but not yet trained on."
     )
     servers: ReplicaStatus | None = None
+    replicas: int | None = Field(
+        None, ge=0, description="Server pods that exist now (the scale subresource reads it)."
+    )
+    selector: str | None = Field(
+        None, description="Label selector of the server pods (for autoscalers)."
+    )
     revision_history: list[RevisionRecord] = Field(
         default_factory=list, max_length=MAX_REVISION_HISTORY
     )

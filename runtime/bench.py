@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 
+from aurora.runtime.bench_config import DecodeBenchConfig
 from aurora.runtime.checkpoint import load_draft, new_revision_id, save_checkpoint
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.trainer.config import FitConfig
 from aurora.runtime.workloads import Prompt, load_domain, split_prompts
 
@@ -78,34 +80,50 @@ def _hf(model: Any, ids: list[int], max_new: int, eos: int | None, lookup: int =
     return [int(t) for t in out[0, len(ids) :]]
 
 
-def decode_benchmark(
-    model_spec: str,
-    drafts: Sequence[str],
-    prompts: Sequence[Prompt],
-    *,
-    k: int = 4,
-    max_new_tokens: int = 96,
-    threads: int | None = None,
-    progress: Any = None,
-) -> dict[str, Any]:
+@dataclass
+class BenchSetup:
+    """What every decode benchmark starts from: the target, its EOS id and the prompts
+    tokenised."""
+
+    model: Any
+    eos_id: int | None
+    prompt_ids: list[list[int]]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.eos_id] if self.eos_id is not None else []
+
+
+def bench_setup(model_spec: str, prompts: Sequence[str], threads: int | None) -> BenchSetup:
+    """Set torch's threads (None: its default), load the target and tokenise `prompts`."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_target(model_spec)
-    eos = tokenizer.eos_token_id
+    prompt_ids = [list(tokenizer(text).input_ids) for text in prompts]
+    return BenchSetup(model, tokenizer.eos_token_id, prompt_ids)
+
+
+def decode_benchmark(
+    config: DecodeBenchConfig, prompts: Sequence[Prompt], progress: Any = None
+) -> dict[str, Any]:
+    """transformers' generate and prompt lookup, our engine plain, with the n-gram proposer
+    and with each of `config.draft`, on the same prompts (interleaved), greedy."""
+    model_spec, k, max_new_tokens = config.model, config.spec_tokens, config.max_new_tokens
+    drafts = [Builtin.NGRAM, *config.draft]
+    setup = bench_setup(model_spec, [prompt.text for prompt in prompts], config.threads or None)
+    model, eos = setup.model, setup.eos_id
     proposers: dict[str, Any] = {}
     for spec in drafts:
-        if spec == "ngram":
-            proposers["ngram"] = NgramProposer()
+        if spec == Builtin.NGRAM:
+            proposers[Builtin.NGRAM] = NgramProposer()
         else:
             head, meta = load_draft(spec, model)
             proposers[f"draft:{meta.revision}"] = EagleProposer(head, meta.revision)
     methods = ["hf_generate", "hf_prompt_lookup", "plain", *proposers]
     results = {m: MethodResult(m) for m in methods}
-    ids0 = tokenizer(prompts[0].text).input_ids
-    generate(model, ids0, max_new_tokens=8)  # warm-up
-    _hf(model, ids0, 8, eos)
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt.text).input_ids
+    generate(model, setup.prompt_ids[0], max_new_tokens=8)  # warm-up
+    _hf(model, setup.prompt_ids[0], 8, eos)
+    for i, ids in enumerate(setup.prompt_ids):
         order = methods[:]
         random.Random(i).shuffle(order)  # no method always runs first (cache warmth)
         for method in order:
@@ -123,7 +141,7 @@ def decode_benchmark(
                     proposer=proposers.get(method),
                     k=0 if method == "plain" else k,
                     max_new_tokens=max_new_tokens,
-                    eos_ids=[eos] if eos is not None else [],
+                    eos_ids=setup.eos_ids,
                 )
                 out = g.output_ids
                 r.forwards += 1 + (len(g.steps) if g.steps else len(out) - 1)

@@ -639,7 +639,7 @@ def _run_seed(
 
     from aurora.runtime import protocol
     from aurora.runtime.engine import generate
-    from aurora.runtime.server.tracing import build_trace
+    from aurora.runtime.protocol import build_trace
     from aurora.runtime.trainer.config import TrainerConfig
     from aurora.runtime.trainer.objective import evaluate
     from aurora.runtime.trainer.trainer import Trainer

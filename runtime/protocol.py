@@ -17,10 +17,11 @@ import os
 import re
 import struct
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -259,6 +260,56 @@ class TraceRecord(BaseModel):
     def topk_width(self) -> int:
         """K of the top-k the steps carry, 0 when none do."""
         return max((s.topk_width for s in self.steps), default=0)
+
+
+class EngineStep(Protocol):
+    """One verify step as an engine records it (the torch engine's StepRecord)."""
+
+    @property
+    def proposed(self) -> list[int]: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def topk_ids(self) -> list[list[int]] | None: ...
+    @property
+    def topk_logprobs(self) -> list[list[float]] | None: ...
+
+
+class EngineGeneration(Protocol):
+    """A finished generation as an engine records it (the torch engine's Generation)."""
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+    @property
+    def output_ids(self) -> list[int]: ...
+    @property
+    def steps(self) -> Sequence[EngineStep]: ...
+
+
+def build_trace(
+    generation: EngineGeneration, *, revision: str, server: str, domain: str, temperature: float
+) -> TraceRecord:
+    """The TraceRecord of a finished generation, whichever engine decoded it: prompt,
+    output, and every verify step with what the draft proposed, how many were accepted
+    and, when the engine recorded it, the target's top-k at the proposed positions."""
+    return TraceRecord(
+        trace_id=uuid.uuid4().hex,
+        revision=revision,
+        server=server,
+        domain=domain,
+        prompt_ids=generation.prompt_ids,
+        output_ids=generation.output_ids,
+        steps=[
+            VerifyStep(
+                proposed=step.proposed,
+                accepted=step.accepted,
+                topk_ids=step.topk_ids,
+                topk_logprobs=step.topk_logprobs,
+            )
+            for step in generation.steps
+        ],
+        temperature=temperature,
+    )
 
 
 # -------------------------------------------------------------------- trace codec
@@ -533,6 +584,24 @@ class RequestStats(BaseModel):
     latency_s: float = Field(ge=0.0)
     domain: str = ""
     created: float = Field(default_factory=time.time)
+    # Added later; entries from older writers decode with these defaults.
+    decode_s: float | None = Field(default=None, ge=0.0)  # after the first token; None: derived
+    prompt_tokens: int = Field(default=0, ge=0)  # 0: unknown
+    cohort: str = ""  # batch cohort routed to its arm as one; "": routed alone
+    batch_rows: float = Field(default=1.0, ge=0.0)  # mean rows per verify step it decoded with
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens decoded after the first (the first comes with the prefill)."""
+        return max(0, self.new_tokens - 1)
+
+    @property
+    def decode_seconds(self) -> float:
+        """Decode time: as written, or from tokens and rate for entries without it."""
+        if self.decode_s is not None:
+            return self.decode_s
+        rate = self.decode_tokens_per_s
+        return self.decode_tokens / rate if rate > 0 else 0.0
 
 
 class StatsPage(list[tuple[str, RequestStats]]):
@@ -547,7 +616,8 @@ class StatsPage(list[tuple[str, RequestStats]]):
 def publish_stats(client: redis.Redis, keys: Keys, stats: RequestStats, maxlen: int | None) -> str:
     """XADD one request's stats (fields as plain strings); returns the entry id."""
     _check_maxlen(maxlen)
-    fields = {name: str(value) for name, value in stats.model_dump(mode="json").items()}
+    dumped = stats.model_dump(mode="json", exclude_none=True)
+    fields = {name: str(value) for name, value in dumped.items()}
     return _str(client.xadd(keys.stats, fields, maxlen=maxlen, approximate=True))  # type: ignore[arg-type]
 
 
@@ -584,12 +654,36 @@ class CandidateRecord(BaseModel):
 
     revision: str = Field(min_length=1)
     parent: str | None = None
-    path: str  # checkpoint directory, as servers see it
+    path: str  # checkpoint directory, as servers see it (on a shared volume)
     sha256: str  # of draft.safetensors
+    # Where servers download it when they share no volume with the trainer
+    # (aurora.runtime.fetch checks the sha256 above before anything loads it).
+    url: str | None = None
     created: float = Field(default_factory=time.time)
     step: int = Field(ge=0)
     traces_seen: int = Field(ge=0)
     evaluation: dict[str, Any] = Field(default_factory=dict)
+
+    def _evaluated(self, key: str) -> float | None:
+        value = self.evaluation.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    @property
+    def offline_accept_length(self) -> float | None:
+        """The candidate's accept length in the trainer's offline evaluation."""
+        return self._evaluated("candidate")
+
+    @property
+    def stable_offline_accept_length(self) -> float | None:
+        """The stable revision's accept length in the same evaluation."""
+        return self._evaluated("stable")
+
+    @property
+    def loadable(self) -> bool:
+        """False when the trainer knows the checkpoint to be broken ("loadable": false)."""
+        return self.evaluation.get("loadable", True) is not False
 
 
 class RevisionRef(BaseModel):
@@ -639,6 +733,9 @@ class LoadedReport(BaseModel):
     stable: str | None = None
     candidate: str | None = None
     error: str | None = None
+    # the revision `error` is about; absent, it counts against any desired revision the
+    # server has not loaded
+    error_revision: str | None = None
     pause_ms: float | None = Field(None, ge=0.0)
     swapped: float | None = Field(None, ge=0.0)
     updated: float = Field(default_factory=time.time)
@@ -715,16 +812,21 @@ def connect(url: str, password: str | None = None, *, timeout: float | None = 2.
     With a ``timeout`` the client fails fast: short socket timeouts and no hidden
     retries, for callers that retry with their own backoff (servers, the operator's
     timer). ``timeout=None`` keeps redis-py's defaults, for blocking stream reads (the
-    trainer). A malformed URL raises ValueError naming it."""
+    trainer). ``rediss://`` is TLS, verified against the system CAs or the bundle in
+    $AURORA_REDIS_CA_FILE. A user in the URL (``redis://USER@host``) authenticates as
+    that ACL user. A malformed URL raises ValueError naming it."""
     password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
     options: dict[str, Any] = {}
+    ca_file = os.environ.get("AURORA_REDIS_CA_FILE")
+    if ca_file and url.startswith("rediss://"):
+        options["ssl_ca_certs"] = ca_file
     if timeout is not None:
-        options = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 10,
-        }
+        options.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=10,
+        )
     try:
         if password and not redis.connection.parse_url(url).get("password"):
             options["password"] = password

@@ -15,10 +15,7 @@ import redis
 from aurora.errors import UsageError
 from aurora.runtime import protocol
 from aurora.runtime.options import knob
-from aurora.runtime.protocol import Keys
-
-# Draft options that name no checkpoint.
-BUILTIN_DRAFTS = ("scratch", "ngram", "none")
+from aurora.runtime.protocol import BUILTIN_REVISIONS, Builtin, Keys
 
 
 def default_server_id() -> str:
@@ -33,7 +30,7 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind")
     port: int = knob(8000, "TCP port")
     draft: str = knob(
-        "ngram",
+        Builtin.NGRAM,
         "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), none "
         "(no speculation), or a checkpoint directory",
     )
@@ -89,6 +86,12 @@ class ServerConfig:
     max_new_tokens_limit: int = knob(2048, "largest max_tokens a request may ask for")
     seed: int = knob(0, "seed for routing, trace sampling and sampling")
     poll_interval: float = knob(0.5, "seconds between reads of the desired revisions in Redis")
+    test_slow_revision: str | None = knob(
+        None,
+        "FOR TESTS OF THE ROLLOUT GATE ONLY: REVISION:MS adds MS milliseconds to every verify "
+        "step of requests served by REVISION (a candidate with a known slowdown)",
+        metavar="REVISION:MS",
+    )
 
     def __post_init__(self) -> None:
         _ = self.keys  # validates --speculator
@@ -147,11 +150,29 @@ class ServerConfig:
         for ok, flag, value, fix in checks:
             if not ok:
                 raise UsageError(f"{flag}={value} is out of range: use {fix}")
-        if self.draft not in BUILTIN_DRAFTS and not Path(self.draft).is_dir():
+        _ = self.slow_revision  # validates --test-slow-revision
+        if self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
             raise UsageError(
-                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_DRAFTS)} nor a "
+                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_REVISIONS)} nor a "
                 "checkpoint directory: pass a built-in draft or the path of a revision's directory"
             )
+
+    @property
+    def slow_revision(self) -> tuple[str, float] | None:
+        """`--test-slow-revision` as (revision, seconds per verify step)."""
+        if self.test_slow_revision is None:
+            return None
+        revision, _, ms = self.test_slow_revision.rpartition(":")
+        try:
+            seconds = float(ms) / 1000
+        except ValueError:
+            seconds = -1.0
+        if not revision or not 0 <= seconds <= 10:
+            raise UsageError(
+                f"--test-slow-revision={self.test_slow_revision!r} must be REVISION:MS with MS "
+                "from 0 to 10000, e.g. r2:20"
+            )
+        return revision, seconds
 
     @property
     def keys(self) -> Keys:

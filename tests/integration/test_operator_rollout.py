@@ -11,7 +11,8 @@ import pytest
 import redis
 from operator_harness import Events, RecordingCluster, call, operator_memo, speculator
 
-from aurora.operator import handlers, planning
+from aurora.operator import handlers
+from aurora.operator.events import OVERRIDE_ANNOTATION
 from aurora.runtime import protocol
 from aurora.runtime.protocol import CandidateRecord, Keys, LoadedReport, RequestStats
 
@@ -31,11 +32,11 @@ def offer(client: redis.Redis, revision: str, created: float) -> None:
 
 def traffic(client: redis.Redis, revision: str, arm: str, n: int, tokens_per_s: float) -> None:
     rng = random.Random(f"{revision}:{arm}:{n}")
-    for i in range(n):
+    for _ in range(n):
         protocol.publish_stats(
             client, KEYS,
             RequestStats(revision=revision, arm=arm, server="chat-server-1", decode_tokens_per_s=rng.gauss(tokens_per_s, 0.5),  # type: ignore[arg-type]
-                         accept_length=2.5, new_tokens=64, verify_steps=25, latency_s=1.0, created=1000.0 + i),
+                         accept_length=2.5, new_tokens=64, verify_steps=25, latency_s=1.0),
             maxlen=10_000,
         )  # fmt: skip
 
@@ -102,11 +103,11 @@ def test_a_person_rolls_back_a_canary_with_the_override_annotation(
     )
     offer(redis_client, "r1", created=100.0)
     obj = tick(obj, memo)
-    obj["metadata"]["annotations"] = {planning.OVERRIDE_ANNOTATION: "Rollback:r1"}
+    obj["metadata"]["annotations"] = {OVERRIDE_ANNOTATION: "Rollback:r1"}
     obj = tick(obj, memo)
     assert obj["status"]["phase"] == "Idle" and "r1" in obj["status"]["rollout"]["rejected"]
     assert ("Warning", "Rollback") in [(t, r) for t, r, _ in events.posted]
-    assert planning.OVERRIDE_ANNOTATION not in obj["metadata"]["annotations"]  # consumed
+    assert OVERRIDE_ANNOTATION not in obj["metadata"]["annotations"]  # consumed
     desired = protocol.get_desired(redis_client, KEYS)
     assert desired is not None and desired.candidate is None
 

@@ -14,13 +14,8 @@ from structural_schema import apply_defaults, validate, walk
 
 from aurora.cli import main
 from aurora.operator import crd
-from aurora.operator.spec import (
-    ENGINE_RULES,
-    ROLLOUT_RULES,
-    SPEC_RULES,
-    RolloutSpec,
-    SpeculatorSpec,
-)
+from aurora.operator.spec import ENGINE_RULES, SPEC_RULES, RolloutSpec, SpeculatorSpec
+from aurora.runtime.rollout import ROLLOUT_RULES, RolloutPolicy
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +57,15 @@ def test_crd_identity_status_subresource_and_short_name() -> None:
     )
     (version,) = body["spec"]["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    # The scale subresource: `kubectl scale spx/NAME` and autoscalers set the servers.
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.engine.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
 
 
 def test_schema_is_structural() -> None:
@@ -85,7 +88,18 @@ def test_preserve_unknown_fields_only_on_opaque_kubernetes_structures() -> None:
     opaque = sorted(
         path for path, node in walk(SCHEMA) if node.get("x-kubernetes-preserve-unknown-fields")
     )
-    assert opaque == [".spec.engine.tolerations[]", ".status.rollout"]
+    pod_template = [
+        "affinity", "envFrom[]", "env[].valueFrom", "tolerations[]", "topologySpreadConstraints[]",
+        "volumes[]",
+    ]  # fmt: skip
+    expected = [
+        *(f".spec.engine.{field}" for field in pod_template),
+        ".spec.network.extraEgress[]",
+        ".spec.network.ingressFrom[]",
+        *(f".spec.training.{field}" for field in pod_template if "topology" not in field),
+        ".status.rollout",
+    ]
+    assert opaque == sorted(expected)
 
 
 def test_api_server_defaults_equal_the_model_defaults() -> None:
@@ -161,7 +175,9 @@ def test_good_values_pass_both() -> None:
         (_spec(rollout={"canaryShare": "0"}), "above 0 and below 1"),
         (_spec(rollout={"minSpeedup": "0.9", "regressionThreshold": "0.8"}), "at least 1.0"),
         (_spec(rollout={"minSpeedup": "1.05", "regressionThreshold": "1.1"}), "must not exceed"),
-        (_spec(rollout={"confidence": "0.4"}), "above 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0.5"}), "above 0 and below 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0"}), "above 0 and below 0.5"),
+        (_spec(rollout={"minSamples": 5}), "minSamples must be at least 10"),
         (_spec(rollout={"minSamples": 50, "maxCanarySamples": 20}), "at least rollout.minSamples"),
     ],
 )  # fmt: skip
@@ -190,10 +206,16 @@ def test_every_rule_is_in_the_crd_with_its_cel() -> None:
     assert any("self.metadata.name.size()" in text for text in cel)
 
 
-def test_rollout_defaults_are_the_policy_defaults() -> None:
-    from aurora.runtime.rollout import RolloutPolicy
-
-    assert RolloutSpec().policy() == RolloutPolicy()
+def test_spec_rollout_is_the_rollout_policy_with_its_defaults() -> None:
+    # One model: the CRD's spec.rollout carries the policy's own fields and defaults.
+    spec = RolloutSpec()
+    assert isinstance(spec, RolloutPolicy)
+    assert spec.model_dump(exclude={"enabled", "interval_seconds"}) == RolloutPolicy().model_dump()
+    rollout = SPEC_SCHEMA["properties"]["rollout"]
+    policy = RolloutPolicy().model_dump(mode="json", by_alias=True)
+    for field in ("minSpeedup", "regressionThreshold", "minSamples", "canaryShare"):
+        assert rollout["properties"][field]["default"] == policy[field]
+    assert rollout["default"]["minSpeedup"] == "1.05"
 
 
 def test_printer_columns_point_at_schema_fields() -> None:

@@ -1,8 +1,9 @@
-"""The rollout policy: which draft revision serves, and when a candidate replaces it.
+"""The rollout decision: which draft revision serves, and when a candidate replaces it.
 
-Pure and deterministic (stdlib + pydantic): the operator's kopf timer and `aurora local`
-call `decide` on a timer with what they observed, persist `Decision.new_state`, publish
-`Decision.desired` and turn `Decision.events` into Kubernetes Events. Same inputs, same
+Pure and deterministic (stdlib, pydantic and the protocol's records): the rollout loop
+(`aurora.runtime.rollout.loop`, run by the operator's kopf timer and by `aurora local`)
+calls `decide` with what it observed, persists `Decision.new_state`, publishes
+`Decision.desired` and turns `Decision.events` into Kubernetes Events. Same inputs, same
 decision.
 
 State machine (`RolloutState.phase`; event actions in brackets, kept in the bounded history)::
@@ -20,6 +21,7 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
                                    failed to load it [Reject], the old stable stays
     Idle|Canary|Hold -> same       stable slower than no speculation, fallbackOnRegression
                                    [Fallback]: stable becomes "none" (plain decoding)
+    Idle|Canary|Hold -> same       the traffic mix changed: the window restarts [MixChange]
 
 - Idle: the stable revision serves alone (None = no draft, plain decoding). The newest
   candidate (by `created`) that is newer than every candidate already tried, not rejected
@@ -36,55 +38,81 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
   count as promoted). A load failure then rejects it and the old stable stays desired.
 - Rolled back and rejected revisions go to `RolloutState.rejected` and are never retried.
 
-Statistics: the unit is one request's decode tokens/s, the throughput users feel
-(acceptance length alone does not predict speedup; offline accept lengths only appear in
-reasons). Each arm (stable, candidate, baseline = speculation off) is its most recent
-`maxCanarySamples` requests with finite positive throughput. speedup = mean(candidate) /
-mean(stable). Bounds come from a percentile bootstrap: each arm is resampled independently
-`bootstrapResamples` times with a generator seeded from (seed, arm, revision); the lower
-bound is the (1 − confidence) quantile of the resampled ratios, the upper bound the
-`confidence` quantile, each a one-sided bound at `confidence`. Once both arms hold
-`minSamples`: Promote when lower ≥ minSpeedup; Rollback when upper < regressionThreshold
-(validated ≤ minSpeedup, so the two never both hold); otherwise keep collecting until the
-candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable revision
-whose upper bound against the baseline is below 1.0 is flagged `Measurement.stable_regressed`
-and named in the reason; this check reads only the stable's most recent 2 × minSamples
-requests (at least minSamples, and minSamples baseline requests), so a traffic shift shows
-within a few dozen requests instead of waiting for the whole window to turn over. With
-`fallbackOnRegression` (the default) the policy then falls back to plain decoding: stable
-becomes `NO_DRAFT` ("none"), a running canary carries on against it, and the next
-candidate that beats plain decoding is promoted as usual (traffic shifted and the draft
-went stale: stop paying for it until the trainer catches up). Otherwise the decision does not change and the operator reports
-it as Degraded. A fallback never happens while Promoting (servers are mid-swap) and never
-from no draft, so it cannot flip-flop.
+Measurement (`aurora.runtime.rollout.statistics` has the method and its assumptions): per
+arm (stable, candidate, baseline = speculation off), throughput is total decode tokens
+over total decode seconds of its requests in the comparison window (time-weighted), with
+ms per token beside it; a speedup is the candidate's (or stable's) throughput over its
+comparator's, with one-sided bounds from a confidence sequence at `falsePromotionRate`,
+valid however often the rule is checked. The window is the same period for every arm:
+it starts at the last change of what is served (StartCanary, Promoted, Rollback, Reject,
+Superseded, Fallback; `RolloutState.window_since`) and restarts where the traffic mix
+changes (domain or prompt length; [MixChange]), the comparison then running on the new
+mix alone at a smaller share of the error rate. Once both arms hold `minSamples` in the
+window: Promote when the lower bound >= minSpeedup; Rollback when the upper bound <
+regressionThreshold (validated <= minSpeedup, so the two never both hold); otherwise keep
+collecting until the candidate has `maxCanarySamples` requests in the window, then follow
+`onInconclusive`. A stable revision whose upper bound against no speculation is below 1.0
+(both arms holding minSamples) is flagged `Measurement.stable_regressed` and named in the
+reason. With `fallbackOnRegression` (the default) the policy then falls back to plain
+decoding: stable becomes `NO_DRAFT` ("none"), a running canary carries on against it, and
+the next candidate that beats plain decoding is promoted as usual (traffic shifted and
+the draft went stale: stop paying for it until the trainer catches up). Otherwise the
+decision does not change and the operator reports it as Degraded. A fallback never
+happens while Promoting (servers are mid-swap) and never from no draft, so it cannot
+flip-flop. Every reason quotes the gated figure with its comparator, window and counts.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from aurora.runtime.protocol import (
+    BUILTIN_REVISIONS,
+    Builtin,
+    CandidateRecord,
+    DesiredState,
+    LoadedReport,
+    RequestStats,
+    RevisionRef,
+)
+from aurora.runtime.rollout.policy import RolloutPolicy
+from aurora.runtime.rollout.statistics import (
+    ArmTotals,
+    mix_change,
+    restart_alpha,
+    speedup_bounds,
+    totals,
+)
 
 Arm = Literal["stable", "candidate", "baseline"]
 Phase = Literal["Idle", "Canary", "Hold", "Promoting"]
 Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold", "Wait", "Fallback"]
 EventAction = Literal[
-    "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded", "Fallback"
+    "StartCanary",
+    "Promote",
+    "Promoted",
+    "Rollback",
+    "Reject",
+    "Hold",
+    "Superseded",
+    "Fallback",
+    "MixChange",
 ]
-# The revision name servers give to decoding without a draft; as `stable_revision` it is
-# an explicit fallback to plain decoding (None means "whatever servers started with").
-NO_DRAFT = "none"
+# The revision servers serve without a draft; as `stable_revision` it is an explicit
+# fallback to plain decoding (None means "whatever servers started with").
+NO_DRAFT = Builtin.NONE
 
 HISTORY_LIMIT = 20
 REJECTED_LIMIT = 50
-_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 
 
 class _Model(BaseModel):
@@ -97,141 +125,6 @@ class _Model(BaseModel):
         serialize_by_alias=True,
         frozen=True,
     )
-
-
-def _decimal(value: object, name: str, example: str) -> Decimal:
-    """Parse a Kubernetes-style decimal string ("1.05"); the error names `rollout.<name>`."""
-    text = (
-        str(value).strip()
-        if isinstance(value, str | int | float | Decimal) and not isinstance(value, bool)
-        else ""
-    )
-    if not _DECIMAL.match(text):
-        raise ValueError(
-            f"rollout.{name}: {value!r} is not a decimal number; write it as a string such as {example!r}"
-        )
-    return Decimal(text)
-
-
-def _in_range(value: Decimal, name: str, example: str, low: str, high: str) -> float:
-    """Check `low < value < high` (bounds named in the message) and return a float."""
-    if not Decimal(low) < value < Decimal(high):
-        raise ValueError(
-            f"rollout.{name}: {value} must be above {low} and below {high}, e.g. {example!r}"
-        )
-    return float(value)
-
-
-class RolloutPolicy(_Model):
-    """`Speculator.spec.rollout`: thresholds, shares and statistics settings.
-
-    Fractions and thresholds accept decimal strings ("1.05", "0.5"), per the Kubernetes
-    API conventions, as well as numbers.
-    """
-
-    min_speedup: Decimal = Decimal("1.05")
-    min_samples: int = Field(30, ge=2)
-    canary_share: float = 0.5
-    baseline_share: float = 0.1
-    on_inconclusive: Literal["Hold", "Rollback"] = "Hold"
-    confidence: float = 0.9
-    max_canary_samples: int = Field(300, ge=2)
-    regression_threshold: Decimal = Decimal("0.97")
-    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
-    seed: int = 0
-    replace_canary_with_newer: bool = False
-    fallback_on_regression: bool = True
-
-    @field_validator("min_speedup", mode="before")
-    @classmethod
-    def _min_speedup(cls, value: object) -> Decimal:
-        parsed = _decimal(value, "minSpeedup", "1.05")
-        if parsed <= 0:
-            raise ValueError(f"rollout.minSpeedup: {value!r} must be positive, e.g. '1.05'")
-        return parsed
-
-    @field_validator("regression_threshold", mode="before")
-    @classmethod
-    def _regression_threshold(cls, value: object) -> Decimal:
-        parsed = _decimal(value, "regressionThreshold", "0.97")
-        if parsed <= 0:
-            raise ValueError(
-                f"rollout.regressionThreshold: {value!r} must be positive, e.g. '0.97'"
-            )
-        return parsed
-
-    @field_validator("canary_share", mode="before")
-    @classmethod
-    def _canary_share(cls, value: object) -> float:
-        return _in_range(_decimal(value, "canaryShare", "0.5"), "canaryShare", "0.5", "0", "1")
-
-    @field_validator("baseline_share", mode="before")
-    @classmethod
-    def _baseline_share(cls, value: object) -> float:
-        # Zero is allowed: no baseline arm, so no speedup against plain decoding.
-        parsed = _decimal(value, "baselineShare", "0.1")
-        return 0.0 if parsed == 0 else _in_range(parsed, "baselineShare", "0.1", "0", "1")
-
-    @field_validator("confidence", mode="before")
-    @classmethod
-    def _confidence(cls, value: object) -> float:
-        return _in_range(_decimal(value, "confidence", "0.9"), "confidence", "0.9", "0.5", "1")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RolloutPolicy:
-        if self.max_canary_samples < self.min_samples:
-            raise ValueError(
-                f"rollout.maxCanarySamples: {self.max_canary_samples} is below rollout.minSamples "
-                f"{self.min_samples}; raise it, e.g. to {10 * self.min_samples}"
-            )
-        if self.regression_threshold > self.min_speedup:
-            raise ValueError(
-                f"rollout.regressionThreshold: {self.regression_threshold} is above rollout.minSpeedup "
-                f"{self.min_speedup}; it must not exceed it, e.g. '0.97' with '1.05'"
-            )
-        if self.canary_share + self.baseline_share >= 1:
-            raise ValueError(
-                f"rollout.canaryShare {self.canary_share} + rollout.baselineShare {self.baseline_share} "
-                "leave no traffic for the stable revision; keep the sum below 1, e.g. '0.5' and '0.1'"
-            )
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSample:
-    """One finished request as a server measured it. `arm` "baseline" = speculation off."""
-
-    revision: str
-    arm: Arm
-    decode_tokens_per_s: float
-    accept_length: float
-    new_tokens: int
-    created: float
-
-
-class Candidate(_Model):
-    """A draft revision the trainer offers; `parent` is the revision it was trained from."""
-
-    revision: str = Field(min_length=1)
-    parent: str | None = None
-    created: float
-    offline_accept_length: float | None = None
-    stable_offline_accept_length: float | None = None
-    loadable: bool = True
-
-
-class ServerLoad(_Model):
-    """What one server reports it has loaded, and its last failed load.
-
-    `error_revision` names the revision `error` is about; when absent the error counts
-    against any desired revision the server has not loaded.
-    """
-
-    server: str
-    stable: str | None = None
-    candidate: str | None = None
-    error: str | None = None
-    error_revision: str | None = None
 
 
 class Override(_Model):
@@ -262,6 +155,10 @@ class RolloutState(_Model):
     phase_since: float | None = None
     # `created` of the newest candidate ever acted on; older candidates are never offered.
     tried_through: float | None = None
+    # The comparison window: requests created since then count (None: all); restarts by a
+    # traffic-mix change since the last change of what is served.
+    window_since: float | None = None
+    window_restarts: int = Field(default=0, ge=0)
     rejected: list[str] = Field(default_factory=list)
     history: list[RolloutEvent] = Field(default_factory=list)
 
@@ -275,33 +172,32 @@ class RolloutState(_Model):
         return self
 
 
-class DesiredRevisions(_Model):
-    """What servers should serve: the shares are fractions of requests (or replicas)."""
-
-    stable: str | None
-    candidate: str | None
-    candidate_share: float
-    baseline_share: float
-
-
 class ArmStats(_Model):
+    """One arm in the window: time-weighted throughput (total decode tokens over total
+    decode seconds) and ms per decode token."""
+
     revision: str | None
     samples: int
     decode_tokens_per_s: float | None
+    ms_per_token: float | None = None
     accept_length: float | None
     new_tokens: int
 
 
 class Speedup(_Model):
-    """Ratio of mean per-request decode tokens/s, with one-sided bootstrap bounds."""
+    """An arm's throughput over its comparator's on the same window, with one-sided
+    confidence-sequence bounds (each at level 1 - confidence, valid at every look)."""
 
     estimate: float
     lower: float
     upper: float
+    comparator: str = ""  # what it is measured against: a revision, or "no speculation"
+    samples: int = 0  # the measured arm's requests in the window
+    comparator_samples: int = 0
 
 
 class Measurement(_Model):
-    confidence: float
+    confidence: float  # of each one-sided bound: 1 - the window's share of falsePromotionRate
     stable: ArmStats
     candidate: ArmStats
     baseline: ArmStats
@@ -309,9 +205,9 @@ class Measurement(_Model):
     stable_speedup_vs_baseline: Speedup | None
     candidate_speedup_vs_baseline: Speedup | None
     stable_regressed: bool
-    # the regression check: the stable's most recent 2 x minSamples requests vs the baseline
-    stable_recent_samples: int = 0
-    stable_recent_speedup_vs_baseline: Speedup | None = None
+    window_since: float | None = None  # requests created since then count
+    window_seconds: float = 0.0  # from window_since (or the first request) to now
+    window_restarts: int = 0  # traffic-mix restarts since the last change of what is served
 
 
 @dataclass(frozen=True)
@@ -322,9 +218,12 @@ class Decision:
     action: Action
     reason: str
     new_state: RolloutState
-    desired: DesiredRevisions
+    # What servers should serve, as published to them: the previously published state
+    # when nothing changed (the same object), or when `problem` says why it cannot change.
+    desired: DesiredState | None
     measurement: Measurement | None
     events: tuple[RolloutEvent, ...] = ()
+    problem: str | None = None
 
     @property
     def stable_regressed(self) -> bool:
@@ -334,132 +233,122 @@ class Decision:
 # ---------------------------------------------------------------- statistics
 
 
-def _usable(sample: RequestSample) -> bool:
-    return math.isfinite(sample.decode_tokens_per_s) and sample.decode_tokens_per_s > 0
+def _usable(sample: RequestStats) -> bool:
+    seconds = sample.decode_seconds
+    return 0 < seconds < math.inf
 
 
-def _recent(samples: Iterable[RequestSample], window: int) -> list[RequestSample]:
-    # A total order on the samples' content makes the result independent of input order.
-    ordered = sorted(
-        samples,
-        key=lambda s: (s.created, s.decode_tokens_per_s, s.accept_length, s.new_tokens, s.revision),
-    )
-    return ordered[-window:]
-
-
-def _arm_stats(revision: str | None, arm: list[RequestSample]) -> ArmStats:
+def _arm_stats(revision: str | None, arm: list[RequestStats]) -> tuple[ArmStats, ArmTotals]:
+    sums = totals(arm)
     n = len(arm)
-    return ArmStats(
+    stats = ArmStats(
         revision=revision,
         samples=n,
-        decode_tokens_per_s=math.fsum(s.decode_tokens_per_s for s in arm) / n if n else None,
+        decode_tokens_per_s=sums.tokens_per_s,
+        ms_per_token=sums.ms_per_token,
         accept_length=math.fsum(s.accept_length for s in arm) / n if n else None,
         new_tokens=sum(s.new_tokens for s in arm),
     )
-
-
-def _resampled_means(arm: list[RequestSample], policy: RolloutPolicy, seed: str) -> list[float]:
-    values = [s.decode_tokens_per_s for s in arm]
-    n = len(values)
-    rng = random.Random(f"{policy.seed}:{seed}")
-    return [sum(rng.choices(values, k=n)) / n for _ in range(policy.bootstrap_resamples)]
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return stats, sums
 
 
 def _speedup(
-    numerator: ArmStats,
-    numerator_means: list[float],
-    denominator: ArmStats,
-    denominator_means: list[float],
-    confidence: float,
+    numerator: ArmTotals, denominator: ArmTotals, comparator: str, alpha: float, rho: float
 ) -> Speedup | None:
-    if numerator.decode_tokens_per_s is None or denominator.decode_tokens_per_s is None:
+    bounds = speedup_bounds(numerator, denominator, alpha, rho)
+    if bounds is None:
         return None
-    ratios = sorted(a / b for a, b in zip(numerator_means, denominator_means, strict=True))
     return Speedup(
-        estimate=numerator.decode_tokens_per_s / denominator.decode_tokens_per_s,
-        lower=_quantile(ratios, 1 - confidence),
-        upper=_quantile(ratios, confidence),
+        estimate=bounds.estimate,
+        lower=bounds.lower,
+        upper=bounds.upper,
+        comparator=comparator,
+        samples=numerator.requests,
+        comparator_samples=denominator.requests,
     )
 
 
+_ORDER = attrgetter("created", "arm", "revision", "server", "cohort")
+
+
+def in_window(samples: Iterable[RequestStats], since: float | None) -> list[RequestStats]:
+    """The requests created since `since`, oldest first (sums are exact, so the figures
+    do not depend on the input order)."""
+    kept = samples if since is None else (s for s in samples if s.created >= since)
+    return sorted(kept, key=_ORDER)
+
+
 def measure(
-    samples: Sequence[RequestSample],
+    samples: Sequence[RequestStats],
     stable: str | None,
     candidate: str | None,
     policy: RolloutPolicy,
+    *,
+    since: float | None = None,
+    restarts: int = 0,
+    now: float | None = None,
 ) -> Measurement:
-    """Live figures for the stable and candidate revisions and the no-speculation baseline.
+    """Live figures for the stable and candidate revisions and the no-speculation baseline
+    on the requests created since `since` (the comparison window; None: all of them).
 
     Samples of other revisions are ignored. With `stable` None (no draft) the stable arm is
     every request served without a draft (arm "stable" or "baseline"), which then is also
     the baseline, and `stable_speedup_vs_baseline` is None. With `stable` NO_DRAFT (after a
     fallback) likewise, except that only requests labelled "none" count from the stable
-    arm. Deterministic: same samples in any order give the same measurement.
+    arm. `restarts` traffic-mix restarts leave this window a smaller share of the error
+    rate. Deterministic: same samples in any order give the same measurement.
     """
-    usable = [s for s in samples if _usable(s)]
-    window = policy.max_canary_samples
+    return _measure(in_window(samples, since), stable, candidate, policy, since, restarts, now)
+
+
+def _measure(
+    window: list[RequestStats],
+    stable: str | None,
+    candidate: str | None,
+    policy: RolloutPolicy,
+    since: float | None,
+    restarts: int,
+    now: float | None,
+) -> Measurement:
+    """`measure` on the requests of the window, already in order."""
+    usable = [s for s in window if _usable(s)]
     if stable is None:
-        stable_arm = _recent((s for s in usable if s.arm in ("stable", "baseline")), window)
+        stable_arm = [s for s in usable if s.arm in ("stable", "baseline")]
         baseline_arm = stable_arm
     elif stable == NO_DRAFT:
         # After a fallback: the old stable's drafted requests no longer count.
-        stable_arm = _recent(
-            (
-                s
-                for s in usable
-                if s.arm == "baseline" or (s.arm == "stable" and s.revision in ("", NO_DRAFT))
-            ),
-            window,
-        )
+        stable_arm = [
+            s
+            for s in usable
+            if s.arm == "baseline" or (s.arm == "stable" and s.revision in ("", NO_DRAFT))
+        ]
         baseline_arm = stable_arm
     else:
-        stable_arm = _recent(
-            (s for s in usable if s.arm == "stable" and s.revision == stable), window
-        )
-        baseline_arm = _recent((s for s in usable if s.arm == "baseline"), window)
-    candidate_arm = _recent(
-        (s for s in usable if s.arm == "candidate" and s.revision == candidate), window
-    )
-    stable_stats = _arm_stats(stable, stable_arm)
-    candidate_stats = _arm_stats(candidate, candidate_arm)
-    baseline_stats = _arm_stats(None, baseline_arm)
-    stable_means = _resampled_means(stable_arm, policy, f"stable:{stable}") if stable_arm else []
-    candidate_means = (
-        _resampled_means(candidate_arm, policy, f"candidate:{candidate}") if candidate_arm else []
-    )
-    confidence = policy.confidence
-    vs_stable = _speedup(candidate_stats, candidate_means, stable_stats, stable_means, confidence)
+        stable_arm = [s for s in usable if s.arm == "stable" and s.revision == stable]
+        baseline_arm = [s for s in usable if s.arm == "baseline"]
+    candidate_arm = [s for s in usable if s.arm == "candidate" and s.revision == candidate]
+    stable_stats, stable_sums = _arm_stats(stable, stable_arm)
+    candidate_stats, candidate_sums = _arm_stats(candidate, candidate_arm)
+    baseline_stats, baseline_sums = _arm_stats(None, baseline_arm)
+    alpha = restart_alpha(float(policy.false_promotion_rate), restarts)
+    rho = policy.min_samples / 2  # tightest around 4 x minSamples effective requests
+    plain = "no speculation"
+    vs_stable = _speedup(candidate_sums, stable_sums, _name(stable, plain), alpha, rho)
     if stable is None or stable == NO_DRAFT:
         stable_vs_baseline, candidate_vs_baseline = None, vs_stable
     else:
-        baseline_means = _resampled_means(baseline_arm, policy, "baseline") if baseline_arm else []
-        stable_vs_baseline = _speedup(
-            stable_stats, stable_means, baseline_stats, baseline_means, confidence
-        )
-        candidate_vs_baseline = _speedup(
-            candidate_stats, candidate_means, baseline_stats, baseline_means, confidence
-        )
-    recent_arm = stable_arm[-2 * policy.min_samples :]
-    recent_vs_baseline = None
-    if stable_vs_baseline is not None and recent_arm:
-        recent_vs_baseline = _speedup(
-            _arm_stats(stable, recent_arm),
-            _resampled_means(recent_arm, policy, f"stable-recent:{stable}"),
-            baseline_stats,
-            baseline_means,
-            confidence,
-        )
+        stable_vs_baseline = _speedup(stable_sums, baseline_sums, plain, alpha, rho)
+        candidate_vs_baseline = _speedup(candidate_sums, baseline_sums, plain, alpha, rho)
     regressed = (
-        recent_vs_baseline is not None
-        and min(len(recent_arm), baseline_stats.samples) >= policy.min_samples
-        and recent_vs_baseline.upper < 1.0
+        stable_vs_baseline is not None
+        and min(stable_stats.samples, baseline_stats.samples) >= policy.min_samples
+        and stable_vs_baseline.upper < 1.0
     )
+    counted = [s.created for s in (*stable_arm, *candidate_arm, *baseline_arm)]
+    start = since if since is not None else min(counted, default=None)
+    end = now if now is not None else max(counted, default=None)
     return Measurement(
-        confidence=confidence,
+        confidence=1 - alpha,
         stable=stable_stats,
         candidate=candidate_stats,
         baseline=baseline_stats,
@@ -467,8 +356,9 @@ def measure(
         stable_speedup_vs_baseline=stable_vs_baseline,
         candidate_speedup_vs_baseline=candidate_vs_baseline,
         stable_regressed=regressed,
-        stable_recent_samples=len(recent_arm) if recent_vs_baseline is not None else 0,
-        stable_recent_speedup_vs_baseline=recent_vs_baseline,
+        window_since=since,
+        window_seconds=max(0.0, end - start) if start is not None and end is not None else 0.0,
+        window_restarts=restarts,
     )
 
 
@@ -477,50 +367,130 @@ def measure(
 
 def _regression(m: Measurement) -> str:
     """The figures behind a regression flag."""
-    assert m.stable_recent_speedup_vs_baseline is not None
+    assert m.stable_speedup_vs_baseline is not None
     return (
-        f"{_ratio(m.stable_recent_speedup_vs_baseline, m.confidence)} on its last "
-        f"{m.stable_recent_samples} requests against {m.baseline.samples} baseline requests"
+        f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} requests "
+        f"against {m.baseline.samples} without speculation, {_window(m)}"
     )
 
 
-def _name(revision: str | None) -> str:
-    return revision if revision not in (None, NO_DRAFT) else "no draft"
+def _name(revision: str | None, none: str = "no draft") -> str:
+    return revision if revision not in (None, NO_DRAFT) else none
+
+
+def _percent(fraction: float) -> str:
+    text = f"{fraction:.1%}"
+    return text.replace(".0%", "%")
 
 
 def _ratio(speedup: Speedup, confidence: float) -> str:
-    return f"{speedup.estimate:.3f}x ({confidence:.0%} bounds {speedup.lower:.3f}x-{speedup.upper:.3f}x)"
+    return (
+        f"{speedup.estimate:.3f}x ({_percent(confidence)} confidence sequence "
+        f"{speedup.lower:.3f}x-{speedup.upper:.3f}x, time-weighted)"
+    )
+
+
+def _window(m: Measurement) -> str:
+    """The comparison window in words: since when, how long, restarted or not."""
+    if m.window_since is None:
+        text = f"window of {m.window_seconds:.0f} s"
+    else:
+        start = datetime.fromtimestamp(m.window_since, UTC).strftime("%H:%M:%S UTC")
+        text = f"window since {start} ({m.window_seconds:.0f} s)"
+    if m.window_restarts:
+        text += f", restarted {m.window_restarts}x by a traffic-mix change"
+    return text
 
 
 def _figures(m: Measurement) -> str:
-    """The canary's numbers in one phrase, for reasons."""
+    """The canary's numbers in one phrase, for reasons: the gated figure with its
+    comparator, window and counts, then both against no speculation."""
     text = f"{m.candidate.samples} candidate / {m.stable.samples} stable requests"
     if m.speedup_vs_stable is not None:
-        text = f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs {_name(m.stable.revision)} on {text}"
+        text = (
+            f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs "
+            f"{m.speedup_vs_stable.comparator} on {text}"
+        )
+    text += f", {_window(m)}"
     against = [
-        f"{label} {s.estimate:.3f}x"
+        f"{label} {s.estimate:.3f}x ({s.lower:.3f}x-{s.upper:.3f}x)"
         for label, s in (
             ("candidate", m.candidate_speedup_vs_baseline),
             ("stable", m.stable_speedup_vs_baseline),
         )
-        if s is not None
+        if s is not None and m.stable.revision not in (None, NO_DRAFT)
     ]
     if against and m.baseline.samples:
         text += f"; vs no speculation ({m.baseline.samples} requests): {', '.join(against)}"
     return text
 
 
-def _desired(policy: RolloutPolicy, state: RolloutState) -> DesiredRevisions:
+def _mix(requests: Sequence[RequestStats]) -> str:
+    """A traffic mix in words: its main domain and median prompt length."""
+    domains = Counter(s.domain or "unlabelled" for s in requests)
+    domain, count = domains.most_common(1)[0]
+    lengths = sorted(s.prompt_tokens for s in requests)
+    text = f"{count / len(requests):.0%} {domain}"
+    if lengths[-1] > 0:
+        text += f", median prompt {lengths[len(lengths) // 2]} tokens"
+    return text
+
+
+def _desired(
+    policy: RolloutPolicy,
+    state: RolloutState,
+    candidates: Sequence[CandidateRecord],
+    published: DesiredState | None,
+    now: float,
+) -> tuple[DesiredState | None, str | None]:
+    """(what servers should serve, None) with each revision's checkpoint path; the
+    generation moves only when something changed. A wanted revision with no candidate
+    record (and not already published) leaves `published` as it is, with the problem:
+    nothing half-formed reaches the servers."""
     if state.phase == "Promoting":
         stable, candidate = state.candidate_revision, None
     else:
         stable, candidate = state.stable_revision, state.candidate_revision
-    return DesiredRevisions(
-        stable=stable,
-        candidate=candidate,
-        candidate_share=policy.canary_share if candidate is not None else 0.0,
-        baseline_share=policy.baseline_share,
-    )
+    paths = {c.revision: c.path for c in candidates}
+    known = [published.stable, published.candidate] if published is not None else []
+
+    def ref(revision: str | None) -> RevisionRef | None:
+        if revision is None:
+            return None
+        if revision in BUILTIN_REVISIONS:  # plain decoding or a model-free draft
+            return RevisionRef(revision=revision, path="")
+        if revision in paths:
+            return RevisionRef(revision=revision, path=paths[revision])
+        for old in known:
+            if old is not None and old.revision == revision:
+                return old
+        raise LookupError(
+            f"revision {revision} has no candidate record in Redis (was it withdrawn?): "
+            "cannot tell servers where its checkpoint is"
+        )
+
+    try:
+        refs = ref(stable), ref(candidate)
+    except LookupError as error:
+        return published, str(error)
+    share = float(policy.canary_share) if candidate is not None else 0.0
+    content = (*refs, share, float(policy.baseline_share))
+    if published is not None and content == (
+        published.stable,
+        published.candidate,
+        published.candidate_share,
+        published.baseline_share,
+    ):
+        return published, None
+    generation = published.generation + 1 if published is not None else 1
+    return DesiredState(
+        stable=refs[0],
+        candidate=refs[1],
+        candidate_share=share,
+        baseline_share=float(policy.baseline_share),
+        generation=generation,
+        updated=now,
+    ), None
 
 
 @dataclass
@@ -528,10 +498,11 @@ class _Tick:
     """One call of `decide`: the observations, and the events appended so far."""
 
     policy: RolloutPolicy
-    candidates: Sequence[Candidate]
-    loads: Sequence[ServerLoad]
+    candidates: Sequence[CandidateRecord]
+    loads: Sequence[LoadedReport]
     now: float
     measurement: Measurement | None
+    published: DesiredState | None
     events: list[RolloutEvent] = field(default_factory=list)
 
     def record(
@@ -546,6 +517,9 @@ class _Tick:
         self.events.append(event)
         if "phase" in changes:
             changes["phase_since"] = self.now
+        if {"stable_revision", "candidate_revision"} & changes.keys():
+            # What is served changed: comparisons start over, on the new arms only.
+            changes.update(window_since=self.now, window_restarts=0)
         history = [*state.history, event][-HISTORY_LIMIT:]
         return state.model_copy(update={**changes, "history": history})
 
@@ -555,9 +529,10 @@ class _Tick:
             reason += f"; stable {_name(m.stable.revision)} is slower than no speculation: " + (
                 _regression(m)
             )
-        return Decision(action, reason, state, _desired(self.policy, state), m, tuple(self.events))
+        desired, problem = _desired(self.policy, state, self.candidates, self.published, self.now)
+        return Decision(action, reason, state, desired, m, tuple(self.events), problem)
 
-    def newest_eligible(self, state: RolloutState) -> Candidate | None:
+    def newest_eligible(self, state: RolloutState) -> CandidateRecord | None:
         eligible = [
             c
             for c in self.candidates
@@ -567,7 +542,7 @@ class _Tick:
         ]
         return max(eligible, key=lambda c: (c.created, c.revision), default=None)
 
-    def load_failure(self, revision: str) -> ServerLoad | None:
+    def load_failure(self, revision: str) -> LoadedReport | None:
         for load in sorted(self.loads, key=lambda load: load.server):
             if load.error and (
                 load.error_revision == revision
@@ -610,6 +585,30 @@ class _Tick:
         if state.candidate_revision is not None:
             reason += f" (canary {state.candidate_revision} carries on against it)"
         return self.record(state, "Fallback", stable, reason, stable_revision=NO_DRAFT)
+
+    def restart_on_mix_change(
+        self, state: RolloutState, window: list[RequestStats]
+    ) -> tuple[RolloutState, list[RequestStats]]:
+        """The state with the window restarted where the traffic mix changed within it
+        (a MixChange event) and the requests of the window, or both unchanged."""
+        cut = mix_change(window)
+        if cut is None:
+            return state, window
+        before, after = window[:cut], window[cut:]
+        at = datetime.fromtimestamp(after[0].created, UTC).strftime("%H:%M:%S UTC")
+        reason = (
+            f"traffic mix changed at {at} ({_mix(before)} -> {_mix(after)}): comparisons "
+            f"restart there; the {len(before)} requests before it no longer count"
+        )
+        state = self.record(
+            state,
+            "MixChange",
+            state.candidate_revision or state.stable_revision,
+            reason,
+            window_since=after[0].created,
+            window_restarts=state.window_restarts + 1,
+        )
+        return state, [s for s in after if s.created >= after[0].created]
 
     # -- phases
 
@@ -697,7 +696,7 @@ class _Tick:
         if speedup is None or min(m.candidate.samples, m.stable.samples) < policy.min_samples:
             reason = (
                 f"collecting samples: {revision} {m.candidate.samples}/{policy.min_samples}, "
-                f"stable {stable} {m.stable.samples}/{policy.min_samples}"
+                f"stable {stable} {m.stable.samples}/{policy.min_samples} ({_window(m)})"
             )
             if self.loads and all(revision not in (s.stable, s.candidate) for s in self.loads):
                 reason += f"; no server has loaded {revision} yet"
@@ -706,7 +705,8 @@ class _Tick:
             return self.promote(
                 state,
                 f"{revision} beats {stable}: lower bound {speedup.lower:.3f}x >= "
-                f"minSpeedup {policy.min_speedup}; {_figures(m)}",
+                f"minSpeedup {policy.min_speedup} (falsePromotionRate "
+                f"{policy.false_promotion_rate}); {_figures(m)}",
             )
         if speedup.upper < float(policy.regression_threshold):
             reason = (
@@ -771,36 +771,45 @@ class _Tick:
 def decide(
     policy: RolloutPolicy,
     state: RolloutState,
-    candidates: Sequence[Candidate],
-    samples: Sequence[RequestSample],
-    loads: Sequence[ServerLoad],
+    candidates: Sequence[CandidateRecord],
+    samples: Sequence[RequestStats],
+    loads: Sequence[LoadedReport],
     now: float,
     *,
     override: Override | None = None,
+    published: DesiredState | None = None,
 ) -> Decision:
     """The next rollout step from the persisted state and what was observed since.
 
-    `samples`: requests since the canary started (and recent ones for stable and baseline);
-    `loads`: one report per server; `now`: the caller's clock (seconds, as `created`).
+    `candidates`: the trainer's candidate records; `samples`: requests the servers
+    reported (those in the comparison window count, see `measure`); `loads`: one live report per
+    server; `now`: the caller's clock (seconds, as `created`); `published`: the desired
+    state servers were last told (the decision's `desired` builds on it).
     Pure and deterministic; one transition per call except that a completed promotion or a
     superseded canary goes straight on to the next candidate's canary.
     """
-    measurement = (
-        measure(samples, state.stable_revision, state.candidate_revision, policy)
-        if state.stable_revision is not None or state.candidate_revision is not None
-        else None
-    )
-    tick = _Tick(policy, candidates, loads, now, measurement)
+    tick = _Tick(policy, candidates, loads, now, None, published)
+    if state.stable_revision is not None or state.candidate_revision is not None:
+        window = in_window(samples, state.window_since)
+        if state.phase != "Promoting":  # (the window restarts once servers confirm anyway)
+            state, window = tick.restart_on_mix_change(state, window)
+        tick.measurement = _measure(
+            window,
+            state.stable_revision,
+            state.candidate_revision,
+            policy,
+            state.window_since,
+            state.window_restarts,
+            now,
+        )
+    measurement = tick.measurement
     if state.phase == "Promoting":
         return tick.promoting(state, override)
     if (fallen := tick.fallback(state)) is not None:
+        desired, problem = _desired(policy, fallen, candidates, published, now)
+        reason = tick.events[-1].reason
         return Decision(
-            "Fallback",
-            tick.events[-1].reason,
-            fallen,
-            _desired(policy, fallen),
-            measurement,
-            tuple(tick.events),
+            "Fallback", reason, fallen, desired, measurement, tuple(tick.events), problem
         )
     if state.phase in ("Canary", "Hold"):
         return tick.canary(state, override)

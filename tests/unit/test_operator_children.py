@@ -1,4 +1,5 @@
-"""Planning: a Speculator spec to the child objects it wants (pure, no cluster)."""
+"""The children a Speculator wants: Deployments, Services, ConfigMap, PVC, their pods and
+command lines (pure, no cluster)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from aurora.operator import planning
-from aurora.operator.planning import Images, desired_children, validate_semantics
+from aurora.operator import commands, pods, validation
+from aurora.operator.children import desired_children, stale_children
+from aurora.operator.settings import Images, OperatorSettings, RedisSettings
 from aurora.operator.spec import SpeculatorSpec
+from aurora.operator.validation import validate_semantics
 
 pytestmark = pytest.mark.unit
 
@@ -42,6 +45,12 @@ def _deployments(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 TORCH = _body("speculator-torch-cpu.yaml")
 SGLANG = _body("speculator-sglang-gpu.yaml")
+# The shipped install: the examples' Redis is the operator's managed one.
+MANAGED = OperatorSettings(
+    redis=RedisSettings(
+        managed_url="redis://aurora-redis.aurora-system.svc:6379/0", admin_password="admin"
+    )
+)
 
 
 def test_examples_are_valid() -> None:
@@ -50,15 +59,21 @@ def test_examples_are_valid() -> None:
 
 
 def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volume() -> None:
-    children = _by_name(desired_children(TORCH))
-    assert sorted(children) == [
+    children = _by_name(desired_children(TORCH, MANAGED))
+    secret = next(name for name in children if name.startswith("Secret/"))
+    assert sorted(children) == sorted([
         "ConfigMap/smollm2-cpu-config",
         "Deployment/smollm2-cpu-server",
         "Deployment/smollm2-cpu-trainer",
+        "NetworkPolicy/smollm2-cpu-server",
+        "NetworkPolicy/smollm2-cpu-trainer",
         "PersistentVolumeClaim/smollm2-cpu-checkpoints",
+        "PodDisruptionBudget/smollm2-cpu-server",
         "Service/smollm2-cpu",
         "Service/smollm2-cpu-trainer",
-    ]
+        secret,
+    ])  # fmt: skip
+    assert secret.startswith("Secret/smollm2-cpu-redis-")
     server = children["Deployment/smollm2-cpu-server"]
     assert server["spec"]["replicas"] == 1
     assert _container(server)["command"] == [
@@ -74,12 +89,19 @@ def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volu
         "--spec-tokens", "4", "--lr", "0.0003",
         "--batch-size", "8", "--lambda-discard", "0.5", "--publish-every", "200", "--device", "cpu",
         "--metrics-port", "9100",
+        # No shared volume (storage.mode Fetch): servers download revisions from here.
+        "--serve-checkpoints-port", "9200",
+        "--advertise-url", "http://smollm2-cpu-trainer.team-a.svc:9200",
     ]  # fmt: skip
     assert "nvidia.com/gpu" not in json.dumps(children)
+    # The Speculator's own Redis user, its password only through the Secret made for it.
     env = {e["name"]: e for e in _container(server)["env"]}
-    assert env["AURORA_REDIS_URL"]["value"] == "redis://aurora-redis.aurora-system.svc:6379/0"
+    assert (
+        env["AURORA_REDIS_URL"]["value"]
+        == "redis://aurora.team-a.smollm2-cpu@aurora-redis.aurora-system.svc:6379/0"
+    )
     assert env["AURORA_REDIS_PASSWORD"]["valueFrom"] == {
-        "secretKeyRef": {"name": "aurora-redis", "key": "password"}
+        "secretKeyRef": {"name": secret.removeprefix("Secret/"), "key": "password"}
     }
     assert _container(server)["resources"] == {
         "requests": {"cpu": "2", "memory": "2Gi"},
@@ -110,7 +132,7 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
         assert deployment["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     trainer = _container(children["Deployment/llama31-8b-trainer"])
     device = trainer["command"].index("--device")
@@ -119,13 +141,13 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
 
 
 def test_sglang_command_uses_the_real_eagle3_flags() -> None:
-    command = planning.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
+    command = commands.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
     assert command[:3] == ["python3", "-m", "sglang.launch_server"]
     flags = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--")}
     assert flags["--model-path"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert flags["--served-model-name"] == "llama-3.1-8b"
     assert flags["--speculative-algorithm"] == "EAGLE3"
-    assert flags["--speculative-draft-model-path"] == "/checkpoints/initial/eagle3-llama3.1-8b"
+    assert flags["--speculative-draft-model-path"] == "/drafts/eagle3-llama3.1-8b"
     assert (flags["--speculative-num-steps"], flags["--speculative-eagle-topk"]) == ("3", "4")
     assert flags["--speculative-num-draft-tokens"] == "8"
     assert flags["--tp-size"] == "1" and flags["--port"] == "8000"
@@ -135,8 +157,9 @@ def test_sglang_command_uses_the_real_eagle3_flags() -> None:
 
 
 def test_sglang_with_ngram_draft_uses_sglang_ngram_speculation() -> None:
-    body = _body("speculator-sglang-gpu.yaml", draft={"initial": "ngram"})
-    command = planning.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
+    body = _body("speculator-sglang-gpu.yaml")
+    body["spec"]["draft"] = {"initial": "ngram"}
+    command = commands.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
     assert command[command.index("--speculative-algorithm") + 1] == "NGRAM"
     assert "--speculative-draft-model-path" not in command
 
@@ -157,9 +180,12 @@ def test_every_pod_runs_locked_down(body: dict[str, Any]) -> None:
             assert security["capabilities"] == {"drop": ["ALL"]}
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in pod["volumes"]}
-            for writable in ("/tmp", "/cache"):
-                assert "emptyDir" in volumes[mounts[writable]]
+            for writable in ("/tmp", "/cache"):  # bounded: a full one evicts the pod
+                assert volumes[mounts[writable]]["emptyDir"]["sizeLimit"]
             assert container["resources"]["requests"] and container["resources"]["limits"]
+        for container in pod.get("initContainers", []):
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["resources"]["limits"]["memory"]
 
 
 @pytest.mark.parametrize("body", [TORCH, SGLANG], ids=["torch", "sglang"])
@@ -168,8 +194,6 @@ def test_servers_roll_without_losing_capacity_and_are_probed(body: dict[str, Any
         container = _container(deployment)
         if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "server":
             assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-            assert mounts["/checkpoints"]["readOnly"] is True
             assert container["livenessProbe"]["httpGet"]["path"] == "/health"
             assert container["readinessProbe"]["httpGet"]["port"] == "http"
             assert container["startupProbe"]["failureThreshold"] >= 60
@@ -195,7 +219,7 @@ def test_same_spec_same_objects_whatever_else_changed() -> None:
 
 
 def test_every_child_is_owned_labelled_and_selected_by_immutable_labels() -> None:
-    for child in desired_children(SGLANG):
+    for child in desired_children(SGLANG, MANAGED):
         metadata = child["metadata"]
         assert metadata["namespace"] == "team-a"
         assert metadata["labels"]["aurora.dev/speculator"] == "llama31-8b"
@@ -227,13 +251,13 @@ def test_retained_volume_is_not_owned_and_an_existing_claim_is_used_as_is() -> N
         "ownerReferences"
         not in retained["PersistentVolumeClaim/smollm2-cpu-checkpoints"]["metadata"]
     )
-    existing = desired_children(
-        _body("speculator-torch-cpu.yaml", storage={"existingClaim": "models"})
+    existing = _by_name(
+        desired_children(_body("speculator-torch-cpu.yaml", storage={"existingClaim": "models"}))
     )
-    assert not [c for c in existing if c["kind"] == "PersistentVolumeClaim"]
-    for deployment in _deployments(existing):
-        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "models"}
+    assert not [c for c in existing if c.startswith("PersistentVolumeClaim/")]
+    trainer = existing["Deployment/smollm2-cpu-trainer"]
+    volumes = {v["name"]: v for v in trainer["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "models"}
 
 
 @pytest.mark.parametrize(
@@ -250,7 +274,7 @@ def test_canary_replicas_keep_both_arms_serving(
         rollout={"canaryShare": share, "baselineShare": "0.0", "enabled": enabled},
     )
     spec = SpeculatorSpec.model_validate(body["spec"])
-    assert planning.canary_replicas(spec) == canary
+    assert pods.canary_replicas(spec) == canary
     deployments = _by_name(desired_children(body))
     assert deployments["Deployment/llama31-8b-server"]["spec"]["replicas"] == replicas - canary
     assert deployments["Deployment/llama31-8b-server-canary"]["spec"]["replicas"] == canary
@@ -267,32 +291,36 @@ def test_empty_resources_get_defaults_so_no_pod_is_best_effort() -> None:
     body = _body("speculator-torch-cpu.yaml", engine={"resources": {}}, training={"resources": {}})
     children = _by_name(desired_children(body))
     server = _container(children["Deployment/smollm2-cpu-server"])
-    assert server["resources"] == planning.DEFAULT_RESOURCES["server-torch"]
+    assert server["resources"] == pods.DEFAULT_RESOURCES["server-torch"]
 
 
 def test_spec_tokens_follow_num_draft_tokens_or_steps() -> None:
     spec = SpeculatorSpec.model_validate(
         {"target": {"model": "m"}, "engine": {"speculativeSteps": 6}}
     )
-    assert planning.spec_tokens(spec) == 6
+    assert commands.spec_tokens(spec) == 6
     spec = SpeculatorSpec.model_validate(
         {
             "target": {"model": "m"},
             "engine": {"speculativeSteps": 6, "speculativeNumDraftTokens": 5},
         }
     )
-    assert planning.spec_tokens(spec) == 4
+    assert commands.spec_tokens(spec) == 4
 
 
 def test_images_come_from_the_operator_environment() -> None:
     images = Images.from_env({"AURORA_RUNTIME_IMAGE": "registry.local/aurora:dev"})
-    server = _by_name(desired_children(TORCH, images))["Deployment/smollm2-cpu-server"]
+    server = _by_name(desired_children(TORCH, OperatorSettings(images=images)))[
+        "Deployment/smollm2-cpu-server"
+    ]
     assert _container(server)["image"] == "registry.local/aurora:dev"
     custom = _body("speculator-torch-cpu.yaml", engine={"image": "mine:1"})
     assert (
-        _container(_by_name(desired_children(custom, images))["Deployment/smollm2-cpu-server"])[
-            "image"
-        ]
+        _container(
+            _by_name(desired_children(custom, OperatorSettings(images=images)))[
+                "Deployment/smollm2-cpu-server"
+            ]
+        )["image"]
         == "mine:1"
     )
 
@@ -304,9 +332,12 @@ def test_switching_engine_leaves_the_canary_deployment_stale() -> None:
     )
     torch_body["spec"]["draft"] = {"initial": "ngram"}
     foreign = {"kind": "ConfigMap", "metadata": {"name": "llama31-8b-notes", "ownerReferences": []}}
-    assert planning.stale_children([*observed, foreign], desired_children(torch_body)) == [
+    assert stale_children([*observed, foreign], desired_children(torch_body)) == [
         ("Deployment", "llama31-8b-server-canary")
     ]
+    # The managed Redis user's Secret is never listed, so never judged stale.
+    secret = next(c for c in desired_children(SGLANG, MANAGED) if c["kind"] == "Secret")
+    assert stale_children([secret], desired_children(torch_body)) == []
 
 
 def test_effective_config_is_the_defaulted_spec() -> None:
@@ -354,36 +385,44 @@ def test_a_name_too_long_for_the_children_is_an_error() -> None:
     [(2, 2), ("500m", 0.5), ("2Gi", 2 * 2**30), ("1.5G", 1.5e9), ("1e3", 1000), ("100Ki", 102400)],
 )
 def test_parse_quantity(quantity: int | str, value: float) -> None:
-    assert float(planning.parse_quantity(quantity)) == value
+    assert float(validation.parse_quantity(quantity)) == value
 
 
 def test_parse_quantity_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
-        planning.parse_quantity("lots")
+        validation.parse_quantity("lots")
 
 
 @pytest.mark.parametrize(
     "body", [TORCH, _body("speculator-torch-cpu.yaml", engine={"speculativeNumDraftTokens": 3})]
 )
 def test_server_and_trainer_command_lines_parse_with_the_real_cli(body: dict[str, Any]) -> None:
-    # The pods run `aurora serve` and `aurora train`: the flags planning writes must be
+    # The pods run `aurora serve` and `aurora train`: the flags the operator writes must be
     # the flags those commands take (argparse exits on an unknown flag).
     from aurora.cli import build_parser
 
     parser = build_parser()
     children = _by_name(desired_children(body))
     served = parser.parse_args(_container(children["Deployment/smollm2-cpu-server"])["command"][1:])
-    spec_tokens = planning.spec_tokens(SpeculatorSpec.model_validate(body["spec"]))
+    spec_tokens = commands.spec_tokens(SpeculatorSpec.model_validate(body["spec"]))
     assert (served.command, served.spec_tokens, served.device) == ("serve", spec_tokens, "cpu")
     trained = parser.parse_args(
         _container(children["Deployment/smollm2-cpu-trainer"])["command"][1:]
     )
     assert trained.command == "train" and trained.publish_every == 200
     assert (trained.init, trained.spec_tokens) == ("scratch", spec_tokens)
+    assert (trained.serve_checkpoints_port, trained.advertise_url) == (
+        9200,
+        "http://smollm2-cpu-trainer.team-a.svc:9200",
+    )
 
 
 def test_the_trainer_starts_from_the_torch_engines_initial_checkpoint() -> None:
-    body = _body("speculator-torch-cpu.yaml", draft={"initial": "/checkpoints/r0012"})
+    body = _body(
+        "speculator-torch-cpu.yaml",
+        draft={"initial": "/checkpoints/r0012"},
+        storage={"mode": "SharedVolume", "accessMode": "ReadWriteMany"},
+    )
     trainer = _container(_by_name(desired_children(body))["Deployment/smollm2-cpu-trainer"])
     assert trainer["command"][trainer["command"].index("--init") + 1] == "/checkpoints/r0012"
     sglang = _container(_by_name(desired_children(SGLANG))["Deployment/llama31-8b-trainer"])
@@ -392,26 +431,10 @@ def test_the_trainer_starts_from_the_torch_engines_initial_checkpoint() -> None:
 
 def test_torch_pods_with_gpus_get_the_cuda_runtime_image() -> None:
     images = Images(runtime="r:cpu", runtime_cuda="r:cuda", sglang="s:1")
-    sglang = _by_name(desired_children(SGLANG, images))
+    sglang = _by_name(desired_children(SGLANG, OperatorSettings(images=images)))
     assert (
         _container(sglang["Deployment/llama31-8b-trainer"])["image"] == "r:cuda"
     )  # training.gpus 1
     assert _container(sglang["Deployment/llama31-8b-server"])["image"] == "s:1"
-    torch = _by_name(desired_children(TORCH, images))
+    torch = _by_name(desired_children(TORCH, OperatorSettings(images=images)))
     assert _container(torch["Deployment/smollm2-cpu-server"])["image"] == "r:cpu"
-
-
-def test_what_the_rollout_policy_refuses_is_an_invalid_spec(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Should the policy ever refuse more than the CRD does, the Speculator is InvalidSpec
-    # rather than a timer that fails every round.
-    from aurora.operator.spec import RolloutSpec
-    from aurora.runtime.rollout import RolloutPolicy
-
-    def stricter(self: RolloutSpec) -> RolloutPolicy:
-        return RolloutPolicy.model_validate({"minSamples": 1})
-
-    monkeypatch.setattr(RolloutSpec, "policy", stricter)
-    errors = validate_semantics(TORCH)
-    assert errors and all(error.startswith("spec.rollout: ") for error in errors)
