@@ -1,28 +1,49 @@
-"""`aurora bench adapt`: does the draft keep up when traffic shifts domain?
+"""`aurora bench adapt`: does online learning keep up when traffic shifts, on prompts
+it has never seen?
 
-One seeded request stream (default: prose, then code) is served by three arms on
-the same requests, with the torch engine at temperature 0:
-  - static: a draft fitted offline on the first domain only (`fit_draft`, cached
-    under the workdir), never updated;
-  - online: starts from that same draft; every served request's trace goes through
-    Redis (a real embedded redis-server) to a real `Trainer`, which trains with the
-    Aurora objective and publishes candidates; the arm hot-swaps to each newly
-    published candidate between requests, as a server does (the live canary is
-    skipped: the trainer's offline gate on held-out traces decides alone);
-  - lambda0: the same with lambda_discard = 0 (no rejected-proposal term).
+One seeded request stream (default: prose, then code) is served by every arm on the
+same requests, with the torch engine at temperature 0. The arms are a registry
+(`ARMS`); the default ones:
+  plain            no draft: plain decoding, the baseline every speedup is measured against;
+  static           a draft fitted offline on the first domain (`fit_draft`), never updated;
+  online-fkl       starts from the static draft; every served request's trace goes through
+                   Redis (a real embedded redis-server) to a real `Trainer`, which publishes
+                   candidates; the arm hot-swaps to each one between requests, as a server
+                   does (no live canary: the trainer's offline gate on held-out prompts
+                   decides alone). Objective: forward KL along the served continuation only;
+  online-offpath   the same, plus the off-path KL (`lambda_discard`);
+  online-reject    the same as online-fkl, plus the negative term (`lambda_reject`,
+                   unlikelihood of the first rejected token of each verify step);
+  online-all       all three terms.
+Adding an arm is one `register_arm(Arm(...))`: a name, whether it starts from no draft or
+the static one, the trainer's objective when a trainer follows it, and optionally a
+``proposer`` hook (build the served proposer from the arm's learned head, e.g. a
+suffix-tree or hybrid drafter) and an ``observe`` hook (see every request it served).
+
+Unseen traffic. The first domain's prompts are split in halves: the static draft is
+fitted on one, the stream serves the other. By default (`--distinct-prompts 0`) every
+domain's prompts are drawn without replacement and the run refuses a stream that would
+serve a prompt twice: every request after the shift is a prompt no arm has seen. With
+`--distinct-prompts N` each domain cycles through N prompts instead: recurring traffic,
+which measures memorisation as much as learning, and the report says so. The trainers hold
+out prompts (not traces) for their publish gate, and the traces-to-quality curve evaluates
+each online trainer's draft, after every training slice, on `--eval-prompts` prompts of the
+post-shift domain that are never served.
 
 Fairness on a small CPU machine. Serving and training share the cores here, while in a
 deployment the trainer runs on other devices. So the two never overlap: request i is
-served by the three arms back to back (in a per-request shuffled order, so machine
-drift and cache warmth hit every arm alike), and after each block of B requests
-serving pauses while each online trainer runs its slice (at most S optimizer steps).
-Decode tokens/s are measured inside the engine, after prefill, and never include
-training or Redis time.
+served by every arm back to back (in a per-request shuffled order, so machine drift and
+cache warmth hit every arm alike), and after each block of requests serving pauses while
+each online trainer runs its slice (at most ``steps_per_block`` optimizer steps). Decode
+time is measured inside the engine, after prefill, and never includes training or Redis.
 
-Figures (see `summarize`): per arm the accept length and decode tokens/s per request;
-the throughput ratio online/static and lambda0/static over the last window after the
-shift; the requests needed to recover after the shift; and the traces needed to reach
-a target accept length.
+Figures, per seed and then as mean and 90 % interval (Student t) over ``--seeds`` seeds:
+  - throughput ratio vs plain and vs static: time-weighted decode throughput (total decode
+    tokens over total decode seconds) over the last ``window`` requests after the shift,
+    same requests for every arm;
+  - traces to accept length L (for each of ``levels``): post-shift traces served until the
+    trainer's draft reaches an offline accept length of L on the unseen evaluation prompts
+    (linear interpolation between evaluations; null when a seed never gets there).
 """
 
 from __future__ import annotations
@@ -30,14 +51,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aurora.errors import UsageError
 from aurora.runtime.models import model_knob
@@ -46,9 +68,8 @@ from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_do
 
 log = logging.getLogger(__name__)
 
-ARMS = ("static", "online", "lambda0")
-LADDER = (1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.5)  # accept lengths for traces_to_accept_length
 NAMESPACE = "bench"
+SPLIT_SEED = 0  # the first domain's fit/serve split, the same for every seed (one static draft)
 
 
 @dataclass
@@ -58,96 +79,218 @@ class AdaptConfig:
     model: str = model_knob()
     schedule: str = ""  # the request stream; "" is prose:REQUESTS_BEFORE,code:REQUESTS_AFTER
     requests_before: int = knob(8, "requests before the shift (default schedule)", metavar="N")
-    requests_after: int = knob(40, "requests after the shift (default schedule)", metavar="N")
-    seed: int = knob(0, "seed of the request stream and the trainers")
+    requests_after: int = knob(48, "requests after the shift (default schedule)", metavar="N")
+    seeds: int = knob(3, "independent runs (request streams, trainers); figures are over them")
+    seed: int = knob(0, "the first seed; the runs use SEED, SEED+1, ...")
     distinct_prompts: int = knob(
-        16,
-        "recurring traffic: each domain draws from this many distinct prompts, as in "
-        "`aurora local` (0 = all prompts)",
+        0,
+        "0: unseen traffic, no prompt is served twice; N: recurring traffic, each domain "
+        "cycling through N prompts (measures memorisation too; the report says so)",
         metavar="N",
     )
     max_new_tokens: int = knob(32, "tokens generated per request")
-    k: int = knob(3, "k for every arm", flag="--spec-tokens")
-    block: int = knob(8, "requests served between training slices")
+    k: int = knob(3, "draft tokens per verify step, every arm", flag="--spec-tokens")
+    block: int = knob(4, "requests served between training slices")
     steps_per_block: int = knob(
-        16, "optimizer steps each online trainer runs per slice, at most (2 per trace at block 8)"
+        8, "optimizer steps each online trainer runs per slice, at most (2 per trace at block 4)"
     )
     fit_prompts: int = knob(16, "prompts the static draft is fitted on")
     fit_epochs: int = knob(6, "epochs of the static draft's fit")
-    lambda_discard: float = knob(0.5, "for the online arm")
+    lambda_discard: float = knob(0.5, "weight of the off-path KL in the arms that use it")
+    lambda_reject: float = knob(1.0, "weight of the negative term in the arms that use it")
     lr: float = knob(1e-3, "learning rate of the fit and the trainers")
     publish_margin: float = knob(
         0.05,
-        "a candidate is published when its offline accept length beats the served "
-        "revision's by this fraction (the trainer's default: 0.05)",
+        "a candidate is published when its offline accept length on held-out prompts beats "
+        "the served revision's by this fraction (the trainer's default: 0.05)",
     )
     trace_topk: int = 8
-    window: int = knob(16, "last requests after the shift over which throughput is compared")
-    rolling: int = knob(8, "rolling window for accept length")
-    recover_fraction: float = knob(
-        0.9,
-        "recovered: rolling accept length stays at or above this fraction of the static "
-        "draft's pre-shift level",
+    window: int = knob(24, "last requests after the shift over which throughput is compared")
+    eval_prompts: int = knob(
+        16, "never-served prompts of the post-shift domain for the traces-to-quality curve"
     )
-    target_accept_length: float = knob(1.5, "accept length for the traces-needed figure")
+    levels: tuple[float, ...] = knob(
+        (1.5, 2.0), "accept lengths for the traces-to-quality figure", metavar="L1,L2"
+    )
+    arms: str = knob("", "comma-separated arms to run (default: every default arm)", metavar="A,B")
+    rolling: int = knob(8, "rolling window of the accept-length plot")
     threads: int = knob(1, "torch threads (1 is robust on a shared machine; 0 = all cores)")
     workdir: Path = knob(
         Path("aurora-bench-adapt"), "cached static draft, trainer checkpoints and the plot"
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "k", "block", "steps_per_block", "window", "rolling"):
+        for name in (
+            "max_new_tokens", "k", "block", "steps_per_block", "window", "rolling", "seeds",
+            "fit_prompts", "eval_prompts",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} must be at least 1")
-        if not 0 < self.recover_fraction <= 1:
-            raise UsageError(
-                f"recover_fraction={self.recover_fraction} must be in (0, 1], e.g. 0.9"
-            )
+        if self.distinct_prompts < 0:
+            raise UsageError(f"distinct_prompts={self.distinct_prompts}: use 0 (unseen) or N > 0")
+        if not self.levels or any(level <= 1.0 for level in self.levels):
+            raise UsageError(f"levels={self.levels}: give accept lengths above 1, e.g. 1.5,2.0")
+        unknown = [name for name in self.arm_names if name not in ARMS]
+        if unknown:
+            raise UsageError(f"arms {unknown} are not registered; pick from {', '.join(ARMS)}")
+
+    @property
+    def schedule_spec(self) -> str:
+        return self.schedule or f"prose:{self.requests_before},code:{self.requests_after}"
+
+    @property
+    def arm_names(self) -> list[str]:
+        if not self.arms:
+            return [name for name, arm in ARMS.items() if arm.default]
+        return [name.strip() for name in self.arms.split(",") if name.strip()]
+
+    @property
+    def recurring(self) -> bool:
+        return self.distinct_prompts > 0
+
+
+# ---------------------------------------------------------------------------- arms
 
 
 @dataclass
-class Served:
-    """One request as one arm served it."""
+class ArmState:
+    """One arm during one seed's run."""
 
-    index: int
-    domain: str
-    prompt_id: str
+    arm: Arm
+    proposer: Any  # what serves (None: plain decoding)
     revision: str
-    accept_length: float
-    decode_tokens_per_s: float
-    new_tokens: int
-    trained_traces: int  # traces the served revision's trainer had incorporated
-
-
-@dataclass
-class Swap:
-    index: int  # the first request served with the new revision
-    revision: str
-    traces_seen: int
-    evaluation: dict[str, Any]
-
-
-@dataclass
-class ArmRun:
-    name: str
-    proposer: Any
-    revision: str
+    head: Any = None  # the learned head's proposer (EagleProposer) or None
     trainer: Any = None
-    trained_traces: int = 0
-    served: list[Served] = field(default_factory=list)
-    swaps: list[Swap] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)  # for hooks, kept across swaps
+    served: list[dict[str, Any]] = field(default_factory=list)
+    swaps: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)  # offline accept vs traces
     train_seconds: float = 0.0
 
-    @property
-    def accept_lengths(self) -> list[float]:
-        return [s.accept_length for s in self.served]
 
-    @property
-    def tokens_per_s(self) -> list[float]:
-        return [s.decode_tokens_per_s for s in self.served]
+@dataclass(frozen=True)
+class Arm:
+    """A way of serving the benchmark's traffic.
+
+    ``draft``: the learned head it starts from (none, or the static draft). ``objective``:
+    TrainerConfig overrides for an online arm (a trainer follows its traffic and it swaps
+    to each published candidate); None for an arm nobody trains. ``proposer(state)``: the
+    proposer to serve, from ``state.head`` (the learned head's proposer, or None) and
+    ``state.memory``; called at the start and after every swap (default: the head's own).
+    ``observe(state, generation)``: called after every request the arm served."""
+
+    name: str
+    description: str
+    draft: Literal["none", "static"] = "static"
+    objective: Mapping[str, Any] | None = None
+    proposer: Callable[[ArmState], Any] | None = None
+    observe: Callable[[ArmState, Any], None] | None = None
+    default: bool = True  # run unless --arms names others
+
+
+ARMS: dict[str, Arm] = {}
+
+
+def register_arm(arm: Arm) -> Arm:
+    """Add an arm to the registry (its name must be a DNS label: it names Redis keys)."""
+    if arm.name in ARMS:
+        raise ValueError(f"arm {arm.name!r} is registered already")
+    ARMS[arm.name] = arm
+    return arm
+
+
+def _weights(config: AdaptConfig, discard: bool, reject: bool) -> dict[str, Any]:
+    return {
+        "lambda_discard": config.lambda_discard if discard else 0.0,
+        "lambda_reject": config.lambda_reject if reject else 0.0,
+    }
+
+
+ONLINE = {  # the objective variants; weights from AdaptConfig
+    "online-fkl": ("forward KL along the served continuation only", False, False, "unlikelihood"),
+    "online-offpath": ("forward KL + off-path KL", True, False, "unlikelihood"),
+    "online-reject": ("forward KL + negative term (unlikelihood)", False, True, "unlikelihood"),
+    "online-all": ("forward KL + off-path KL + negative term", True, True, "unlikelihood"),
+    "online-pg": ("forward KL + policy-gradient negative term", False, True, "policy_gradient"),
+}
+register_arm(Arm("plain", "no draft (plain decoding)", draft="none"))
+register_arm(Arm("static", "draft fitted offline on the first domain, never updated"))
+for _name, (_text, _discard, _reject, _term) in ONLINE.items():
+    register_arm(
+        Arm(
+            _name,
+            f"online: {_text}",
+            objective={"discard": _discard, "reject": _reject, "reject_term": _term},
+            default=_name != "online-pg",
+        )
+    )
+
+
+def trainer_overrides(arm: Arm, config: AdaptConfig) -> dict[str, Any]:
+    """The TrainerConfig fields an online arm sets."""
+    objective = dict(arm.objective or {})
+    discard, reject = objective.pop("discard", False), objective.pop("reject", False)
+    return {**_weights(config, discard, reject), **objective}
 
 
 # ---------------------------------------------------------------------------- figures
+
+
+T95 = (  # Student t 0.95 quantiles for 1..30 degrees of freedom (two-sided 90 % interval)
+    6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+    1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+    1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+)  # fmt: skip
+
+
+def interval(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and 90 % confidence interval of the mean (Student t) over seeds:
+    ``{"mean", "low", "high", "n", "per_seed"}``. A seed with no value (None: never
+    reached) makes mean and bounds None; one seed gives no bounds."""
+    per_seed = list(values)
+    out: dict[str, Any] = {"mean": None, "low": None, "high": None, "n": len(per_seed)}
+    out["per_seed"] = per_seed
+    if not per_seed or any(v is None for v in per_seed):
+        out["reached"] = sum(v is not None for v in per_seed)
+        return out
+    numbers = [float(v) for v in per_seed if v is not None]
+    mean = statistics.fmean(numbers)
+    out["mean"] = mean
+    if len(numbers) >= 2:
+        df = len(numbers) - 1
+        t = T95[df - 1] if df <= len(T95) else 1.645 + 2.7 / (4 * df)
+        half = t * statistics.stdev(numbers) / math.sqrt(len(numbers))
+        out["low"], out["high"] = mean - half, mean + half
+    return out
+
+
+def throughput(served: Sequence[Mapping[str, Any]]) -> float | None:
+    """Time-weighted decode throughput: total decode tokens over total decode seconds."""
+    tokens = sum(s["decode_tokens"] for s in served)
+    seconds = sum(s["decode_seconds"] for s in served)
+    return tokens / seconds if seconds > 0 else None
+
+
+def accept_length(served: Sequence[Mapping[str, Any]]) -> float:
+    """Tokens per verify step over the requests (1.0 for plain decoding)."""
+    steps = sum(s["verify_steps"] for s in served)
+    return sum(s["step_tokens"] for s in served) / steps if steps else 1.0
+
+
+def traces_to(curve: Sequence[Mapping[str, float]], level: float) -> float | None:
+    """Post-shift traces until the offline accept length first reaches ``level``,
+    interpolated linearly between two evaluations; None when it never does."""
+    previous = None
+    for point in curve:
+        if point["accept_length"] >= level:
+            if previous is None or point["accept_length"] == previous["accept_length"]:
+                return point["traces"]
+            fraction = (level - previous["accept_length"]) / (
+                point["accept_length"] - previous["accept_length"]
+            )
+            return previous["traces"] + fraction * (point["traces"] - previous["traces"])
+        previous = point
+    return None
 
 
 def rolling_mean(values: Sequence[float], window: int) -> list[float]:
@@ -161,109 +304,96 @@ def rolling_mean(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def recovery_requests(after_shift: Sequence[float], level: float, window: int) -> int | None:
-    """Requests after the shift until the rolling accept length (trailing ``window``,
-    over post-shift requests only) reaches ``level`` and stays there to the end:
-    the 1-based count of the first such request, None when it never does."""
-    rolled = rolling_mean(after_shift, window)
-    recovered: int | None = None
-    for i, value in enumerate(rolled):
-        if value < level:
-            recovered = None
-        elif recovered is None:
-            recovered = i + 1
-    return recovered
-
-
-def first_reaching(after_shift: Sequence[float], level: float, window: int) -> int | None:
-    """Requests after the shift until the rolling accept length first reaches ``level``
-    (1-based), None when it never does."""
-    for i, value in enumerate(rolling_mean(after_shift, window)):
-        if value >= level:
-            return i + 1
-    return None
-
-
-def window_ratio(arm: Sequence[float], base: Sequence[float], start: int) -> float | None:
-    """mean(arm[start:]) / mean(base[start:]): same requests, so the ratio of means."""
-    a, b = arm[start:], base[start:]
-    if not a or not b or statistics.fmean(b) == 0:
-        return None
-    return statistics.fmean(a) / statistics.fmean(b)
-
-
-def summarize(arms: dict[str, dict[str, Any]], shift: int, config: AdaptConfig) -> dict[str, Any]:
-    """The benchmark's figures from per-arm series ``{"accept_length": [...],
-    "tokens_per_s": [...], "trained_traces": [...]}`` indexed by request, with the
-    shift at request index ``shift``.
-
-    - throughput ratio: mean decode tokens/s over the last ``window`` requests after
-      the shift, arm over static (the same requests for every arm);
-    - recovery (requests): post-shift requests until the arm's rolling accept length
-      reaches ``recover_fraction`` x the static draft's pre-shift accept length and
-      stays there (a common yardstick for all arms; see `recovery_requests`);
-    - traces to the target accept length: post-shift traces served (one per request)
-      until the rolling accept length first reaches it, and how many traces the
-      trainer of the revision then serving had incorporated; the same count of
-      post-shift traces for a ladder of accept lengths (`traces_to_accept_length`)."""
-    static = arms["static"]
-    n = len(static["accept_length"])
-    if not 0 < shift < n:
-        raise UsageError(
-            f"the shift is at request {shift} of {n}: the schedule needs requests before and "
-            "after it, e.g. 'prose:8,code:40'"
-        )
+def seed_figures(
+    arms: Mapping[str, ArmState], shift: int, config: AdaptConfig
+) -> dict[str, dict[str, Any]]:
+    """One seed's figures per arm (see the module docstring)."""
+    n = min(len(state.served) for state in arms.values())
     start = max(shift, n - config.window)
-    pre_level = statistics.fmean(static["accept_length"][:shift])
-    level = config.recover_fraction * pre_level
-    target = config.target_accept_length
-    rows: dict[str, dict[str, Any]] = {}
-    for name, series in arms.items():
-        accept, tps = series["accept_length"], series["tokens_per_s"]
-        reached = first_reaching(accept[shift:], target, config.rolling)
-        rows[name] = {
-            "accept_length_before_shift": statistics.fmean(accept[:shift]),
-            "accept_length_after_shift": statistics.fmean(accept[shift:]),
-            "accept_length_last_window": statistics.fmean(accept[start:]),
-            "tokens_per_s_before_shift": statistics.fmean(tps[:shift]),
-            "tokens_per_s_last_window": statistics.fmean(tps[start:]),
-            "throughput_ratio_vs_static": window_ratio(tps, static["tokens_per_s"], start),
-            "recovery_requests": recovery_requests(accept[shift:], level, config.rolling),
-            "traces_to_target": None
-            if reached is None
-            else {
-                "post_shift_traces": reached,
-                "trained_traces": series["trained_traces"][shift + reached - 1],
-            },
+    window = {name: state.served[start:n] for name, state in arms.items()}
+    tps = {name: throughput(served) for name, served in window.items()}
+    rows = {}
+    for name, state in arms.items():
+        row: dict[str, Any] = {
+            "decode_tokens_per_s": tps[name],
+            "accept_length_before_shift": accept_length(state.served[:shift]),
+            "accept_length_after_shift": accept_length(state.served[shift:n]),
+            "accept_length_window": accept_length(window[name]),
+            "swaps": len(state.swaps),
         }
-    return {
-        "shift_index": shift,
-        "requests": n,
-        "post_shift_requests": n - shift,
-        "last_window": {"start": start, "requests": n - start},
-        "static_pre_shift_accept_length": pre_level,
-        "recovery_level": level,
-        "recovery_definition": (
-            f"post-shift requests until the arm's rolling accept length (trailing "
-            f"{config.rolling} requests after the shift) reaches {config.recover_fraction:g} x "
-            "the static draft's pre-shift accept length and stays there to the end; null: never"
-        ),
-        "target_accept_length": target,
-        "throughput_ratio_online_vs_static": rows["online"]["throughput_ratio_vs_static"],
-        "throughput_ratio_lambda0_vs_static": rows["lambda0"]["throughput_ratio_vs_static"],
-        "recovery_requests": {name: row["recovery_requests"] for name, row in rows.items()},
-        "traces_to_target": {
-            name: rows[name]["traces_to_target"] for name in ("online", "lambda0")
-        },
-        "traces_to_accept_length": {
-            f"{level:.1f}": {
-                name: first_reaching(arms[name]["accept_length"][shift:], level, config.rolling)
-                for name in ("online", "lambda0")
+        for other in ("plain", "static"):
+            if other in tps and tps[name] is not None and tps[other]:
+                row[f"throughput_ratio_vs_{other}"] = tps[name] / tps[other]  # type: ignore[operator]
+        if state.curve:
+            row["traces_to_accept_length"] = {
+                f"{level:.1f}": traces_to(state.curve, level) for level in config.levels
             }
-            for level in LADDER
-        },
-        "arms": rows,
-    }
+        rows[name] = row
+    return rows
+
+
+def combine(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every arm's figures as intervals over seeds."""
+    arms: dict[str, dict[str, Any]] = {}
+    for name in per_seed[0]:
+        rows = [seed[name] for seed in per_seed]
+        out: dict[str, Any] = {}
+        for key in (
+            "throughput_ratio_vs_plain", "throughput_ratio_vs_static", "decode_tokens_per_s",
+            "accept_length_before_shift", "accept_length_after_shift", "accept_length_window",
+            "swaps",
+        ):  # fmt: skip
+            if key in rows[0]:
+                out[key] = interval([row.get(key) for row in rows])
+        if "traces_to_accept_length" in rows[0]:
+            out["traces_to_accept_length"] = {
+                level: interval([row["traces_to_accept_length"][level] for row in rows])
+                for level in rows[0]["traces_to_accept_length"]
+            }
+        arms[name] = out
+    return arms
+
+
+def goals(arms: Mapping[str, Mapping[str, Any]], levels: Sequence[float]) -> dict[str, Any]:
+    """The issue's goals, checked against the figures (None where an arm is missing)."""
+    online = [name for name in arms if name.startswith("online-")]
+    best = max(
+        online,
+        key=lambda n: arms[n].get("throughput_ratio_vs_static", {}).get("mean") or 0.0,
+        default=None,
+    )
+    out: dict[str, Any] = {"best_online_arm_by_throughput": best}
+    if best is not None:
+        vs_static = arms[best].get("throughput_ratio_vs_static", {})
+        vs_plain = arms[best].get("throughput_ratio_vs_plain", {})
+        out["online_vs_static_at_least_1.25_low_above_1"] = (
+            None
+            if vs_static.get("mean") is None
+            else vs_static["mean"] >= 1.25 and (vs_static.get("low") or 0.0) > 1.0
+        )
+        out["online_vs_plain_at_least_1.0"] = (
+            None if vs_plain.get("mean") is None else vs_plain["mean"] >= 1.0
+        )
+    level = f"{min(levels):.1f}"
+    base = arms.get("online-fkl", {}).get("traces_to_accept_length", {}).get(level)
+    for name in online:
+        mine = arms[name].get("traces_to_accept_length", {}).get(level)
+        if name == "online-fkl" or base is None or mine is None:
+            continue
+        fewer = None
+        if base["mean"] and mine["mean"] is not None:
+            fewer = 1.0 - mine["mean"] / base["mean"]
+        separate = None
+        if None not in (mine["high"], base["low"]):
+            separate = mine["high"] < base["low"]
+        out[f"{name}_vs_online-fkl_traces_to_{level}"] = {
+            "fewer_fraction": fewer,
+            "intervals_separate": separate,
+            "goal_20pct_fewer_and_separate": None
+            if fewer is None or separate is None
+            else fewer >= 0.2 and separate,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------- workload
@@ -274,32 +404,60 @@ def shift_index(schedule: Schedule) -> int:
     if len(schedule.phases) < 2:
         raise UsageError(
             f"schedule {schedule} has one phase; the benchmark needs a shift: give two phases, "
-            "e.g. 'prose:8,code:40'"
+            "e.g. 'prose:8,code:48'"
         )
     return schedule.phase_boundaries()[1]
 
 
-def stream(
-    schedule: Schedule, seed: int, distinct: int
-) -> tuple[list[ScheduledRequest], list[Prompt]]:
-    """(requests served, prompts the static draft is fitted on). The first phase's
-    domains are split in halves: the draft is fitted on one and the stream serves the
-    other, so no arm is served a prompt the static draft was trained on. ``distinct``
-    caps each domain's pool (recurring traffic)."""
+@dataclass
+class Workload:
+    requests: list[ScheduledRequest]
+    fit: list[Prompt]  # the static draft's prompts
+    evaluation: list[Prompt]  # never served: the traces-to-quality curve's prompts
+
+
+def workload(schedule: Schedule, config: AdaptConfig, seed: int) -> Workload:
+    """The seed's request stream, the static draft's prompts and the evaluation prompts.
+
+    The first phase's domains are split in halves (the same split for every seed): the draft
+    is fitted on one, the stream serves the other. ``eval_prompts`` prompts of the last
+    phase's new domains are set aside, never served. Unseen traffic (distinct_prompts 0) is
+    checked: no prompt is served twice."""
     first = [domain for domain, _ in schedule.phases[0].mix]
+    last_new = [d for d, _ in schedule.phases[-1].mix if d not in first] or [
+        d for d, _ in schedule.phases[-1].mix
+    ]
     pools: dict[str, list[Prompt]] = {}
     fit: list[Prompt] = []
+    evaluation: list[Prompt] = []
+    per_domain = math.ceil(config.eval_prompts / len(last_new))
     for domain in schedule.domains:
         prompts = load_domain(domain)
         if domain in first:
-            train, prompts = split_prompts(prompts, 0.5, seed)
+            train, prompts = split_prompts(prompts, 0.5, SPLIT_SEED)
             fit += train
-        if distinct:
+        if domain in last_new:
+            order = random.Random(f"aurora/adapt/eval/{domain}").sample(prompts, len(prompts))
+            evaluation += order[:per_domain]
+            prompts = order[per_domain:]
+        if config.recurring:
             prompts = random.Random(f"aurora/adapt/{domain}/{seed}").sample(
-                prompts, min(distinct, len(prompts))
+                prompts, min(config.distinct_prompts, len(prompts))
             )
         pools[domain] = prompts
-    return list(schedule.requests(seed, pools)), fit
+    requests = list(schedule.requests(seed, pools))
+    if not config.recurring:
+        seen: set[str] = set()
+        for request in requests:
+            if request.prompt.id in seen:
+                domain = request.prompt.domain
+                raise UsageError(
+                    f"unseen traffic needs {sum(r.prompt.domain == domain for r in requests)} "
+                    f"distinct {domain} prompts but {len(pools[domain])} are available: serve "
+                    "fewer requests, or pass --distinct-prompts N for recurring traffic"
+                )
+            seen.add(request.prompt.id)
+    return Workload(requests, fit, evaluation[: config.eval_prompts])
 
 
 # ---------------------------------------------------------------------------- the run
@@ -316,29 +474,6 @@ def static_draft(
     from aurora.runtime.workloads import BUILTIN_DOMAINS
 
     prompts = list(fit[: config.fit_prompts])
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                config.model,
-                [p.id for p in prompts],
-                config.fit_epochs,
-                config.max_new_tokens,
-                config.k,
-                config.lambda_discard,
-                config.lr,
-                config.seed,
-            ]
-        ).encode()
-    ).hexdigest()[:12]
-    root = config.workdir / "static" / key
-    cached = CheckpointStore(root).latest() if root.is_dir() else None
-    if cached is not None:
-        return root / cached.revision
-    shutil.rmtree(root, ignore_errors=True)
-    _, tokenizer = target
-    # The vocabulary rule of the trainer's day 0: the first traces plus the built-in
-    # domains' prompts, so the other domains' tokens exist in the draft vocabulary.
-    streams = [tokenizer(p.text).input_ids for d in BUILTIN_DOMAINS for p in load_domain(d)[:200]]
     fit_config = FitConfig(
         model=config.model,
         epochs=config.fit_epochs,
@@ -346,80 +481,192 @@ def static_draft(
         spec_tokens=config.k,
         lambda_discard=config.lambda_discard,
         lr=config.lr,
-        out=root,
+        out=config.workdir,  # replaced below, once the cache key is known
     )
+    fields = {k: v for k, v in asdict(fit_config).items() if k not in ("out", "domain")}
+    key = hashlib.sha256(
+        json.dumps([fields, [p.id for p in prompts]], default=str).encode()
+    ).hexdigest()[:12]
+    root = config.workdir / "static" / key
+    cached = CheckpointStore(root).latest() if root.is_dir() else None
+    if cached is not None:
+        return root / cached.revision
+    shutil.rmtree(root, ignore_errors=True)
+    fit_config.out = root
+    _, tokenizer = target
+    # The vocabulary rule of the trainer's day 0: the first traces plus the built-in
+    # domains' prompts, so the other domains' tokens exist in the draft vocabulary.
+    streams = [tokenizer(p.text).input_ids for d in BUILTIN_DOMAINS for p in load_domain(d)[:200]]
     return fit_draft(
-        fit_config,
-        prompts,
-        progress=progress,
-        vocabulary_streams=streams,
-        target=target,
+        fit_config, prompts, progress=progress, vocabulary_streams=streams, target=target
     )
 
 
-def _proposer(path: Path, model: Any) -> tuple[Any, str, int]:
-    """Load a checkpoint as a server does (verified, in the target's dtype)."""
+def _load_head(path: Path, model: Any) -> tuple[Any, str]:
+    """A checkpoint as a server loads it (verified, in the target's dtype)."""
     from aurora.runtime.checkpoint import load_draft
     from aurora.runtime.draft import EagleProposer
 
     head, meta = load_draft(path, model, dtype=model.dtype)
-    return EagleProposer(head, meta.revision), meta.revision, meta.traces_seen
+    return EagleProposer(head, meta.revision), meta.revision
+
+
+def _serve_with(state: ArmState) -> None:
+    state.proposer = state.arm.proposer(state) if state.arm.proposer else state.head
+
+
+def evaluation_examples(
+    prompts: Sequence[Prompt], target: tuple[Any, Any], head: Any, config: AdaptConfig
+) -> list[Any]:
+    """The target's greedy continuations of the evaluation prompts, featurised."""
+    from types import SimpleNamespace
+
+    from aurora.runtime.engine import generate
+    from aurora.runtime.trainer.objective import build_example
+
+    model, tokenizer = target
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt.text).input_ids
+        g = generate(model, ids, max_new_tokens=config.max_new_tokens, eos_ids=eos)
+        record = SimpleNamespace(
+            trace_id=prompt.id, domain=prompt.domain, prompt_ids=ids, output_ids=g.output_ids,
+            steps=[],
+        )  # fmt: skip
+        examples.append(build_example(model, head, record))
+    return examples
 
 
 def run_adapt(
     config: AdaptConfig, progress: Callable[[str, dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON document (config, figures, per-request series,
-    swaps). ``progress(event, info)`` is called with "fit", "request" and "train" events."""
-    import redis
+    """Run the benchmark over every seed; returns the JSON document (config, figures with
+    intervals, per-seed figures, per-request series, swaps, curves). ``progress(event,
+    info)`` is called with "fit", "seed", "request" and "train" events."""
     import torch
 
-    from aurora.runtime import protocol
     from aurora.runtime.embedded_redis import EmbeddedRedis
-    from aurora.runtime.engine import generate
     from aurora.runtime.models import load_target
-    from aurora.runtime.protocol import build_trace
-    from aurora.runtime.trainer.config import TrainerConfig
-    from aurora.runtime.trainer.trainer import Trainer
 
     report = progress or (lambda event, info: None)
-    schedule = Schedule.from_string(
-        config.schedule or f"prose:{config.requests_before},code:{config.requests_after}"
-    )
+    schedule = Schedule.from_string(config.schedule_spec)
     shift = shift_index(schedule)
-    requests, fit = stream(schedule, config.seed, config.distinct_prompts)
+    loads = [workload(schedule, config, config.seed + i) for i in range(config.seeds)]
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     model, tokenizer = load_target(config.model)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     started = time.perf_counter()
     draft_path = static_draft(
         config,
         (model, tokenizer),
-        fit,
+        loads[0].fit,
         lambda stage, i, n, *rest: report("fit", {"stage": stage, "done": i, "total": n}),
     )
     fit_s = time.perf_counter() - started
-    run_dir = config.workdir / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # every run starts from the static draft
+    static_head, _ = _load_head(draft_path, model)
+    evaluation = evaluation_examples(
+        loads[0].evaluation, (model, tokenizer), static_head.head, config
+    )
     redis_server = EmbeddedRedis().start()
-    client = redis.Redis.from_url(redis_server.url)
-    arms: dict[str, ArmRun] = {}
+    seeds: list[tuple[int, dict[str, ArmState]]] = []
     try:
-        for name in ARMS:
-            proposer, revision, traces = _proposer(draft_path, model)
-            arm = ArmRun(name, proposer, revision, trained_traces=traces)
-            if name != "static":
+        for i, load in enumerate(loads):
+            seed = config.seed + i
+            report("seed", {"seed": seed, "index": i, "total": config.seeds})
+            arms = _run_seed(
+                config, seed, load, shift, (model, tokenizer), draft_path, evaluation,
+                redis_server.url, report,
+            )  # fmt: skip
+            seeds.append((seed, arms))
+    finally:
+        redis_server.close()
+    per_seed = [seed_figures(arms, shift, config) for _, arms in seeds]
+    combined = combine(per_seed)
+    from aurora.runtime.trainer.objective import evaluate
+
+    return {
+        "benchmark": "adapt",
+        "traffic": "recurring" if config.recurring else "unseen",
+        "traffic_note": (
+            f"recurring: each domain cycles through {config.distinct_prompts} prompts, so "
+            "post-shift requests revisit prompts the online arms trained on"
+            if config.recurring
+            else "unseen: no prompt is served twice; the curve's prompts are never served"
+        ),
+        "config": {**asdict(config), "workdir": str(config.workdir), "arms": config.arm_names},
+        "schedule": str(schedule),
+        "shift_index": shift,
+        "window": {"start": max(shift, len(loads[0].requests) - config.window)},
+        "seeds": [seed for seed, _ in seeds],
+        "threads": torch.get_num_threads(),
+        "static_draft": str(draft_path),
+        "static_fit_seconds": fit_s,
+        "static_offline_accept_length_on_eval": evaluate(evaluation, config.k, static_head.head)[
+            "accept_length"
+        ],
+        "eval_prompts": [p.id for p in loads[0].evaluation],
+        "wall_seconds": time.perf_counter() - started,
+        "arms": combined,
+        "goals": goals(combined, config.levels),
+        "descriptions": {name: ARMS[name].description for name in config.arm_names},
+        "per_seed": [
+            {
+                "seed": seed,
+                "figures": figures,
+                "curves": {name: st.curve for name, st in arms.items() if st.curve},
+                "swaps": {name: st.swaps for name, st in arms.items()},
+                "train_seconds": {name: st.train_seconds for name, st in arms.items()},
+                "requests_served": {name: st.served for name, st in arms.items()},
+            }
+            for (seed, arms), figures in zip(seeds, per_seed, strict=True)
+        ],
+    }
+
+
+def _run_seed(
+    config: AdaptConfig,
+    seed: int,
+    load: Workload,
+    shift: int,
+    target: tuple[Any, Any],
+    draft_path: Path,
+    evaluation: Sequence[Any],
+    redis_url: str,
+    report: Callable[[str, dict[str, Any]], None],
+) -> dict[str, ArmState]:
+    import redis
+    import torch
+
+    from aurora.runtime import protocol
+    from aurora.runtime.engine import generate
+    from aurora.runtime.protocol import build_trace
+    from aurora.runtime.trainer.config import TrainerConfig
+    from aurora.runtime.trainer.objective import evaluate
+    from aurora.runtime.trainer.trainer import Trainer
+
+    model, tokenizer = target
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    torch.manual_seed(seed)
+    run_dir = config.workdir / "run" / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # every run starts from the static draft
+    client = redis.Redis.from_url(redis_url)
+    arms: dict[str, ArmState] = {}
+    try:
+        for name in config.arm_names:
+            arm = ARMS[name]
+            state = ArmState(arm, None, "none")
+            if arm.draft == "static":
+                state.head, state.revision = _load_head(draft_path, model)
+            if arm.objective is not None:
                 trainer_config = TrainerConfig(
                     model=config.model,
-                    speculator=f"{NAMESPACE}/adapt-{name}",
-                    redis_url=redis_server.url,
+                    speculator=f"{NAMESPACE}/s{seed}-{name}",
+                    redis_url=redis_url,
                     checkpoint_dir=run_dir / name,
                     consumer=f"bench-{name}",
                     init=str(draft_path),
                     lr=config.lr,
-                    lambda_discard=0.0 if name == "lambda0" else config.lambda_discard,
                     spec_tokens=config.k,
                     # A candidate is evaluated after every block's traces.
                     first_candidate_after=max(1, config.block * 5 // 6),
@@ -430,123 +677,123 @@ def run_adapt(
                     publish_margin=config.publish_margin,
                     min_accept_length=1.0,  # it starts from a fitted draft: beating stable is the gate
                     keep=3,
-                    seed=config.seed,
+                    seed=seed,
+                    **trainer_overrides(arm, config),
                 )
-                arm.trainer = Trainer(trainer_config, target=model, tokenizer=tokenizer)
-                arm.trainer.resume()
-                _serve_stable(client, trainer_config.keys, revision, str(draft_path), 1)
-            arms[name] = arm
-        # Seeded trace ids, the same in both online arms (each has its own stream): the
-        # trainers hold out the same requests for evaluation, run after run.
+                state.trainer = Trainer(trainer_config, target=model, tokenizer=tokenizer)
+                state.trainer.resume()
+                _serve_stable(client, trainer_config.keys, state.revision, str(draft_path), 1)
+                state.curve.append(_curve_point(state, 0, evaluation, config.k, evaluate))
+            _serve_with(state)
+            arms[name] = state
+        # Seeded trace ids, the same in every online arm (each has its own stream).
         trace_ids = [
-            hashlib.sha256(f"aurora/adapt/{config.seed}/{r.index}".encode()).hexdigest()[:16]
-            for r in requests
+            hashlib.sha256(f"aurora/adapt/{seed}/{r.index}".encode()).hexdigest()[:16]
+            for r in load.requests
         ]
-        warm = tokenizer(requests[0].prompt.text).input_ids
-        for arm in arms.values():  # warm-up: first-call allocations hit no arm's figures
-            generate(model, warm, proposer=arm.proposer, k=config.k, max_new_tokens=8)
-        for request in requests:
+        warm = tokenizer(load.requests[0].prompt.text).input_ids
+        for state in arms.values():  # warm-up: first-call allocations hit no arm's figures
+            generate(model, warm, proposer=state.proposer, k=config.k, max_new_tokens=8)
+        for request in load.requests:
             ids = tokenizer(request.prompt.text).input_ids
             order = list(arms.values())
-            random.Random(f"{config.seed}/{request.index}").shuffle(order)
-            for arm in order:
+            random.Random(f"{seed}/{request.index}").shuffle(order)
+            for state in order:
                 g = generate(
                     model,
                     ids,
-                    proposer=arm.proposer,
-                    k=config.k,
+                    proposer=state.proposer,
+                    k=config.k if state.proposer is not None else 0,
                     max_new_tokens=config.max_new_tokens,
                     eos_ids=eos,
                     trace_topk=config.trace_topk,  # every arm pays for it, only online ones send it
                 )
-                arm.served.append(
-                    Served(
-                        request.index,
-                        request.prompt.domain,
-                        request.prompt.id,
-                        arm.revision,
-                        g.accept_length,
-                        g.decode_tokens_per_s,
-                        len(g.output_ids),
-                        arm.trained_traces,
-                    )
+                state.served.append(
+                    {
+                        "index": request.index,
+                        "domain": request.prompt.domain,
+                        "prompt_id": request.prompt.id,
+                        "revision": state.revision,
+                        "decode_tokens": max(len(g.output_ids) - 1, 0),
+                        "decode_seconds": g.decode_s,
+                        "verify_steps": len(g.steps),
+                        "step_tokens": sum(s.accepted + 1 for s in g.steps),
+                    }
                 )
-                if arm.trainer is not None:
+                if state.arm.observe is not None:
+                    state.arm.observe(state, g)
+                if state.trainer is not None:
                     record = build_trace(
                         g,
-                        revision=arm.revision,
+                        revision=state.revision,
                         server="bench-adapt",
                         domain=request.prompt.domain,
                         temperature=0.0,
                     )
                     record = record.model_copy(update={"trace_id": trace_ids[request.index]})
-                    protocol.publish_trace(client, arm.trainer.keys, record, 10_000)
+                    protocol.publish_trace(client, state.trainer.keys, record, 10_000)
             report(
                 "request",
-                {"index": request.index, "total": len(requests), "arms": arms, "shift": shift},
+                {"index": request.index, "total": len(load.requests), "arms": arms, "shift": shift},
             )
             served = request.index + 1
-            if served % config.block == 0 and served < len(requests):  # none after the last
-                for arm in arms.values():
-                    if arm.trainer is not None:
-                        _train_slice(arm, config, client, model, served)
-                        report("train", {"arm": arm})
-        series = {
-            name: {
-                "accept_length": arm.accept_lengths,
-                "tokens_per_s": arm.tokens_per_s,
-                "trained_traces": [s.trained_traces for s in arm.served],
-            }
-            for name, arm in arms.items()
-        }
-        figures = summarize(series, shift, config)
-        return {
-            "benchmark": "adapt",
-            "config": {**asdict(config), "workdir": str(config.workdir)},
-            "schedule": str(schedule),
-            "threads": torch.get_num_threads(),
-            "static_draft": str(draft_path),
-            "static_fit_seconds": fit_s,
-            "wall_seconds": time.perf_counter() - started,
-            **figures,
-            "swaps": {name: [asdict(s) for s in arm.swaps] for name, arm in arms.items()},
-            "train_seconds": {name: arm.train_seconds for name, arm in arms.items()},
-            "requests_served": {
-                name: [asdict(s) for s in arm.served] for name, arm in arms.items()
-            },
-        }
+            if served % config.block == 0 and served < len(load.requests):  # none after the last
+                for state in arms.values():
+                    if state.trainer is not None:
+                        _train_slice(state, config, client, model, served)
+                        point = _curve_point(
+                            state, max(served - shift, 0), evaluation, config.k, evaluate
+                        )
+                        if point["traces"] == 0:  # before the shift: keep the latest state only
+                            state.curve.pop()
+                        state.curve.append(point)
+                        report("train", {"arm": state})
+        return arms
     finally:
-        for arm in arms.values():
-            if arm.trainer is not None:
-                arm.trainer.redis.close()
+        for state in arms.values():
+            if state.trainer is not None:
+                state.trainer.redis.close()
         client.close()
-        redis_server.close()
+
+
+def _curve_point(
+    state: ArmState, traces: int, evaluation: Sequence[Any], k: int, evaluate: Any
+) -> dict[str, float]:
+    """The trainer's draft now, on the never-served evaluation prompts."""
+    return {
+        "traces": traces,  # post-shift traces served to the arm so far
+        "trained_traces": state.trainer.traces_seen,
+        "accept_length": evaluate(evaluation, k, state.trainer.head)["accept_length"],
+    }
 
 
 def _train_slice(
-    arm: ArmRun, config: AdaptConfig, client: Any, model: Any, next_index: int
+    state: ArmState, config: AdaptConfig, client: Any, model: Any, next_index: int
 ) -> None:
     """Serving is paused: the arm's trainer reads the block's traces and runs up to
     ``steps_per_block`` optimizer steps (publishing when a candidate is due); then the
     arm swaps to the newest published candidate, as a server's watcher would."""
     from aurora.runtime import protocol
 
-    trainer = arm.trainer
+    trainer = state.trainer
     started = time.perf_counter()
     for _ in range(config.steps_per_block):
         if not trainer.tick():
             break
     trainer.tick()  # reads nothing new; publishes if the last step made a candidate due
-    arm.train_seconds += time.perf_counter() - started
+    state.train_seconds += time.perf_counter() - started
     candidates = protocol.list_candidates(client, trainer.keys)
-    if not candidates or candidates[-1].revision == arm.revision:
+    if not candidates or candidates[-1].revision == state.revision:
         return
     newest = candidates[-1]
-    proposer, revision, traces = _proposer(Path(newest.path), model)
-    arm.proposer, arm.revision, arm.trained_traces = proposer, revision, traces
-    arm.swaps.append(Swap(next_index, revision, traces, newest.evaluation))
+    state.head, state.revision = _load_head(Path(newest.path), model)
+    _serve_with(state)
+    state.swaps.append(
+        {"index": next_index, "revision": state.revision, "traces_seen": newest.traces_seen,
+         "evaluation": newest.evaluation}
+    )  # fmt: skip
     # What is served is now stable: the next candidate must beat it.
-    _serve_stable(client, trainer.keys, revision, newest.path, len(arm.swaps) + 1)
+    _serve_stable(client, trainer.keys, state.revision, newest.path, len(state.swaps) + 1)
 
 
 def _serve_stable(client: Any, keys: Any, revision: str, path: str, generation: int) -> None:
@@ -563,38 +810,58 @@ def _serve_stable(client: Any, keys: Any, revision: str, path: str, generation: 
 # ---------------------------------------------------------------------------- plot
 
 
+COLORS = {
+    "plain": "black", "static": "tab:gray", "online-fkl": "tab:blue",
+    "online-offpath": "tab:orange", "online-reject": "tab:green", "online-all": "tab:red",
+    "online-pg": "tab:purple",
+}  # fmt: skip
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Accept length and decode tokens/s over requests (rolling means, raw points
-    faint), one line per arm, the shift and the online arms' swaps marked."""
+    """Two panels: the served accept length over requests (rolling mean over seeds, the
+    shift dashed), and each online arm's offline accept length on the never-served
+    evaluation prompts against post-shift traces (one line per seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rolling = result["config"]["rolling"]
-    colors = {"static": "tab:gray", "online": "tab:blue", "lambda0": "tab:orange"}
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for name, served in result["requests_served"].items():
-        x = [s["index"] for s in served]
-        for ax, key in zip(axes, ("accept_length", "decode_tokens_per_s"), strict=True):
-            y = [s[key] for s in served]
-            ax.plot(x, y, ".", color=colors.get(name), alpha=0.2, markersize=4)
-            ax.plot(x, rolling_mean(y, rolling), color=colors.get(name), label=name)
-        for swap in result["swaps"][name]:
-            axes[0].axvline(swap["index"], color=colors.get(name), alpha=0.25, linewidth=0.8)
-    for ax in axes:
-        ax.axvline(result["shift_index"], color="black", linestyle="--", linewidth=1)
+    fig, (served_ax, curve_ax) = plt.subplots(2, 1, figsize=(10, 8))
+    names = list(result["per_seed"][0]["requests_served"])
+    for name in names:
+        color = COLORS.get(name)
+        series = []
+        for seed in result["per_seed"]:
+            served = seed["requests_served"][name]
+            series.append(
+                [s["step_tokens"] / s["verify_steps"] if s["verify_steps"] else 1.0 for s in served]
+            )
+        mean = [statistics.fmean(values) for values in zip(*series, strict=True)]
+        served_ax.plot(rolling_mean(mean, rolling), color=color, label=name)
+        for i, seed in enumerate(result["per_seed"]):
+            curve = seed["curves"].get(name)
+            if curve:
+                curve_ax.plot(
+                    [p["traces"] for p in curve],
+                    [p["accept_length"] for p in curve],
+                    color=color,
+                    alpha=0.8,
+                    label=name if i == 0 else None,
+                )
+    served_ax.axvline(result["shift_index"], color="black", linestyle="--", linewidth=1)
+    served_ax.set_xlabel("request")
+    served_ax.set_ylabel(f"served accept length (rolling {rolling}, mean of seeds)")
+    for level in result["config"]["levels"]:
+        curve_ax.axhline(level, color="black", linestyle=":", linewidth=0.8)
+    curve_ax.set_xlabel("post-shift traces")
+    curve_ax.set_ylabel("offline accept length, never-served prompts")
+    for ax in (served_ax, curve_ax):
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"accept length (rolling {rolling})")
-    axes[1].set_ylabel("decode tokens/s")
-    axes[1].set_xlabel("request")
-    axes[0].legend(loc="upper right")
-    ratio = result["throughput_ratio_online_vs_static"]
-    axes[0].set_title(
-        f"aurora bench adapt: {result['schedule']} (shift at request {result['shift_index']}, "
-        f"dashed); online/static {ratio:.2f}x over the last {result['last_window']['requests']}"
-        if ratio is not None
-        else f"aurora bench adapt: {result['schedule']}"
+        ax.legend(loc="upper left", fontsize=8)
+    served_ax.set_title(
+        f"aurora bench adapt: {result['schedule']}, {result['traffic']} traffic, "
+        f"{len(result['seeds'])} seeds"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

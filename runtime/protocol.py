@@ -193,7 +193,8 @@ class TraceRecord(BaseModel):
     may be cut anywhere by EOS, max tokens or a stop string (a stop string can span
     steps), so the steps may describe more tokens than ``output_ids`` keeps, never
     fewer: ``len(output_ids) <= 1 + Σ(accepted + 1)``. Every accepted proposal that
-    survived the cut must equal the output token at its position. ``steps=[]`` is plain
+    survived the cut must equal the output token at its position, and the first rejected
+    one must differ from the token the target emitted there. ``steps=[]`` is plain
     decoding (no speculation) and is valid with any output."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -234,6 +235,15 @@ class TraceRecord(BaseModel):
                     f"steps[{i}] accepted proposed tokens {step.proposed[: len(kept)]} but "
                     f"output_ids[{at}:{at + len(kept)}] is {kept}: steps must start at output "
                     "position 1, after the prefill token"
+                )
+            fixed = at + step.accepted  # where the target emitted its own token
+            rejected = step.proposed[step.accepted : step.accepted + 1]
+            if rejected and self.output_ids[fixed : fixed + 1] == rejected:
+                raise ValueError(
+                    f"steps[{i}] rejected proposed token {rejected[0]} but the target emitted "
+                    f"that same token at output position {fixed}: a rejected proposal differs "
+                    "from the target's token (greedy and speculative sampling alike); the "
+                    "step's accepted count is wrong"
                 )
         return self
 

@@ -46,16 +46,17 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser(
         "adapt",
-        help="domain shift: a static draft against online Aurora (and lambda_discard = 0)",
+        help="domain shift on unseen prompts: plain, static and online Aurora per objective",
         description="Serves one seeded stream whose traffic shifts domain (default prose, then "
-        "code) with three arms on the same requests: a static draft fitted on the first domain "
-        "only; online Aurora, starting from it, whose traces go through an embedded Redis to a "
-        "real trainer and which hot-swaps to each published candidate; and the same with "
-        "lambda_discard = 0. Arms are interleaved per request and the trainers run between "
-        "blocks of requests, while serving is paused, so neither distorts the other's timings. "
-        "Prints a table, draws accept length and decode tokens/s over requests (PNG) and "
-        "reports the throughput ratio online/static after the shift and the requests needed "
-        "to recover.",
+        "code) with every arm on the same requests: plain decoding; a static draft fitted on "
+        "the first domain only; and online Aurora, starting from it, with each objective "
+        "variant (forward KL only, + off-path KL, + negative term, all), whose traces go "
+        "through an embedded Redis to real trainers and which hot-swap to each published "
+        "candidate. By default no prompt is served twice (unseen traffic). Arms are "
+        "interleaved per request and the trainers run between blocks of requests, while "
+        "serving is paused. Over --seeds runs it reports the time-weighted throughput ratios "
+        "against plain and static, and the post-shift traces each objective needs to reach "
+        "an offline accept length on never-served prompts, as mean and 90 %% interval.",
     )
     from aurora.runtime.bench_adapt import AdaptConfig
     from aurora.runtime.options import add_options
@@ -163,7 +164,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from aurora.runtime.bench import write_json
-    from aurora.runtime.bench_adapt import AdaptConfig, plot, rolling_mean, run_adapt
+    from aurora.runtime.bench_adapt import AdaptConfig, accept_length, plot, run_adapt
     from aurora.runtime.options import from_args
 
     config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
@@ -187,33 +188,21 @@ def _adapt(args: argparse.Namespace) -> int:
                     completed=info["done"],
                     total=info["total"],
                 )
+            elif event == "seed":
+                bar.update(fit, visible=False)
+                bar.update(serve, visible=True, description=f"seed {info['seed']}", completed=0)
             elif event == "request":
                 arms, i = info["arms"], info["index"]
                 phase = "before shift" if i < info["shift"] else "after shift"
                 accept = "  ".join(
-                    f"{name} {rolling_mean(arm.accept_lengths, config.rolling)[-1]:.2f}"
-                    for name, arm in arms.items()
+                    f"{name} {accept_length(state.served[-config.rolling :]):.2f}"
+                    for name, state in arms.items()
                 )
-                bar.update(fit, visible=False)
-                bar.update(
-                    serve,
-                    visible=True,
-                    description=f"serve ({phase})",
-                    completed=i + 1,
-                    total=info["total"],
-                    detail=f"accept length {accept}",
-                )
-            elif event == "train":
-                arm = info["arm"]
-                bar.update(
-                    serve,
-                    detail=f"{arm.name} trainer: step {arm.trainer.step}, "
-                    f"{len(arm.swaps)} swaps, serving {arm.revision}",
-                )
+                bar.update(serve, completed=i + 1, total=info["total"], detail=f"{phase}: {accept}")
 
         result = run_adapt(config, progress)
     _print_adapt(console, result)
-    png = plot(result, args.plot or args.workdir / "adapt.png")
+    png = plot(result, args.plot or config.workdir / "adapt.png")
     console.print(f"plot: {png}")
     if args.json:
         write_json(args.json, result)
@@ -221,52 +210,57 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(figure: dict | None, unit: str = "", digits: int = 2) -> str:
+    """``mean (low-high)`` of an interval figure; '-' when absent, 'never' when no seed got
+    there, 'N/M seeds' when only some did."""
+    if not figure:
+        return "-"
+    if figure["mean"] is None:
+        reached = figure.get("reached")
+        return "never" if not reached else f"{reached}/{figure['n']} seeds"
+    text = f"{figure['mean']:.{digits}f}{unit}"
+    if figure["low"] is not None:
+        text += f" ({figure['low']:.{digits}f}-{figure['high']:.{digits}f})"
+    return text
+
+
 def _print_adapt(console: Any, result: dict) -> None:
     from rich.table import Table
 
-    window = result["last_window"]["requests"]
+    config = result["config"]
+    levels = [f"{level:.1f}" for level in config["levels"]]
     table = Table(
-        title=f"adapt: {result['schedule']}, shift at request {result['shift_index']}, "
-        f"{result['config']['max_new_tokens']} new tokens, k={result['config']['k']}, greedy"
+        title=f"adapt: {result['schedule']}, {result['traffic']} traffic, shift at request "
+        f"{result['shift_index']}, {config['max_new_tokens']} new tokens, k={config['k']}, "
+        f"greedy; mean (90 % interval) over {len(result['seeds'])} seeds"
     )
-    for col in (
-        "arm",
-        "accept len before",
-        "accept len after",
-        f"accept len last {window}",
-        f"tok/s last {window}",
-        "vs static",
-        "recovered after",
-        "swaps",
-    ):
+    table.add_column("arm", no_wrap=True)
+    for col in ("accept len after shift", "vs plain", "vs static"):
         table.add_column(col)
+    for level in levels:
+        table.add_column(f"traces to {level}")
+    table.add_column("swaps")
     for name, row in result["arms"].items():
-        ratio = row["throughput_ratio_vs_static"]
-        recovered = row["recovery_requests"]
+        reach = row.get("traces_to_accept_length", {})
         table.add_row(
             name,
-            f"{row['accept_length_before_shift']:.2f}",
-            f"{row['accept_length_after_shift']:.2f}",
-            f"{row['accept_length_last_window']:.2f}",
-            f"{row['tokens_per_s_last_window']:.1f}",
-            "-" if ratio is None else f"{ratio:.2f}x",
-            "never" if recovered is None else f"{recovered} requests",
-            str(len(result["swaps"][name])),
+            _fmt(row.get("accept_length_after_shift")),
+            _fmt(row.get("throughput_ratio_vs_plain"), "x"),
+            _fmt(row.get("throughput_ratio_vs_static"), "x"),
+            *(_fmt(reach.get(level), digits=1) for level in levels),
+            f"{row['swaps']['mean']:.1f}",
         )
-    console.print(table)
+    console.print(table, width=None if console.is_terminal else 150)
+    console.print(f"traffic: {result['traffic_note']}")
     console.print(
-        f"recovered: {result['recovery_definition']} (level {result['recovery_level']:.2f})"
+        f"vs plain / vs static: decode tokens over decode seconds, last {config['window']} "
+        "requests, same requests for every arm. traces to L: post-shift traces until the "
+        f"trainer's draft reaches an offline accept length of L on {len(result['eval_prompts'])} "
+        "never-served prompts (the static draft: "
+        f"{result['static_offline_accept_length_on_eval']:.2f} there)"
     )
-    for name, reached in result["traces_to_target"].items():
-        console.print(
-            f"{name}: accept length {result['target_accept_length']:.2f} "
-            + (
-                "not reached"
-                if reached is None
-                else f"reached after {reached['post_shift_traces']} post-shift traces "
-                f"(served revision trained on {reached['trained_traces']} traces)"
-            )
-        )
+    for goal, value in result["goals"].items():
+        console.print(f"goal {goal}: {value}")
 
 
 def _batch(args: argparse.Namespace) -> int:

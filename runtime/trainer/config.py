@@ -7,12 +7,16 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from aurora.errors import UsageError
 from aurora.runtime import protocol
 from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.protocol import Builtin
+
+# The negative term of the objective (`aurora.runtime.trainer.objective.reject_targets`).
+RejectTerm = Literal["unlikelihood", "policy_gradient"]
 
 
 def _default_consumer() -> str:
@@ -56,8 +60,18 @@ class TrainerConfig:
     batch_size: int = knob(4, "traces per optimizer step per rank")
     lambda_discard: float = knob(
         0.5,
-        "weight of the off-path KL at the positions after a rejected proposal; 0 trains on "
-        "the served continuation only",
+        "weight of the off-path KL: the draft's states after the first rejected proposal of "
+        "a verify step, labelled by the target's logged top-k; 0: none",
+    )
+    lambda_reject: float = knob(
+        0.0,
+        "weight of the negative term at the first rejected proposal of each verify step "
+        "(--reject-term); 0: none, forward KL and off-path KL only",
+    )
+    reject_term: RejectTerm = knob(
+        "unlikelihood",
+        "the negative term: unlikelihood, -log(1 - q(rejected token)); or policy_gradient, "
+        "-(acceptance - the trace's acceptance rate) * log q(proposed token)",
     )
     ttt_steps: int = knob(3, "training-time-test unrolled steps")
     step_decay: float = 0.8
@@ -72,7 +86,11 @@ class TrainerConfig:
     min_accept_length: float = knob(
         1.5, "never publish a candidate whose offline accept length is below this"
     )
-    holdout_every: int = 6  # one prompt in N is held out for evaluation (0: none)
+    holdout_every: int = knob(
+        6,
+        "one prompt in N (by a hash of its token ids) is held out: never trained on, the "
+        "publish gate's evaluation set; 0: none",
+    )
     holdout_size: int = 24
     replay_bytes: int = 512 << 20
     replay_fraction: float = 0.5  # share of each batch drawn from older traces

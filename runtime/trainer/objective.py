@@ -3,17 +3,29 @@
 A trace gives the served continuation and, per verify step, what the draft
 proposed and how much the target accepted. The trainer's replica of the target
 recomputes the fused-layer features and the target's distribution along the
-served sequence (one forward per trace). Then
+served sequence (one forward per trace). The loss has three terms, each with its
+own weight (`Objective`), divided by the sum of the weights it counted:
 
-    loss = sum_s 0.8^(s-1) * KL(p_target || p_draft) along the served continuation,
-           unrolled for s = 1..S training-time-test steps (the draft is fed its own
-           hidden state, as when it drafts a chain)
-         + lambda_discard * sum_s 0.8^(s-1) * KL(p_target || p_draft) along the
-           rejected proposals: the chain states the draft visited after its first
-           wrong token, labelled by the target's top-k logged at those positions.
+  served    sum_s 0.8^(s-1) * KL(p_target || q_draft) at every position of the served
+            sequence (prompt and output), unrolled for s = 1..ttt_steps training-time
+            test steps (the draft is fed its own hidden state, as when it drafts a
+            chain). Forward KL alone is the accept-only (OSD-style) baseline: it is
+            not restricted to accepted tokens, it teaches the whole served sequence.
+  off-path  lambda_discard * sum 0.8^(s-1) * KL(p_target || q_draft) at the chain
+            states after a verify step's first rejected proposal (the draft fed its
+            own rejected token, DAgger-like), labelled by the target's top-k logged at
+            those positions. It teaches what to do after a mistake; it does not lower
+            the rejected token itself.
+  reject    lambda_reject * the negative term, at the state that proposed the first
+            rejected token of each verify step: unlikelihood, -log(1 - q(rejected))
+            (the default), or a policy gradient with the per-token acceptance as
+            reward (`reject_targets`). This is the negative feedback: it lowers the
+            draft's probability of the token the verifier refused.
 
-Positions follow the indexing of `aurora.runtime.draft`: the pair (F[i], x[i+1])
-predicts x[i+2], whose target distribution is the target's output at position i+1.
+`offpath_targets` and `reject_targets` say exactly which state, token and weight each
+term uses. Positions follow the indexing of `aurora.runtime.draft`: the pair
+(F[i], x[i+1]) predicts x[i+2], whose target distribution is the target's output at
+position i+1; a verify step anchored at p proposed ``proposed[s-1]`` from chain step s.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import torch
 from torch import Tensor
 
 from aurora.runtime.draft import EagleDraftHead, NgramSession
+from aurora.runtime.trainer.config import RejectTerm
 
 LABEL_TOPK = 32
 
@@ -38,7 +51,8 @@ class Branch:
     anchor: int
     proposed: list[int]
     accepted: int
-    label_ids: Tensor | None = None  # [k, K] target top-k at each proposed position
+    # [k, K] target top-k at each proposed position; None when no state is off-path
+    label_ids: Tensor | None = None
     label_logprobs: Tensor | None = None
 
 
@@ -85,12 +99,15 @@ def build_example(
     for step, anchor in zip(
         record.steps, anchors_of(len(record.prompt_ids), record.steps), strict=True
     ):
-        if step.accepted + 2 > len(step.proposed):
-            continue  # nothing after the first rejected token: the served continuation covers it
-        if step.topk_ids is not None and step.topk_logprobs is not None:
+        if not step.proposed or anchor + 2 > len(tokens):
+            continue  # proposed nothing, or the output was cut before this step
+        label_ids: Tensor | None = None
+        label_lp: Tensor | None = None
+        off_path = step.accepted + 2 <= len(step.proposed)  # a state after the first rejection
+        if off_path and step.topk_ids is not None and step.topk_logprobs is not None:
             label_ids = torch.tensor(step.topk_ids, dtype=torch.long)
             label_lp = torch.tensor(step.topk_logprobs, dtype=torch.float16)
-        else:  # recompute the target along the rejected branch
+        elif off_path:  # recompute the target along the rejected branch
             prefix = tokens[: anchor + 2].tolist()
             branch = torch.tensor([[*prefix, *step.proposed[:-1]]], device=device)
             lp = torch.log_softmax(
@@ -132,15 +149,74 @@ class Objective:
     """The objective's terms and weights (see the module docstring)."""
 
     ttt_steps: int = 3  # training-time-test steps unrolled along the served continuation
-    step_decay: float = 0.8  # weight of step s: step_decay ** (s - 1)
-    lambda_discard: float = 0.5  # weight of the off-path KL; 0 trains on the served path only
+    step_decay: float = 0.8  # weight of chain step s: step_decay ** (s - 1)
+    lambda_discard: float = 0.5  # weight of the off-path KL; 0: none
+    lambda_reject: float = 0.0  # weight of the negative term; 0: none
+    reject_term: RejectTerm = "unlikelihood"
+
+
+@dataclass(frozen=True)
+class ChainTarget:
+    """One term of the loss at one chain state of a verify step: the state the draft
+    reaches from ``anchor`` in ``step`` steps (step 1 is the served pair at the anchor;
+    step s > 1 was fed the step's proposals 1..s-1), which is the state that proposed
+    the step's ``proposed[step - 1]``. ``token`` is the token the term is about (-1 for
+    the off-path KL, whose label is the target's top-k logged at that position)."""
+
+    anchor: int
+    step: int
+    token: int
+    weight: float
+
+
+def offpath_targets(branches: Sequence[Branch], decay: float) -> list[ChainTarget]:
+    """The off-path KL's states: after the first rejected proposal (proposal a+1 of a
+    step that accepted a), the chain states s = a+2..k fed the rejected token, each
+    labelled by the target's top-k at proposed position s, weight decay^(s-1)."""
+    return [
+        ChainTarget(b.anchor, s, -1, decay ** (s - 1))
+        for b in branches
+        if b.label_ids is not None
+        for s in range(b.accepted + 2, len(b.proposed) + 1)
+    ]
+
+
+def reject_targets(branches: Sequence[Branch], objective: Objective) -> list[ChainTarget]:
+    """The negative term's states and tokens.
+
+    unlikelihood: at the first rejected position of each verify step that rejected one
+    (a accepted out of k > a proposals), the state s = a+1 that proposed it, the rejected
+    token proposed[a], weight decay^a. The term is -log(1 - q(rejected)).
+
+    policy_gradient: every proposal the target judged, s = 1..min(a+1, k), with the
+    acceptance as reward (1 accepted, 0 the rejected one) minus the trace's acceptance
+    rate as baseline, weight decay^(s-1) * (reward - baseline). The term is
+    -weight * log q(proposal): accepted proposals are pushed up, rejected ones down."""
+    decay = objective.step_decay
+    if objective.reject_term == "unlikelihood":
+        return [
+            ChainTarget(b.anchor, b.accepted + 1, b.proposed[b.accepted], decay**b.accepted)
+            for b in branches
+            if b.accepted < len(b.proposed)
+        ]
+    judged = [(b, s) for b in branches for s in range(1, min(b.accepted + 1, len(b.proposed)) + 1)]
+    if not judged:
+        return []
+    baseline = sum(s <= b.accepted for b, s in judged) / len(judged)
+    return [
+        ChainTarget(
+            b.anchor, s, b.proposed[s - 1], decay ** (s - 1) * (float(s <= b.accepted) - baseline)
+        )
+        for b, s in judged
+    ]
 
 
 @dataclass
 class LossParts:
     total: Tensor
-    served: float
-    rejected: float
+    served: float  # mean forward KL along the served continuation
+    offpath: float  # mean off-path KL
+    reject: float  # mean negative term
     positions: int
 
 
@@ -151,9 +227,9 @@ def aurora_loss(
     *,
     t2d: Tensor | None = None,
 ) -> LossParts:
-    """The Aurora objective for one trace (see the module docstring)."""
-    ttt_steps, decay = objective.ttt_steps, objective.step_decay
-    lambda_discard = objective.lambda_discard
+    """The Aurora objective for one trace (see the module docstring): the weighted sum of
+    its terms over the sum of their weights."""
+    decay = objective.step_decay
     device = head.d2t.device
     t2d = head.target_to_draft() if t2d is None else t2d
     x = ex.tokens.to(device)
@@ -169,7 +245,7 @@ def aurora_loss(
     served_sum = served_sum + kl.sum()
     weight_sum += float(valid.sum())
     chain_k = chain_v = None
-    for s in range(2, ttt_steps + 1):
+    for s in range(2, objective.ttt_steps + 1):
         a = n - s  # anchors p = 0..a-1 have a step-s position p+s-1 <= n-1 with label p+s
         if a <= 0:
             break
@@ -188,53 +264,104 @@ def aurora_loss(
         w = decay ** (s - 1)
         served_sum = served_sum + w * kl.sum()
         weight_sum += w * float(valid.sum())
-    rejected_sum, rejected_weight = _branch_loss(head, ex, step1_hidden, keys, values, decay, t2d)
-    total = (served_sum + lambda_discard * rejected_sum) / max(
-        weight_sum + lambda_discard * rejected_weight, 1.0
+    branches = [b for b in ex.branches if b.anchor < n]  # the output may end before a step
+    offpath = offpath_targets(branches, decay) if objective.lambda_discard > 0 else []
+    reject = reject_targets(branches, objective) if objective.lambda_reject > 0 else []
+    logits = _chain_logits(head, branches, [*offpath, *reject], step1_hidden, keys, values)
+    offpath_sum, offpath_weight = _offpath_kl(logits, branches, offpath, t2d)
+    reject_sum, reject_weight = _reject_term(logits, reject, objective.reject_term, t2d)
+    total = (
+        served_sum + objective.lambda_discard * offpath_sum + objective.lambda_reject * reject_sum
+    ) / max(
+        weight_sum
+        + objective.lambda_discard * offpath_weight
+        + objective.lambda_reject * reject_weight,
+        1.0,
     )
     return LossParts(
         total=total,
         served=float(served_sum.detach()) / max(weight_sum, 1.0),
-        rejected=float(rejected_sum.detach()) / max(rejected_weight, 1.0),
+        offpath=float(offpath_sum.detach()) / max(offpath_weight, 1.0),
+        reject=float(reject_sum.detach()) / max(reject_weight, 1.0),
         positions=int(weight_sum),
     )
 
 
-def _branch_loss(
+def _chain_logits(
     head: EagleDraftHead,
-    ex: TraceExample,
+    branches: Sequence[Branch],
+    targets: Sequence[ChainTarget],
     step1_hidden: Tensor,
     keys: Tensor,
     values: Tensor,
-    decay: float,
-    t2d: Tensor,
-) -> tuple[Tensor, float]:
+) -> dict[tuple[int, int], Tensor]:
+    """Draft logits at every (anchor, step) the targets name, chaining each verify
+    step's proposals from its anchor (batched over steps that proposed as many)."""
+    depth: dict[int, int] = {}
+    for t in targets:
+        depth[t.anchor] = max(depth.get(t.anchor, 0), t.step)
+    groups: dict[int, list[Branch]] = {}
+    for b in branches:
+        if b.anchor in depth:
+            groups.setdefault(len(b.proposed), []).append(b)
+    out: dict[tuple[int, int], Tensor] = {}
     device = keys.device
-    total, weight = torch.zeros((), device=device), 0.0
-    by_k: dict[int, list[Branch]] = {}
-    for b in ex.branches:
-        if b.label_ids is not None and b.anchor < keys.shape[0]:
-            by_k.setdefault(len(b.proposed), []).append(b)
-    for k, group in by_k.items():
+    for group in groups.values():
         anchors = torch.tensor([b.anchor for b in group], device=device)
         proposed = torch.tensor([b.proposed for b in group], device=device)  # [B, k]
-        accepted = torch.tensor([b.accepted for b in group], device=device)
-        lab_ids = torch.stack([b.label_ids for b in group]).to(device)  # type: ignore[misc]
-        lab_lp = torch.stack([b.label_logprobs for b in group]).to(device)  # type: ignore[misc]
         g = step1_hidden[anchors]  # step 1 is the served pair at the anchor
         chain_k = chain_v = None
-        for s in range(2, k + 1):
-            g, chain_k, chain_v = head.chain(
-                g, proposed[:, s - 2], anchors + s - 1, keys, values, anchors, chain_k, chain_v
-            )
-            rejected_state = accepted + 2 <= s  # the input prefix holds a rejected token
-            if not bool(rejected_state.any()):
-                continue
-            kl, valid = _kl(head.logits(g), lab_ids[:, s - 1], lab_lp[:, s - 1], t2d)
-            mask = (valid & rejected_state).float()
-            total = total + decay ** (s - 1) * (kl * mask).sum()
-            weight += decay ** (s - 1) * float(mask.sum())
-    return total, weight
+        for s in range(1, max(depth[b.anchor] for b in group) + 1):
+            if s > 1:
+                g, chain_k, chain_v = head.chain(
+                    g, proposed[:, s - 2], anchors + s - 1, keys, values, anchors, chain_k, chain_v
+                )
+            logits = head.logits(g)
+            for row, b in enumerate(group):
+                if s <= depth[b.anchor]:
+                    out[(b.anchor, s)] = logits[row]
+    return out
+
+
+def _offpath_kl(
+    logits: dict[tuple[int, int], Tensor],
+    branches: Sequence[Branch],
+    targets: Sequence[ChainTarget],
+    t2d: Tensor,
+) -> tuple[Tensor, float]:
+    if not targets:
+        return torch.zeros((), device=t2d.device), 0.0
+    by_anchor = {b.anchor: b for b in branches}
+    label_ids = torch.stack([by_anchor[t.anchor].label_ids[t.step - 1] for t in targets])  # type: ignore[index]
+    label_lp = torch.stack([by_anchor[t.anchor].label_logprobs[t.step - 1] for t in targets])  # type: ignore[index]
+    rows = torch.stack([logits[(t.anchor, t.step)] for t in targets])
+    kl, valid = _kl(rows, label_ids.to(t2d.device), label_lp.to(t2d.device), t2d)
+    weights = torch.tensor([t.weight for t in targets], device=t2d.device)
+    return (weights * kl).sum(), float((weights * valid).sum())
+
+
+def _reject_term(
+    logits: dict[tuple[int, int], Tensor],
+    targets: Sequence[ChainTarget],
+    kind: RejectTerm,
+    t2d: Tensor,
+) -> tuple[Tensor, float]:
+    """Sum of the negative term over ``targets`` and the sum of |weight| it counts; a
+    token outside the draft vocabulary (proposed by another proposer) counts nothing."""
+    if not targets:
+        return torch.zeros((), device=t2d.device), 0.0
+    rows = torch.stack([logits[(t.anchor, t.step)] for t in targets]).float()
+    draft_ids = t2d[torch.tensor([t.token for t in targets], device=t2d.device)]
+    valid = draft_ids >= 0
+    weights = torch.tensor([t.weight for t in targets], device=t2d.device) * valid
+    chosen = torch.nn.functional.one_hot(draft_ids.clamp(min=0), rows.shape[-1]).bool()
+    log_z = torch.logsumexp(rows, dim=-1)
+    if kind == "unlikelihood":  # log(1 - q) = log(sum of the other tokens' mass), stably
+        log_rest = torch.logsumexp(rows.masked_fill(chosen, float("-inf")), dim=-1) - log_z
+        terms = -log_rest
+    else:
+        terms = -(rows.masked_fill(~chosen, 0.0).sum(-1) - log_z)  # -log q(token)
+    return (weights * terms).sum(), float(weights.abs().sum())
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -1,18 +1,18 @@
 """The online trainer: one training loop over live traces.
 
-    resume()                           latest checkpoint, or the initial draft, or scratch
+    resume()                      the latest checkpoint, or the initial draft, or scratch
     loop:
-        receive traces                 delivery.py: read, claim, dead-letter (the delivery contract)
-        featurise them                 objective.build_example: the target replica's features and labels
-        (day 0) choose the vocabulary  from the first traces and the built-in workloads
-        one optimizer step             step.py: fresh traces mixed with replayed ones
-        checkpoint, then ack           every ``checkpoint_every`` steps
-        evaluate and publish           publish.py: beat stable on the held-out prompts, offer a candidate
+      receive traces              delivery.py: read, claim, dead-letter (the delivery contract)
+      featurise them              objective.build_example: the target replica's features
+      (day 0) choose a vocabulary from the first traces and the built-in workloads
+      hold out one prompt in N    by a hash of its token ids: the gate's unseen prompts
+      one optimizer step          step.py, on fresh traces mixed with replayed ones
+      checkpoint, then ack        every ``checkpoint_every`` steps
+      evaluate and publish        publish.py: beat stable on the held-out prompts, offer it
 
-Several trainer processes
-form one data-parallel job with torch.distributed (gloo on CPU, NCCL on GPU): every
-rank reads its share of the stream, gradients are all-reduced (step.py), rank 0
-writes checkpoints and publishes candidates.
+Several trainer processes form one data-parallel job with torch.distributed (gloo on CPU,
+NCCL on GPU): every rank reads its share of the stream, gradients are all-reduced
+(step.py), rank 0 writes checkpoints and publishes candidates.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import struct
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,14 @@ log = logging.getLogger(__name__)
 __all__ = ["GROUP", "ReplayBuffer", "Trainer", "TrainerConfig", "held_out"]
 
 
-def held_out(trace_id: str, every: int) -> bool:
-    """Whether a trace belongs to the held-out set: one in ``every``, by its trace id."""
-    return every > 0 and zlib.crc32(trace_id.encode()) % every == 0
+def held_out(prompt_ids: Sequence[int], every: int) -> bool:
+    """Whether a prompt belongs to the held-out set: one prompt in ``every``, by a stable
+    hash of its token ids, so every trace of a prompt lands on the same side and the gate
+    measures the draft on prompts it never trained on."""
+    if every <= 0:
+        return False
+    digest = hashlib.sha256(struct.pack(f"<{len(prompt_ids)}I", *prompt_ids)).digest()
+    return int.from_bytes(digest[:8], "little") % every == 0
 
 
 def objective_of(config: TrainerConfig) -> Objective:
@@ -66,6 +71,8 @@ def objective_of(config: TrainerConfig) -> Objective:
         ttt_steps=config.ttt_steps,
         step_decay=config.step_decay,
         lambda_discard=config.lambda_discard,
+        lambda_reject=config.lambda_reject,
+        reject_term=config.reject_term,
     )
 
 
@@ -243,7 +250,7 @@ class Trainer:
 
     def _featurise(self, entry_id: str, record: TraceRecord) -> None:
         example = build_example(self.target, self.head, record)
-        if held_out(record.trace_id, self.config.holdout_every):
+        if held_out(record.prompt_ids, self.config.holdout_every):
             self.heldout.append((entry_id, example))
             self.delivery.incorporated(entry_id, record.trace_id)
         else:

@@ -105,7 +105,7 @@ def test_day0_trainer_learns_publishes_and_acks_everything(
         checkpoint_dir=tmp_path,
         first_candidate_after=8,
         publish_every=8,
-        holdout_every=4,
+        holdout_every=3,  # the first of the 4 prompts is held out, never trained on
         checkpoint_every=5,
         draft_vocab=1024,
         steps_per_trace=8,

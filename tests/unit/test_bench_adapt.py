@@ -1,4 +1,5 @@
-"""The figures of `aurora bench adapt`: rolling means, recovery, ratios, and the
+"""The figures of `aurora bench adapt`: time-weighted throughput, intervals over seeds,
+traces to an accept length, the unseen-traffic stream, the arms registry and the
 schedule the CLI builds."""
 
 from __future__ import annotations
@@ -6,19 +7,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aurora.commands.bench import adapt_schedule
 from aurora.errors import UsageError
 from aurora.runtime.bench_adapt import (
+    ARMS,
     AdaptConfig,
-    first_reaching,
-    recovery_requests,
+    Arm,
+    ArmState,
+    combine,
+    goals,
+    interval,
+    register_arm,
     rolling_mean,
+    seed_figures,
     shift_index,
-    summarize,
-    window_ratio,
+    throughput,
+    traces_to,
+    trainer_overrides,
+    workload,
 )
 from aurora.runtime.workloads import Schedule
 
@@ -30,73 +40,172 @@ def test_rolling_mean_uses_the_values_seen_so_far_then_a_trailing_window() -> No
     assert rolling_mean([], 3) == []
 
 
-def test_recovery_counts_requests_until_the_rolling_level_holds_to_the_end() -> None:
-    # Given post-shift accept lengths that dip, touch the level once, fall back, then hold
-    after = [1.0, 1.0, 2.0, 1.0, 2.0, 2.0, 2.0]
-    # When the level is 1.5 with a window of 1 (raw values)
-    # Then the first touch (request 3) does not count, the hold from request 5 does
-    assert recovery_requests(after, 1.5, 1) == 5
-    # and reaching it once is what first_reaching reports
-    assert first_reaching(after, 1.5, 1) == 3
+def _request(tokens: int, seconds: float, steps: int = 0, step_tokens: int = 0) -> dict[str, Any]:
+    return {
+        "decode_tokens": tokens, "decode_seconds": seconds, "verify_steps": steps,
+        "step_tokens": step_tokens,
+    }  # fmt: skip
 
 
-def test_recovery_is_none_when_the_level_is_lost_at_the_end_or_never_reached() -> None:
-    assert recovery_requests([2.0, 2.0, 1.0], 1.5, 1) is None
-    assert recovery_requests([1.0, 1.1], 1.5, 2) is None
-    assert first_reaching([1.0, 1.1], 1.5, 2) is None
+def test_throughput_is_total_tokens_over_total_seconds_not_a_mean_of_rates() -> None:
+    # A fast short request and a slow long one: rates 10/s and 2/s, mean 6/s; time-weighted 3/s
+    assert throughput([_request(10, 1.0), _request(20, 10.0)]) == pytest.approx(30 / 11)
+    assert throughput([_request(0, 0.0)]) is None
 
 
-def test_recovery_with_a_rolling_window_smooths_single_dips() -> None:
-    # A single dip to 1.4 between 2.0s keeps the 2-request mean at 1.7 >= 1.5
-    assert recovery_requests([1.0, 2.0, 2.0, 1.4, 2.0], 1.5, 2) == 2
+def test_interval_is_the_t_interval_of_the_mean_over_seeds() -> None:
+    figure = interval([1.0, 2.0, 3.0])
+    # mean 2, standard deviation 1, t(0.95, 2 df) = 2.920: half-width 2.920 / sqrt(3)
+    assert figure["mean"] == pytest.approx(2.0)
+    assert figure["low"] == pytest.approx(2.0 - 2.920 / 3**0.5)
+    assert figure["high"] == pytest.approx(2.0 + 2.920 / 3**0.5)
+    assert figure["per_seed"] == [1.0, 2.0, 3.0] and figure["n"] == 3
 
 
-def test_window_ratio_is_the_ratio_of_means_from_start() -> None:
-    assert window_ratio([1.0, 30.0, 30.0], [1.0, 20.0, 10.0], 1) == pytest.approx(2.0)
-    assert window_ratio([1.0], [0.0], 0) is None
-    assert window_ratio([1.0], [1.0], 5) is None
+def test_interval_of_one_seed_has_no_bounds_and_a_missing_seed_has_no_mean() -> None:
+    assert interval([1.5])["low"] is None and interval([1.5])["mean"] == 1.5
+    missing = interval([10.0, None, 12.0])
+    assert missing["mean"] is None and missing["reached"] == 2
 
 
-def _series(accept: list[float], tps: list[float], trained: int = 0) -> dict[str, list]:
-    return {"accept_length": accept, "tokens_per_s": tps, "trained_traces": [trained] * len(tps)}
+def test_traces_to_interpolates_between_evaluations() -> None:
+    curve = [
+        {"traces": 0, "accept_length": 1.1},
+        {"traces": 4, "accept_length": 1.3},
+        {"traces": 8, "accept_length": 1.7},
+        {"traces": 12, "accept_length": 1.6},
+    ]
+    assert traces_to(curve, 1.5) == pytest.approx(6.0)  # halfway from 1.3 (4) to 1.7 (8)
+    assert traces_to(curve, 1.1) == 0
+    assert traces_to(curve, 2.0) is None
 
 
-def test_summarize_reports_ratios_over_the_last_window_and_recovery_against_static() -> None:
-    # Given 2 requests before the shift and 4 after; static drops after the shift,
-    # online recovers from the 3rd post-shift request, lambda0 never does
+def _state(name: str, served: list[dict[str, Any]], curve: list | None = None) -> ArmState:
+    state = ArmState(ARMS[name], None, "r")
+    state.served = served
+    state.curve = curve or []
+    return state
+
+
+def test_seed_figures_compare_the_window_after_the_shift_against_plain_and_static() -> None:
+    # Given 2 requests before the shift and 4 after, a window of the last 2
+    def series(rate: float) -> list[dict[str, Any]]:
+        return [_request(10, 10 / rate, steps=5, step_tokens=10) for _ in range(6)]
+
     arms = {
-        "static": _series([2.0, 2.0, 1.0, 1.0, 1.0, 1.0], [20, 20, 10, 10, 10, 10]),
-        "online": _series([2.0, 2.0, 1.0, 1.2, 2.0, 2.0], [20, 20, 10, 12, 15, 15], trained=30),
-        "lambda0": _series([2.0, 2.0, 1.0, 1.0, 1.2, 1.2], [20, 20, 10, 10, 11, 11]),
+        "plain": _state("plain", series(10.0)),
+        "static": _state("static", series(8.0)),
+        "online-fkl": _state(
+            "online-fkl",
+            series(8.0)[:4] + series(15.0)[:2],
+            [{"traces": 0, "accept_length": 1.2}, {"traces": 2, "accept_length": 1.6}],
+        ),
     }
-    config = AdaptConfig(window=2, rolling=1, recover_fraction=0.9, target_accept_length=1.8)
-    # When summarized with the shift at request 2
-    result = summarize(arms, 2, config)
-    # Then throughput compares the last 2 requests, and recovery uses 0.9 x static's 2.0
-    assert result["throughput_ratio_online_vs_static"] == pytest.approx(1.5)
-    assert result["throughput_ratio_lambda0_vs_static"] == pytest.approx(1.1)
-    assert result["recovery_level"] == pytest.approx(1.8)
-    assert result["recovery_requests"] == {"static": None, "online": 3, "lambda0": None}
-    assert result["traces_to_target"]["online"] == {"post_shift_traces": 3, "trained_traces": 30}
-    assert result["traces_to_target"]["lambda0"] is None
-    assert result["last_window"] == {"start": 4, "requests": 2}
-    # and the ladder counts post-shift traces until each accept length is first reached
-    assert result["traces_to_accept_length"]["1.2"] == {"online": 2, "lambda0": 3}
-    assert result["traces_to_accept_length"]["1.5"] == {"online": 3, "lambda0": None}
-    json.dumps(result)  # the --json document is plain JSON
+    config = AdaptConfig(window=2, levels=(1.5, 2.0))
+    figures = seed_figures(arms, 2, config)
+    # Then the ratios are time-weighted throughput over the last 2 requests
+    assert figures["online-fkl"]["throughput_ratio_vs_plain"] == pytest.approx(1.5)
+    assert figures["online-fkl"]["throughput_ratio_vs_static"] == pytest.approx(15 / 8)
+    assert figures["static"]["throughput_ratio_vs_plain"] == pytest.approx(0.8)
+    assert figures["online-fkl"]["traces_to_accept_length"] == {
+        "1.5": pytest.approx(1.5),
+        "2.0": None,
+    }
+    assert "traces_to_accept_length" not in figures["static"]  # nobody trains it
+    # and the combined figures carry mean/low/high for every arm and ratio
+    combined = combine([figures, figures])
+    assert combined["online-fkl"]["throughput_ratio_vs_plain"]["mean"] == pytest.approx(1.5)
+    assert combined["online-fkl"]["throughput_ratio_vs_plain"]["low"] == pytest.approx(1.5)
+    assert set(combined["online-fkl"]["traces_to_accept_length"]) == {"1.5", "2.0"}
+    json.dumps(combined)  # plain JSON
 
 
-def test_summarize_never_compares_pre_shift_requests() -> None:
-    # A window longer than the post-shift part starts at the shift
-    arms = {name: _series([2.0, 1.0, 1.0], [10, 5, 5]) for name in ("static", "online", "lambda0")}
-    result = summarize(arms, 1, AdaptConfig(window=10))
-    assert result["last_window"] == {"start": 1, "requests": 2}
+def _figure(mean: float, low: float, high: float) -> dict[str, Any]:
+    return {"mean": mean, "low": low, "high": high, "n": 3, "per_seed": []}
 
 
-def test_summarize_needs_requests_on_both_sides_of_the_shift() -> None:
-    arms = {name: _series([2.0, 1.0], [10, 5]) for name in ("static", "online", "lambda0")}
-    with pytest.raises(UsageError, match="before and after"):
-        summarize(arms, 2, AdaptConfig())
+def test_goals_check_the_negative_variant_against_forward_kl_only() -> None:
+    arms = {
+        "online-fkl": {
+            "throughput_ratio_vs_static": _figure(1.3, 1.1, 1.5),
+            "throughput_ratio_vs_plain": _figure(0.9, 0.8, 1.0),
+            "traces_to_accept_length": {"1.5": _figure(30.0, 26.0, 34.0)},
+        },
+        "online-reject": {
+            "throughput_ratio_vs_static": _figure(1.2, 1.0, 1.4),
+            "traces_to_accept_length": {"1.5": _figure(20.0, 18.0, 22.0)},
+        },
+        "online-all": {"traces_to_accept_length": {"1.5": _figure(27.0, 20.0, 28.0)}},
+    }
+    result = goals(arms, (1.5, 2.0))
+    assert result["best_online_arm_by_throughput"] == "online-fkl"
+    assert result["online_vs_static_at_least_1.25_low_above_1"] is True
+    assert result["online_vs_plain_at_least_1.0"] is False
+    reject = result["online-reject_vs_online-fkl_traces_to_1.5"]
+    assert reject["fewer_fraction"] == pytest.approx(1 / 3)
+    assert reject["goal_20pct_fewer_and_separate"] is True
+    everything = result["online-all_vs_online-fkl_traces_to_1.5"]
+    assert everything["intervals_separate"] is False  # 28 reaches into 26..34
+    assert everything["goal_20pct_fewer_and_separate"] is False
+
+
+def test_unseen_traffic_never_serves_a_prompt_twice_and_never_serves_the_eval_prompts() -> None:
+    schedule = Schedule.from_string("prose:6,code:40")
+    config = AdaptConfig(eval_prompts=8)
+    load = workload(schedule, config, seed=1)
+    served = [r.prompt.id for r in load.requests]
+    assert len(served) == 46 and len(set(served)) == 46
+    assert not set(served) & {p.id for p in load.evaluation}
+    assert not set(served) & {p.id for p in load.fit}
+    assert len(load.evaluation) == 8 and {p.domain for p in load.evaluation} == {"code"}
+    # the evaluation prompts and the static draft's prompts do not depend on the seed
+    other = workload(schedule, config, seed=2)
+    assert [p.id for p in other.evaluation] == [p.id for p in load.evaluation]
+    assert [p.id for p in other.fit] == [p.id for p in load.fit]
+    assert [r.prompt.id for r in other.requests] != served
+
+
+def test_unseen_traffic_refuses_a_stream_longer_than_the_prompts() -> None:
+    with pytest.raises(UsageError, match="--distinct-prompts N for recurring traffic"):
+        workload(Schedule.from_string("prose:2,code:200"), AdaptConfig(), seed=0)
+
+
+def test_recurring_traffic_is_an_option() -> None:
+    load = workload(
+        Schedule.from_string("prose:2,code:12"), AdaptConfig(distinct_prompts=3), seed=0
+    )
+    after = [r.prompt.id for r in load.requests[2:]]
+    assert len(set(after)) == 3
+
+
+def test_the_default_arms_and_their_objectives() -> None:
+    config = AdaptConfig(lambda_discard=0.5, lambda_reject=2.0)
+    assert config.arm_names == [
+        "plain", "static", "online-fkl", "online-offpath", "online-reject", "online-all",
+    ]  # fmt: skip
+    overrides = {name: trainer_overrides(ARMS[name], config) for name in config.arm_names[2:]}
+    assert overrides["online-fkl"] == {
+        "lambda_discard": 0.0, "lambda_reject": 0.0, "reject_term": "unlikelihood"
+    }  # fmt: skip
+    assert overrides["online-offpath"]["lambda_discard"] == 0.5
+    assert overrides["online-reject"] == {
+        "lambda_discard": 0.0, "lambda_reject": 2.0, "reject_term": "unlikelihood"
+    }  # fmt: skip
+    assert overrides["online-all"]["lambda_reject"] == 2.0
+    assert ARMS["plain"].objective is None and ARMS["plain"].draft == "none"
+
+
+def test_an_arm_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("aurora.runtime.bench_adapt.ARMS", dict(ARMS))
+    from aurora.runtime import bench_adapt
+
+    register_arm(Arm("echo", "serves the head it is given", proposer=lambda state: state.head))
+    assert "echo" in bench_adapt.ARMS and "echo" in AdaptConfig().arm_names
+    assert AdaptConfig(arms="plain,echo").arm_names == ["plain", "echo"]
+    with pytest.raises(ValueError, match="registered already"):
+        register_arm(Arm("echo", "twice"))
+    with pytest.raises(UsageError, match="not registered"):
+        AdaptConfig(arms="plain,nope")
 
 
 def test_the_shift_is_where_the_second_phase_starts() -> None:
@@ -130,6 +239,8 @@ def test_cli_schedule_defaults_to_prose_then_code_and_takes_prompt_files(tmp_pat
         adapt_schedule(_args(prompts=[str(mine)] * 3))
 
 
-def test_config_rejects_a_zero_block() -> None:
+def test_config_rejects_a_zero_block_and_levels_at_or_below_one() -> None:
     with pytest.raises(UsageError, match="block=0"):
         AdaptConfig(block=0)
+    with pytest.raises(UsageError, match="levels"):
+        AdaptConfig(levels=(1.0,))

@@ -247,6 +247,29 @@ def test_output_longer_than_the_steps_emitted_is_refused() -> None:
         decode_trace(fields)
 
 
+def test_a_rejected_token_equal_to_the_targets_token_is_refused() -> None:
+    # Given a step that says 9 was rejected while the target emitted 9 at that position
+    with pytest.raises(ValidationError, match="rejected proposed token 9 but the target"):
+        TraceRecord(
+            trace_id="t",
+            server="s",
+            prompt_ids=[1],
+            output_ids=[7, 8, 9],
+            temperature=0,
+            steps=[VerifyStep(proposed=[8, 9], accepted=1)],
+        )
+    # while a correction that differs, or an output cut before it, is consistent
+    for output in ([7, 8, 10], [7, 8]):
+        TraceRecord(
+            trace_id="t",
+            server="s",
+            prompt_ids=[1],
+            output_ids=output,
+            temperature=0,
+            steps=[VerifyStep(proposed=[8, 9], accepted=1)],
+        )
+
+
 def test_steps_counted_from_output_position_zero_are_refused() -> None:
     # Given a producer that forgot the prefill token (steps aligned to position 0)
     with pytest.raises(ValidationError, match="steps must start at output position 1"):
