@@ -115,7 +115,7 @@ class Rule:
 
 
 def _rules_schema(rules: tuple[Rule, ...]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]}
+    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]} if rules else {}
 
 
 def _check_rules(model: BaseModel, rules: tuple[Rule, ...]) -> None:
@@ -283,9 +283,10 @@ class DraftSpec(ApiModel):
         Field(
             "scratch",
             description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-            "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-            "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
-            "directory written by `aurora export --to sglang`).",
+            "traffic; engine.kind sglang serves without speculation until the rollout "
+            "promotes a learned draft), ngram (model-free prompt lookup), or an absolute "
+            "path to a draft checkpoint in the image or on the checkpoint volume (for "
+            "engine.kind sglang: a directory written by `aurora export --to sglang`).",
         )
     )
 
@@ -447,14 +448,10 @@ class StorageSpec(ApiModel):
     )
 
 
-SPEC_RULES = (
-    Rule(
-        "self.engine.kind != 'sglang' || self.draft.initial != 'scratch'",
-        "engine.kind sglang needs a draft to load at start: set draft.initial to 'ngram' "
-        "or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != "scratch",
-    ),
-)
+# Rules across sections. (engine.kind sglang with draft.initial scratch is valid: SGLang
+# starts without speculation and restarts into the first learned draft, see
+# aurora.runtime.sglang.launcher.)
+SPEC_RULES: tuple[Rule, ...] = ()
 
 
 class SpeculatorSpec(ApiModel):
