@@ -557,11 +557,16 @@ def around_sample(
 def after_stream_output(
     result: Any, self: Any, reqs: Sequence[Any], *args: Any, **kwargs: Any
 ) -> None:
-    """The scheduler's output streaming (reqs, …): stamp each request's first token and
-    hand finished ones to the capture (once)."""
+    """The scheduler's output streaming (reqs, return_logprob, skip_req, …): stamp each
+    request's first token and hand finished ones to the capture (once). ``skip_req``
+    (a prompt still being prefilled in chunks) streams nothing yet."""
     capture = _emitting()
+    skip = kwargs.get("skip_req", args[1] if len(args) > 1 else None)
     if capture is not None:
-        _safely("capturing finished requests", lambda: _observe(capture, reqs))
+        _safely(
+            "capturing finished requests",
+            lambda: _observe(capture, [req for req in reqs if req is not skip]),
+        )
 
 
 def _observe(capture: TraceCapture, reqs: Sequence[Any]) -> None:

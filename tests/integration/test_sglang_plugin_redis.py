@@ -380,3 +380,15 @@ def test_a_request_running_across_a_draft_swap_gives_no_stats_and_no_trace(
     assert len(read_stats(redis_client, KEYS)) == 1
     swapped = capture.metrics.dropped.labels(kind="stats", reason="swapped")._value.get()
     assert swapped == 1
+
+
+def test_a_prompt_still_prefilling_in_chunks_is_not_stamped_as_streaming(
+    capture: plugin.TraceCapture,
+) -> None:
+    # SGLang passes the chunked-prefill request as skip_req: it streams nothing yet, so
+    # its first token (the start of its decode time) has not happened
+    chunked, running = Req("chunked", [1, 2], first=3), Req("running", [4], first=5)
+    plugin.after_stream_output(None, object(), [chunked, running], False, chunked)
+    assert not hasattr(chunked, "_aurora_first") and hasattr(running, "_aurora_first")
+    plugin.after_stream_output(None, object(), [chunked], False, skip_req=None)
+    assert hasattr(chunked, "_aurora_first")
