@@ -34,6 +34,7 @@ from aurora.runtime.draft import (
 )
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.workloads import Prompt, load_domain, split_prompts
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,8 @@ def decode_benchmark(
     eos = tokenizer.eos_token_id
     proposers: dict[str, Any] = {}
     for spec in drafts:
-        if spec == "ngram":
-            proposers["ngram"] = NgramProposer()
+        if spec == Builtin.NGRAM:
+            proposers[Builtin.NGRAM] = NgramProposer()
         else:
             tensors, meta = load_checkpoint(spec)
             head = load_draft_head(

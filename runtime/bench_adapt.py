@@ -355,7 +355,7 @@ def run_adapt(
     from aurora.runtime.embedded_redis import EmbeddedRedis
     from aurora.runtime.engine import generate
     from aurora.runtime.models import load_target
-    from aurora.runtime.server.tracing import build_trace
+    from aurora.runtime.protocol import build_trace
     from aurora.runtime.trainer.trainer import Trainer, TrainerConfig
 
     report = progress or (lambda event, info: None)

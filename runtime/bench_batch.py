@@ -25,8 +25,9 @@ from aurora.runtime.draft import NgramProposer, Proposer
 from aurora.runtime.engine import BatchDecoder
 from aurora.runtime.llama import Llama
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 
-DRAFTS = ("none", "ngram")
+DRAFTS = (Builtin.NONE, Builtin.NGRAM)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class BatchRun:
             "speedup_vs_batch1": tokens_per_s / base if base else None,
             "mean_latency_s": sum(self.latencies) / len(self.latencies),
             "accept_length": sum(self.accept_lengths) / len(self.accept_lengths)
-            if self.draft != "none"
+            if self.draft != Builtin.NONE
             else None,
             "mean_rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
             "identical_to_batch1": self.outputs == batch1.outputs,
@@ -79,7 +80,7 @@ def batch_benchmark(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = [list(tokenizer(text).input_ids) for text in prompts]
     llama = Llama(model, rows=max(batches))
-    proposers: dict[str, Proposer | None] = {"none": None, "ngram": NgramProposer()}
+    proposers: dict[str, Proposer | None] = {Builtin.NONE: None, Builtin.NGRAM: NgramProposer()}
     runs = {(d, b): BatchRun(d, b) for d in DRAFTS for b in batches}
     warm_up = dict(prompt_ids=ids[0], max_new_tokens=8)  # allocations, a full-size cache
     BatchDecoder(llama, eos_ids=eos).decode_all([warm_up] * max(batches))

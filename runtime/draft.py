@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aurora.runtime.protocol import Builtin
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -332,7 +334,9 @@ class NgramProposer:
 
     needs_features = False
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, revision: str = "ngram") -> None:
+    def __init__(
+        self, max_ngram: int = 3, min_ngram: int = 1, revision: str = Builtin.NGRAM
+    ) -> None:
         self.max_ngram, self.min_ngram, self.revision = max_ngram, min_ngram, revision
 
     def start(self, prompt_ids: list[int]) -> NgramSession:

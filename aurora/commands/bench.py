@@ -161,6 +161,7 @@ def _decode(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from aurora.runtime.bench import decode_benchmark, default_prompts, write_json
+    from aurora.runtime.protocol import Builtin
 
     train, held = default_prompts(args.domain, args.prompts, args.seed)
     prompts = held if args.heldout else train
@@ -168,7 +169,7 @@ def _decode(args: argparse.Namespace) -> int:
     with console.status("benchmarking") as status:
         result = decode_benchmark(
             args.model,
-            ["ngram", *args.draft],
+            [Builtin.NGRAM, *args.draft],
             prompts,
             k=args.spec_tokens,
             max_new_tokens=args.max_new_tokens,

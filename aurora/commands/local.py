@@ -65,10 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="day-0 stable draft: none (serve without speculation until a trained draft "
         "proves faster; default), ngram (model-free prompt lookup) or scratch (untrained head)",
     )
-    p.add_argument(
-        "--min-speedup", default="1.05", help="rollout.minSpeedup: candidate over stable"
-    )
-    p.add_argument("--min-samples", type=int, default=12, help="requests per arm before deciding")
+    from aurora.runtime.local import LOCAL_ROLLOUT
+    from aurora.runtime.options import add_options
+    from aurora.runtime.rollout.policy import RolloutPolicy
+
+    rollout = p.add_argument_group("rollout policy (the Speculator's spec.rollout)")
+    add_options(rollout, RolloutPolicy, defaults=LOCAL_ROLLOUT)
     p.add_argument(
         "--workdir",
         type=Path,
@@ -84,7 +86,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from aurora.errors import UsageError
     from aurora.runtime.local import LocalConfig, LocalMode
+    from aurora.runtime.options import OptionError, from_args
+    from aurora.runtime.rollout.policy import RolloutPolicy
+
+    try:
+        rollout = from_args(RolloutPolicy, args)
+    except OptionError as error:
+        raise UsageError(f"rollout policy: {error}") from None
 
     config = LocalConfig(
         model=args.model,
@@ -100,8 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         spec_tokens=args.spec_tokens,
         initial_draft=args.initial_draft,
-        min_speedup=args.min_speedup,
-        min_samples=args.min_samples,
+        rollout=rollout,
         workdir=args.workdir,
         report_dir=args.report_dir,
         live=not args.no_live,

@@ -15,10 +15,7 @@ import redis
 from aurora.errors import UsageError
 from aurora.runtime import protocol
 from aurora.runtime.options import knob
-from aurora.runtime.protocol import Keys
-
-# Draft options that name no checkpoint.
-BUILTIN_DRAFTS = ("scratch", "ngram", "none")
+from aurora.runtime.protocol import BUILTIN_REVISIONS, Builtin, Keys
 
 
 def default_server_id() -> str:
@@ -33,7 +30,7 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind")
     port: int = knob(8000, "TCP port")
     draft: str = knob(
-        "ngram",
+        Builtin.NGRAM,
         "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), none "
         "(no speculation), or a checkpoint directory",
     )
@@ -147,9 +144,9 @@ class ServerConfig:
         for ok, flag, value, fix in checks:
             if not ok:
                 raise UsageError(f"{flag}={value} is out of range: use {fix}")
-        if self.draft not in BUILTIN_DRAFTS and not Path(self.draft).is_dir():
+        if self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
             raise UsageError(
-                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_DRAFTS)} nor a "
+                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_REVISIONS)} nor a "
                 "checkpoint directory: pass a built-in draft or the path of a revision's directory"
             )
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import redis
 
 from aurora.runtime.protocol import (
+    BUILTIN_REVISIONS,
     DesiredState,
     Keys,
     LoadedReport,
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 Arm = Literal["stable", "candidate", "baseline"]
 
-# Revisions that need no checkpoint.
-NGRAM, NONE, SCRATCH = "ngram", "none", "scratch"
-
 
 class RoutingError(ValueError):
     """A request asked for an arm or revision this server does not serve now."""
@@ -46,7 +44,7 @@ class RoutingError(ValueError):
 
 @dataclass(frozen=True)
 class Revision:
-    """A loaded draft revision; ``proposer`` None means no speculation ("none")."""
+    """A loaded draft revision; ``proposer`` None means no speculation (Builtin.NONE)."""
 
     name: str
     proposer: Any | None
@@ -174,7 +172,7 @@ class RevisionLoader:
         return Path(ref.path or ref.revision)
 
     def load(self, ref: RevisionRef) -> Revision:
-        if ref.revision in (NGRAM, NONE, SCRATCH) and not ref.path:
+        if ref.revision in BUILTIN_REVISIONS and not ref.path:
             return self.build_builtin(ref.revision)
         path = self.path_of(ref)
         revision = self.build_head(path)

@@ -63,7 +63,7 @@ def _setting(default: Any, env: str, low: float | None = None, high: float | Non
 @dataclass(frozen=True)
 class PluginSettings:
     """What the plugin does in this server, from the AURORA_* environment that the
-    operator sets on SGLang pods (operator/planning.py) and the launcher adds
+    operator sets on SGLang pods (operator/pods.py) and the launcher adds
     (launcher.py). Each default is declared here once, with its variable."""
 
     redis_url: str

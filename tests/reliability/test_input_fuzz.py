@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from reliability_support import fresh_copies
 
-from aurora.operator.planning import desired_children, validate_semantics
+from aurora.operator.children import desired_children
 from aurora.operator.spec import SpeculatorSpec
+from aurora.operator.validation import validate_semantics
 from aurora.runtime import protocol
 from aurora.runtime.protocol import TraceDecodeError, TraceRecord, decode_trace, encode_trace
 from aurora.runtime.trainer.trainer import GROUP, Trainer, TrainerConfig

@@ -29,3 +29,17 @@ def test_help_does_not_import_torch() -> None:
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_local_rollout_flags_come_from_the_policy_and_refuse_what_the_crd_refuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The CRD refuses minSpeedup below 1.0; `aurora local` refuses it too, before starting.
+    assert main(["local", "--min-speedup", "0.9", "--no-live"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-speedup must be at least 1.0" in err
+    with pytest.raises(SystemExit):
+        main(["local", "--help"])
+    out = capsys.readouterr().out
+    assert "--regression-threshold" in out and "--min-samples" in out
+    assert "Requests per arm before deciding. (default: 12)" in out  # local's own default

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import random_head, tiny_llama
+from transformers import LlamaForCausalLM
 
-from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer, Proposal
+from aurora.runtime.draft import EagleDraftHead, EagleProposer, NgramProposer, Proposal
 from aurora.runtime.engine import accept, generate
 from aurora.runtime.trainer.objective import (
     aurora_loss,
@@ -27,31 +28,11 @@ VOCAB = 8
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    with torch.no_grad():  # sharper distributions than the random init gives
-        model.lm_head.weight.mul_(20)
-    return model
+    return tiny_llama(VOCAB, sharpen=20)
 
 
 def _head(model: LlamaForCausalLM, seed: int = 0) -> EagleDraftHead:
-    torch.manual_seed(seed)
-    config = DraftConfig.for_target(
-        model.config, "tiny", fuse_layers=(0, 1, 2), draft_vocab_size=VOCAB
-    )
-    head = EagleDraftHead(config, model.get_input_embeddings())
-    for p in head.parameters():  # a random head that is not a pass-through
-        torch.nn.init.normal_(p, std=0.3)
-    return head.eval()
+    return random_head(model, seed, fuse_layers=(0, 1, 2))
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
