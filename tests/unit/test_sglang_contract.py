@@ -395,6 +395,25 @@ def test_the_weight_push_uses_endpoints_and_fields_that_exist(release: Release) 
     assert {name for name, _ in VERIFY_PROBES} <= set(SGLANG_PARAMS)
 
 
+def test_a_restart_drains_the_server_the_way_the_launcher_expects(release: Release) -> None:
+    # launcher.terminate sends SIGTERM to SGLang's HTTP server process: SGLang marks the
+    # tokenizer manager as exiting, /health answers 503 (readiness moves traffic away),
+    # in-flight requests finish, then the process exits and the container restarts
+    handler = unparse(
+        release, "sglang.srt.managers.tokenizer_manager", "SignalHandler.sigterm_handler"
+    )
+    assert "self.tokenizer_manager.gracefully_exit = True" in handler
+    health = unparse(release, "sglang.srt.entrypoints.http_server", "health_generate")
+    assert "if _global_state.tokenizer_manager.gracefully_exit:" in health
+    assert "Response(status_code=503)" in health
+    watchdog = unparse(
+        release, "sglang.srt.managers.tokenizer_manager", "TokenizerManager.sigterm_watchdog"
+    )
+    assert (
+        "remain_num_req = len(self.rid_to_state)" in watchdog and "kill_process_tree(" in watchdog
+    )
+
+
 def cli_flags(release: Release) -> set[str]:
     """Every command-line flag of sglang.launch_server: add_argument calls in
     server_args.py, and (0.5.23) the generated ones of the arg_groups field records."""
