@@ -140,7 +140,7 @@ time.sleep(10**9)" > "$work/redis.url" 2> "$out/redis.log" &
     setsid "$py" -m aurora.runtime.sglang.launcher --initial "$work/sglang-r1" \
       --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4 -- \
       --model-path "$model" --host 127.0.0.1 --port "$port" --tp-size 1 \
-      --mem-fraction-static 0.5 --cuda-graph-max-bs 8 --log-level info > "$out/server.log" 2>&1 &
+      --mem-fraction-static 0.5 --log-level info > "$out/server.log" 2>&1 &
   else
     say "starting the CPU stub in place of SGLang"
     setsid "$py" "$ROOT/tests/sglang_stub.py" --port "$port" --draft "$work/sglang-r1" \

@@ -314,7 +314,7 @@ class Smoke:
         assert [r["output_ids"] for r in responses] == [r["output_ids"] for r in self.baseline]
         trained = self.results["figures"]["r2_accept_length"]
         random = self.results["figures"]["random_accept_length"] = self.accept_length(responses)
-        assert trained >= 1.3, f"the trained draft accepts too little to compare: {trained:.2f}"
+        assert trained >= 1.2, f"the trained draft accepts too little to compare: {trained:.2f}"
         assert random - 1 <= 0.5 * (trained - 1), f"random {random:.2f} vs trained {trained:.2f}"
         return {"trained": round(trained, 3), "random": round(random, 3)}
 

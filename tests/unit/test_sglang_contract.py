@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import inspect
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -483,6 +484,19 @@ def test_every_flag_the_launcher_passes_and_every_server_arg_read_exists(release
     else:
         declared = fields(release.definition("sglang.srt.server_args", "ServerArgs"))
     assert read <= declared, sorted(read - declared)
+
+
+def test_the_gpu_smoke_script_passes_only_flags_the_release_has(release: Release) -> None:
+    script = (ROOT / "scripts" / "gpu-smoke.sh").read_text()
+    launch = script[
+        script.index("-m aurora.runtime.sglang.launcher") : script.index('> "$out/server.log"')
+    ]
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", launch))
+    launcher_own = {"--initial", "--speculative-num-steps", "--speculative-eagle-topk",
+                    "--speculative-num-draft-tokens"}  # fmt: skip
+    assert {"--model-path", "--port", "--mem-fraction-static"} <= flags
+    missing = flags - launcher_own - cli_flags(release)
+    assert not missing, f"gpu-smoke.sh passes flags SGLang {release.version} lacks: {missing}"
 
 
 # The EAGLE-3 draft's parameters in SGLang (checked against the source below).
