@@ -130,7 +130,7 @@ def test_v1_and_v2_verify_hooks_publish_the_same_trace_records_as_the_engine(
         req.done = True
     plugin.after_stream_output(None, scheduler, reqs, False)
     plugin.after_stream_output(None, scheduler, reqs, False)  # finished twice: traced once
-    assert capture.flush(10.0)
+    assert capture.flush(30.0)
 
     # then each request has one decodable trace, every step aligned with the output
     good, bad = decode_entries(redis_client.xrange(KEYS.traces))
@@ -175,7 +175,7 @@ def test_a_failing_hook_never_breaks_verification_and_a_full_buffer_drops_and_co
     dropped = capture.metrics.dropped.labels(kind="step", reason="buffer_full")._value.get()
     assert dropped == offered.count(False)
     release.set()
-    assert capture.flush(10.0)
+    assert capture.flush(30.0)
 
 
 def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attributes: object) -> types.ModuleType:
@@ -346,7 +346,7 @@ def test_register_with_sglangs_real_hook_registry_patches_the_release_targets(
         sglang["verify"](verify_input, batch, SimpleNamespace(next_token_logits=logits))
         req.done = True
         sglang["stream"]([req])
-        assert plugin._capture is not None and plugin._capture.flush(10.0)
+        assert plugin._capture is not None and plugin._capture.flush(30.0)
         ((_, record),) = decode_entries(redis_client.xrange(KEYS.traces))[0]
         assert (record.output_ids, record.server) == ([9, 1, 2, 5], "pod-9")
         assert [(s.proposed, s.accepted) for s in record.steps] == [([1, 2, 3], 2)]
@@ -373,7 +373,7 @@ def test_a_request_running_across_a_draft_swap_gives_no_stats_and_no_trace(
     plugin.after_stream_output(None, object(), [after], False)
     before.done = after.done = True
     plugin.after_stream_output(None, object(), [before, after], False)
-    assert capture.flush(10.0)
+    assert capture.flush(30.0)
     # then only the request served wholly by the new draft is measured and traced
     good, _ = decode_entries(redis_client.xrange(KEYS.traces))
     assert [record.prompt_ids for _, record in good] == [[4, 5]]
