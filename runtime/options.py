@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import re
 import types
@@ -38,6 +39,7 @@ _HELP = "aurora.help"
 _FLAG = "aurora.flag"
 _METAVAR = "aurora.metavar"
 _ENV = "aurora.env"
+_REPEAT = "aurora.repeat"
 
 
 def knob(
@@ -48,13 +50,16 @@ def knob(
     flag: str | None = None,
     metavar: str | None = None,
     env: str | None = None,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
     `flag` overrides the generated `--field-name`; `env` names an environment variable
     whose value, when set, replaces the default on the command line (not in Python).
+    `repeat` (tuple fields): the flag is given once per item (`--draft A --draft B`)
+    instead of once with a comma-separated list.
     """
-    metadata = {_HELP: help, _FLAG: flag, _METAVAR: metavar, _ENV: env}
+    metadata = {_HELP: help, _FLAG: flag, _METAVAR: metavar, _ENV: env, _REPEAT: repeat}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -74,6 +79,7 @@ class _Knob:
     annotation: Any
     metavar: str | None = None
     env: str | None = None
+    repeat: bool = False
 
 
 def _is_model(config: type) -> bool:
@@ -96,6 +102,7 @@ def _all_knobs(config: type) -> list[_Knob]:
             hints[f.name],
             f.metadata.get(_METAVAR),
             f.metadata.get(_ENV),
+            bool(f.metadata.get(_REPEAT)),
         )
         for f in dataclasses.fields(config)
         if _HELP in f.metadata
@@ -154,6 +161,8 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
 
 def _describe(default: Any, help: str, env: str | None) -> str:
     shown = "off" if default is None else default
+    if isinstance(default, tuple):
+        shown = ",".join(str(item) for item in default) or "empty"
     if isinstance(default, bool):
         shown = "on" if default else "off"
     elif isinstance(default, Decimal):
@@ -190,6 +199,9 @@ def add_options(
             kwargs["metavar"] = k.metavar
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            kwargs["choices"] = list(kind)
+            kwargs["type"] = kind
         elif get_origin(kind) is Literal:
             kwargs["choices"] = list(get_args(kind))
             kwargs["type"] = type(get_args(kind)[0])
@@ -198,6 +210,9 @@ def add_options(
         elif kind is Decimal:
             kwargs["type"] = str  # the model parses it and names the flag when it refuses
             kwargs.setdefault("metavar", "DECIMAL")
+        elif get_origin(kind) is tuple and k.repeat:
+            # None until given: argparse would append to a default list in place
+            kwargs.update(action="append", type=get_args(kind)[0], default=None)
         elif get_origin(kind) is tuple:
             item = get_args(kind)[0]
             kwargs["type"] = lambda text, item=item: tuple(
@@ -214,6 +229,9 @@ def from_args(config: type, args: argparse.Namespace, **extra: Any) -> Any:
     model is validated: what it refuses raises OptionError naming the flags."""
     knobs = {k.name: k for k in _all_knobs(config)}
     values = {name: getattr(args, name) for name in knobs if hasattr(args, name)}
+    for name, given in values.items():
+        if knobs[name].repeat:  # None: the flag was not given
+            values[name] = default_of(config, name) if given is None else tuple(given)
     if not _is_model(config):
         return config(**{**values, **extra})
     try:
@@ -246,8 +264,11 @@ def _refusals(config: type, knobs: dict[str, _Knob], error: ValidationError) -> 
 def option_args(values: dict[str, Any], config: type | None = None) -> list[str]:
     """Command-line arguments setting each field in `values` (`--field-name VALUE`, or the
     knob's own flag when `config` declares one; booleans as `--x` / `--no-x`, tuples
-    comma-joined). None cannot be written on a command line: leave the field out instead."""
-    flags = {k.name: k.flag for k in _all_knobs(config)} if config else {}
+    comma-joined or, for a repeated knob, one flag per item). None cannot be written on a
+    command line: leave the field out instead."""
+    knobs = _all_knobs(config) if config else []
+    flags = {k.name: k.flag for k in knobs}
+    repeated = {k.name for k in knobs if k.repeat}
     args: list[str] = []
     for name, value in values.items():
         flag = flags.get(name) or "--" + name.replace("_", "-")
@@ -255,8 +276,12 @@ def option_args(values: dict[str, Any], config: type | None = None) -> list[str]
             raise ValueError(f"{name}=None has no command-line form: leave the field out")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, tuple) and name in repeated:
+            args += [part for item in value for part in (flag, str(item))]
         elif isinstance(value, tuple):
             args += [flag, ",".join(str(item) for item in value)]
+        elif isinstance(value, enum.Enum):
+            args += [flag, str(value.value)]
         else:
             args += [flag, str(value)]
     return args

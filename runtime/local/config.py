@@ -1,4 +1,4 @@
-"""`aurora local`'s configuration as plain data."""
+"""`aurora local`'s configuration as plain data; each knob is a flag of `aurora local`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora.runtime import protocol
+from aurora.runtime.options import knob
 from aurora.runtime.rollout import RolloutPolicy
 
 # `aurora local`'s rollout policy where it differs from the policy's defaults (which suit
@@ -22,29 +23,56 @@ LOCAL_ROLLOUT: dict[str, Any] = {
 
 @dataclass
 class LocalConfig:
-    model: str = "smollm2-135m"
-    schedule: str = "code:60,prose:400"
+    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    schedule: str = knob(
+        "code:60,prose:400",
+        "traffic schedule: day-0 code traffic, then a shift to prose by default (see "
+        "`aurora workload show`)",
+    )
     # The first phase lasts at least its count and until `shift_delay` requests after the
     # `shift_after_promotions`-th promotion (at most `hold_limit` x its count), so the domain
     # shift lands on a draft that has proven itself; 0 promotions: follow the counts.
-    shift_after_promotions: int = 2
     shift_delay: int = 16
     hold_limit: float = 3.0
+    shift_after_promotions: int = knob(
+        2,
+        f"hold the schedule's first phase (at least its count, at most {hold_limit:g}x) until "
+        f"{shift_delay} requests after the K-th promotion, so the domain shift lands on a "
+        "draft that has proven itself; 0 follows the phase counts as written",
+        metavar="K",
+    )
     # Servers decode one request at a time: batches never mix arms, so with batching an
     # arm's per-request throughput would depend on its traffic share (the busier arm batches
     # more and each of its requests decodes slower), which biases the live A/B.
-    server_max_batch: int = 1
-    distinct_prompts: int | None = 40  # None: every prompt of a domain before any repeats
-    seed: int = 0
-    minutes: float = 14.0
-    redis_url: str | None = None
-    servers: int = 1
-    clients: int = 2
-    max_new_tokens: int = 32
-    spec_tokens: int = 3
-    initial_draft: str = protocol.Builtin.NONE
-    workdir: Path = Path("aurora-local")
-    report_dir: Path | None = None
+    server_max_batch: int = knob(
+        1,
+        "rows per batch on each server (1: the live A/B stays unbiased, since batches never "
+        "mix arms and a busier arm would batch more)",
+        flag="--max-batch",
+    )
+    distinct_prompts: int = knob(
+        40,
+        "recurring traffic: each domain cycles through this many distinct prompts, as a "
+        "service with recurring requests does (0 = all prompts of the domain)",
+    )
+    seed: int = knob(0, "traffic and routing seed")
+    minutes: float = knob(14.0, "stop after this long")
+    redis_url: str | None = knob(None, "use this Redis instead of an embedded one")
+    servers: int = knob(1, "inference server processes")
+    clients: int = knob(2, "concurrent traffic clients")
+    max_new_tokens: int = knob(32, "tokens generated per request")
+    spec_tokens: int = knob(3, "draft tokens per verify step (k)")
+    initial_draft: protocol.Builtin = knob(
+        protocol.Builtin.NONE,
+        "day-0 stable draft: none (serve without speculation until a trained draft proves "
+        "faster), ngram (model-free prompt lookup) or scratch (untrained head)",
+    )
+    workdir: Path = knob(
+        Path("aurora-local"),
+        "checkpoints, logs and the report go here; an earlier run's checkpoints there are "
+        "removed at start, since every run begins at day 0",
+    )
+    report_dir: Path | None = knob(None, "report folder, WORKDIR/report when off")
     namespace: str = "default"
     name: str = "local"
     rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(**LOCAL_ROLLOUT))
@@ -57,7 +85,7 @@ class LocalConfig:
     server_threads: int = 1
     trainer_threads: int = 1
     interval_s: float = 1.0
-    live: bool = True
+    live: bool = knob(True, "the live terminal view (--no-live: log lines only)")
     stop_after_decision: bool = False  # end at the first promotion or rollback (tests)
 
     @property

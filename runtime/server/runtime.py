@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from fastapi.responses import StreamingResponse
 
-from aurora.runtime.checkpoint import load_checkpoint
+from aurora.runtime.checkpoint import load_draft
 from aurora.runtime.draft import (
     DraftConfig,
     EagleDraftHead,
     EagleProposer,
     NgramProposer,
-    load_draft_head,
 )
 from aurora.runtime.models import load_target
 from aurora.runtime.protocol import Builtin
@@ -99,29 +98,7 @@ class ServerRuntime:
     def load_checkpoint_revision(self, path: Path) -> Revision:
         """Load and verify a checkpoint (sha256, shapes, dtypes, NaN/Inf, fit to this
         target) and build its draft head; raises naming what is wrong."""
-        target_config = self.target.config
-        tensors, meta = load_checkpoint(
-            path,
-            expect_config={
-                "hidden_size": int(target_config.hidden_size),
-                "target_vocab_size": int(target_config.vocab_size),
-            },
-        )
-        config = DraftConfig.from_dict(meta.draft_config)
-        layers = int(target_config.num_hidden_layers)
-        if not all(0 <= i < layers for i in config.fuse_layers):
-            raise ValueError(
-                f"draft fuse_layers {config.fuse_layers} do not exist in the target's {layers} layers"
-            )
-        d2t = tensors.get("d2t")
-        vocab = int(target_config.vocab_size)
-        if d2t is not None and d2t.numel() and (int(d2t.min()) < 0 or int(d2t.max()) >= vocab):
-            # Would pass every other check and then fail inside a verify step.
-            raise ValueError(
-                f"the draft vocabulary map d2t holds ids outside the target's vocabulary (0..{vocab - 1})"
-            )
-        head = load_draft_head(tensors, config, self.target.get_input_embeddings(), self.device)
-        head = head.to(dtype=self.target.dtype)
+        head, meta = load_draft(path, self.target, device=self.device, dtype=self.target.dtype)
         return Revision(meta.revision, EagleProposer(head, meta.revision), str(path))
 
     @property

@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from aurora.runtime import protocol
-from aurora.runtime.local import LocalConfig, LocalMode
+from aurora.runtime.local.config import LocalConfig
+from aurora.runtime.local.run import LocalMode
 from aurora.runtime.rollout import RolloutPolicy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

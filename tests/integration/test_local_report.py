@@ -12,7 +12,9 @@ import pytest
 import redis
 
 from aurora.runtime import protocol
-from aurora.runtime.local import LocalConfig, LocalMode, LocalRun, Sample, write_report
+from aurora.runtime.local.config import LocalConfig
+from aurora.runtime.local.report import LocalRun, Sample, write_report
+from aurora.runtime.local.run import LocalMode
 
 pytestmark = pytest.mark.integration
 

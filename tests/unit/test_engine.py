@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 from aurora.runtime.draft import EagleDraftHead, EagleProposer, NgramProposer, Proposal
 from aurora.runtime.engine import accept, generate
 from aurora.runtime.trainer.objective import (
+    Objective,
     aurora_loss,
     build_example,
     build_vocabulary,
@@ -152,13 +153,15 @@ def test_aurora_loss_trains_the_head_towards_the_target(tiny: LlamaForCausalLM) 
 
     def total() -> float:
         with torch.no_grad():
-            return sum(float(aurora_loss(head, ex, lambda_discard=1.0).total) for ex in examples)
+            return sum(
+                float(aurora_loss(head, ex, Objective(lambda_discard=1.0)).total) for ex in examples
+            )
 
     before = total()
     for _ in range(40):
         for ex in examples:
             optimizer.zero_grad()
-            aurora_loss(head, ex, lambda_discard=1.0).total.backward()
+            aurora_loss(head, ex, Objective(lambda_discard=1.0)).total.backward()
             optimizer.step()
     assert total() < 0.5 * before
     head.eval()

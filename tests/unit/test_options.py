@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +28,11 @@ from aurora.runtime.schema import RATIO_PATTERN, DecimalText
 pytestmark = pytest.mark.unit
 
 
+class Colour(StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
 @dataclass
 class Example:
     port: int = knob(8000, "TCP port")
@@ -37,6 +43,8 @@ class Example:
     live: bool = knob(True, "live view")
     layers: tuple[int, ...] | None = knob(None, "layers")
     url: str | None = knob(None, "Redis URL", env="EXAMPLE_URL")
+    colour: Colour = knob(Colour.RED, "an enumeration")
+    drafts: tuple[str, ...] = knob((), "a draft (repeatable)", repeat=True)
     internal: int = 3
 
 
@@ -54,7 +62,7 @@ def test_every_kind_of_field_parses() -> None:
     parsed = _parse(
         [
             *("--port", "9", "--rate", "0.25", "--mode", "Rollback", "--folder", "x"),
-            *("--threads", "2", "--no-live", "--layers", "1,2,3"),
+            *("--threads", "2", "--no-live", "--layers", "1,2,3", "--colour", "blue"),
         ]
     )
     assert (parsed.port, parsed.rate, parsed.mode, parsed.folder) == (
@@ -64,11 +72,14 @@ def test_every_kind_of_field_parses() -> None:
         Path("x"),
     )
     assert (parsed.threads, parsed.live, parsed.layers) == (2, False, (1, 2, 3))
+    assert parsed.colour is Colour.BLUE
 
 
 def test_choices_are_enforced() -> None:
     with pytest.raises(SystemExit):
         _parse(["--mode", "Maybe"])
+    with pytest.raises(SystemExit):
+        _parse(["--colour", "green"])
 
 
 def test_internal_fields_get_no_flag() -> None:
@@ -177,6 +188,8 @@ def test_to_args_is_the_command_line_that_parses_back_to_the_config() -> None:
         live=False,
         layers=(1, 2, 3),
         url="redis://y:2/0",
+        colour=Colour.BLUE,
+        drafts=("a", "b,c"),
     )
     # When: its command line is generated and parsed again, Then: the same config comes back
     assert _parse(to_args(config)) == config
@@ -200,3 +213,9 @@ def test_option_args_spells_field_names_as_flags_and_refuses_none() -> None:
     ]
     with pytest.raises(ValueError, match="threads=None"):
         option_args({"threads": None})
+
+
+def test_a_repeated_knob_takes_its_flag_once_per_item() -> None:
+    assert _parse(["--drafts", "a", "--drafts", "b,c"]).drafts == ("a", "b,c")
+    assert _parse([]).drafts == ()  # the declared default when the flag is not given
+    assert to_args(Example(drafts=("x", "y"))) == ["--drafts", "x", "--drafts", "y"]
