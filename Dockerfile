@@ -78,11 +78,11 @@ COPY --from=wheel /wheels /wheels
 RUN python3 -m pip install "$(echo /wheels/aurora_speculator-*.whl)" \
     && rm -rf /wheels \
     && python3 -c "import aurora.runtime.sglang as a; a.require_supported(a.installed_version())" \
-    && python3 -m aurora.runtime.sglang.launcher --help > /dev/null \
+    && python3 -m aurora.runtime.sglang.serve --help > /dev/null \
     && (getent group 10001 || groupadd --gid 10001 aurora) \
     && (getent passwd 10001 || useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin aurora)
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8000
 ENTRYPOINT []
-CMD ["python3", "-m", "aurora.runtime.sglang.launcher", "--help"]
+CMD ["python3", "-m", "aurora.runtime.sglang.serve", "--help"]

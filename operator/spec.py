@@ -329,7 +329,7 @@ class StorageSpec(ApiModel):
 
 # Rules across sections. (engine.kind sglang with draft.initial scratch is valid: SGLang
 # starts without speculation and restarts into the first learned draft, see
-# aurora.runtime.sglang.launcher.)
+# aurora.runtime.sglang.serve.)
 SPEC_RULES: tuple[Rule, ...] = ()
 
 

@@ -137,7 +137,7 @@ time.sleep(10**9)" > "$work/redis.url" 2> "$out/redis.log" &
   if [[ $server == sglang ]]; then
     say "starting SGLang through Aurora's launcher (EAGLE-3, draft r1)"
     limit=420
-    setsid "$py" -m aurora.runtime.sglang.launcher --initial "$work/sglang-r1" \
+    setsid "$py" -m aurora.runtime.sglang.serve --initial "$work/sglang-r1" \
       --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4 -- \
       --model-path "$model" --host 127.0.0.1 --port "$port" --tp-size 1 \
       --mem-fraction-static 0.5 --log-level info > "$out/server.log" 2>&1 &

@@ -28,7 +28,7 @@ The swap (``DraftPusher.push``), per SGLang release (``SWAP_PROTOCOLS``):
 
 Requests that ran across the swap give no stats or traces (plugin.py). A revision that
 cannot be swapped in place (NeedsRestart, or a failed swap) is served by restarting
-SGLang through the launcher (launcher.py) when the watcher may restart; otherwise the
+SGLang through serve.py when the watcher may restart; otherwise the
 watcher reports why in the LoadedReport.
 """
 
@@ -61,11 +61,11 @@ from aurora.runtime.sglang.launcher import (
     DRAFT_LOADER,
     EAGLE3,
     Launch,
-    Restarter,
     initial_launch,
     is_checkpoint,
     running_launch,
 )
+from aurora.runtime.sglang.serve import Drafts, Restarter
 
 log = logging.getLogger("aurora.sglang")
 
@@ -374,8 +374,6 @@ class SGLangRevisionWatcher:
 
     def path_of(self, ref: RevisionRef) -> Path:
         """Where the checkpoint is, resolved as the torch server resolves it."""
-        from aurora.runtime.sglang.launcher import Drafts
-
         return Drafts("", self.checkpoint_dir).source_of(ref)
 
     def target(self, desired: DesiredState | None) -> tuple[str | None, RevisionRef | None]:
@@ -444,7 +442,7 @@ class SGLangRevisionWatcher:
         if self.restarter is None:
             self.error = self.failed[key] = (
                 f"cannot swap in revision {name!r} in place: {why}; start SGLang through "
-                "`python3 -m aurora.runtime.sglang.launcher` (the operator does) so it can "
+                "`python3 -m aurora.runtime.sglang.serve` (the operator does) so it can "
                 "restart into it, or restart it with that draft exported"
             )
             log.error("aurora: %s", self.error)

@@ -22,16 +22,15 @@ from aurora.runtime.protocol import (
     set_desired,
 )
 from aurora.runtime.sglang.export import load_export
-from aurora.runtime.sglang.launcher import (
+from aurora.runtime.sglang.launcher import Launch, initial_launch
+from aurora.runtime.sglang.plugin import PluginSettings
+from aurora.runtime.sglang.serve import (
     MAX_START_ATTEMPTS,
     Drafts,
-    Launch,
     Restarter,
-    initial_launch,
     launch_at_start,
     main,
 )
-from aurora.runtime.sglang.plugin import PluginSettings
 from aurora.runtime.sglang.weights import DraftPusher, LoadedRevision, SGLangRevisionWatcher
 
 pytestmark = pytest.mark.integration
@@ -153,7 +152,7 @@ def test_without_restarts_a_new_vocabulary_is_reported_once_and_the_old_draft_st
     report = get_loaded(redis_client, KEYS)["pod-stable"]
     assert report.stable == "r0"
     assert report.error is not None and "another draft vocabulary" in report.error
-    assert "aurora.runtime.sglang.launcher" in report.error  # the way to serve it
+    assert "aurora.runtime.sglang.serve" in report.error  # the way to serve it
     assert sglang.calls == []  # refused before SGLang was paused, and not retried
 
 

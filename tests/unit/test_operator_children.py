@@ -122,10 +122,10 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
 
 
 def test_sglang_command_runs_aurora_s_launcher_with_the_spec_s_draft_and_flags() -> None:
-    # The launcher picks the revision to serve (aurora.runtime.sglang.launcher) and execs
+    # serve.py picks the revision to serve (aurora.runtime.sglang) and execs
     # sglang.launch_server with the arguments after "--".
     command = commands.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
-    assert command[:3] == ["python3", "-m", "aurora.runtime.sglang.launcher"]
+    assert command[:3] == ["python3", "-m", "aurora.runtime.sglang.serve"]
     split = command.index("--")
     flags = {
         flag: command[i + 1] for i, flag in enumerate(command[:split]) if flag.startswith("--")

@@ -397,7 +397,7 @@ def test_the_weight_push_uses_endpoints_and_fields_that_exist(release: Release) 
 
 
 def test_a_restart_drains_the_server_the_way_the_launcher_expects(release: Release) -> None:
-    # launcher.terminate sends SIGTERM to SGLang's HTTP server process: SGLang marks the
+    # serve.terminate sends SIGTERM to SGLang's HTTP server process: SGLang marks the
     # tokenizer manager as exiting, /health answers 503 (readiness moves traffic away),
     # in-flight requests finish, then the process exits and the container restarts
     handler = unparse(
@@ -489,7 +489,7 @@ def test_every_flag_the_launcher_passes_and_every_server_arg_read_exists(release
 def test_the_gpu_smoke_script_passes_only_flags_the_release_has(release: Release) -> None:
     script = (ROOT / "scripts" / "gpu-smoke.sh").read_text()
     launch = script[
-        script.index("-m aurora.runtime.sglang.launcher") : script.index('> "$out/server.log"')
+        script.index("-m aurora.runtime.sglang.serve") : script.index('> "$out/server.log"')
     ]
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", launch))
     launcher_own = {"--initial", "--speculative-num-steps", "--speculative-eagle-topk",

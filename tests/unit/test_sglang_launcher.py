@@ -39,7 +39,7 @@ def test_the_operator_command_runs_the_launcher_and_keeps_the_users_args_last() 
     assert command[:5] == [
         "python3",
         "-m",
-        "aurora.runtime.sglang.launcher",
+        "aurora.runtime.sglang.serve",
         "--initial",
         "scratch",
     ]
