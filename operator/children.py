@@ -16,10 +16,18 @@ Children of a Speculator `NAME` (all labelled `aurora.dev/speculator: NAME`, own
   needs no second Deployment.
 - `NAME-trainer` Deployment (one replica, Recreate: one writer on the checkpoint volume;
   zero replicas when training is disabled).
-- `NAME` Service (port 8000, both server roles) and `NAME-trainer` Service (metrics).
+- `NAME` Service (port 8000, both server roles) and `NAME-trainer` Service (metrics and,
+  with storage.mode Fetch, the checkpoints servers download).
 - `NAME-config` ConfigMap: the effective spec, mounted read-only at /etc/aurora.
 - `NAME-checkpoints` PersistentVolumeClaim (unless storage.existingClaim), owned by the
-  Speculator only with storage.deletionPolicy Delete.
+  Speculator only with storage.deletionPolicy Delete. With storage.mode Fetch (the
+  default) only the trainer mounts it.
+- `NAME-server` PodDisruptionBudget (one server down at a time in a drain).
+- `NAME-server` and `NAME-trainer` NetworkPolicies (network.py), unless network.policies
+  is false.
+- `NAME-redis-<digest>` Secret (on the operator's managed Redis only): the Speculator's
+  own Redis user and password, which the pods read through secretKeyRef. Created once and
+  never read back or listed by the operator (redis_access.py).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 
 from aurora.operator.names import (
     CANARY,
+    CHECKPOINTS_PORT,
     SERVER_PORT,
     STABLE,
     TRAINER_METRICS_PORT,
@@ -39,14 +48,25 @@ from aurora.operator.names import (
     owner_reference,
     selector,
 )
-from aurora.operator.pods import canary_replicas, server_deployment, trainer_deployment
-from aurora.operator.settings import Images
-from aurora.operator.spec import KIND, DeletionPolicy, EngineKind, SpeculatorSpec
+from aurora.operator.network import network_policies
+from aurora.operator.pods import (
+    canary_replicas,
+    disruption_budget,
+    server_deployment,
+    trainer_deployment,
+)
+from aurora.operator.redis_access import CREDENTIALS_LABEL, RedisAccess, plan
+from aurora.operator.settings import OperatorSettings
+from aurora.operator.spec import KIND, DeletionPolicy, EngineKind, RevisionSharing, SpeculatorSpec
+
+# Kinds the operator creates but never lists (it has no list on Secrets: listing would
+# read every Secret in the namespace). They go with the Speculator's owner reference.
+UNLISTED_KINDS = frozenset({"Secret"})
 
 
 def _service(
-    name: str, namespace: str, service_name: str, component: str, port_name: str, port: int,
-    owner: dict[str, Any],
+    name: str, namespace: str, service_name: str, component: str,
+    ports: dict[str, int], owner: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "apiVersion": "v1",
@@ -57,8 +77,24 @@ def _service(
             "selector": selector(name, component),
             "ports": [
                 {"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}
+                for port_name, port in ports.items()
             ],
         },
+    }
+
+
+def redis_secret(
+    access: RedisAccess, name: str, namespace: str, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """The managed Redis user's credentials for the pods (stringData: created once)."""
+    metadata = object_metadata(access.secret_name or "", namespace, labels(name, "redis"), owner)
+    metadata["labels"][CREDENTIALS_LABEL] = "true"
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata,
+        "type": "Opaque",
+        "stringData": access.secret_data(),
     }
 
 
@@ -68,18 +104,24 @@ def effective_config(spec: SpeculatorSpec, namespace: str, name: str) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-def desired_children(body: Mapping[str, Any], images: Images | None = None) -> list[dict[str, Any]]:
+def desired_children(
+    body: Mapping[str, Any], settings: OperatorSettings | None = None
+) -> list[dict[str, Any]]:
     """Every child object the Speculator `body` wants, complete and in apply order
-    (storage and configuration before the pods that mount them). Same body, same
-    objects: safe to server-side apply on every reconcile. Raises pydantic's
+    (credentials, storage and configuration before the pods that use them). Same body,
+    same objects: safe to server-side apply on every reconcile. Raises pydantic's
     ValidationError for an invalid spec (call `validate_semantics` first)."""
-    images = images or Images()
+    settings = settings or OperatorSettings()
+    images = settings.images
     metadata = body["metadata"]
     name, namespace = metadata["name"], metadata["namespace"]
     spec = SpeculatorSpec.model_validate(body.get("spec") or {})
     names = ChildNames.of(name)
     owner = owner_reference(metadata)
+    redis = plan(spec, namespace, name, settings.redis)
     children: list[dict[str, Any]] = []
+    if redis.managed:
+        children.append(redis_secret(redis, name, namespace, owner))
     if not spec.storage.existing_claim:
         claim: dict[str, Any] = {
             "accessModes": [spec.storage.access_mode],
@@ -106,26 +148,24 @@ def desired_children(body: Mapping[str, Any], images: Images | None = None) -> l
             "data": {"speculator.json": effective_config(spec, namespace, name)},
         }
     )
+    children += network_policies(spec, namespace, name, owner)
     canary = canary_replicas(spec)
-    children.append(
-        server_deployment(
-            spec, namespace, name, STABLE, spec.engine.replicas - canary, owner, images
-        )
-    )
+    stable = spec.engine.replicas - canary
+    children.append(server_deployment(spec, namespace, name, STABLE, stable, owner, images, redis))
     if spec.engine.kind == EngineKind.SGLANG:
-        children.append(server_deployment(spec, namespace, name, CANARY, canary, owner, images))
-    children.append(trainer_deployment(spec, namespace, name, owner, images))
-    children.append(_service(name, namespace, names.service, "server", "http", SERVER_PORT, owner))
-    children.append(
-        _service(
-            name,
-            namespace,
-            names.trainer_service,
-            "trainer",
-            "metrics",
-            TRAINER_METRICS_PORT,
-            owner,
+        children.append(
+            server_deployment(spec, namespace, name, CANARY, canary, owner, images, redis)
         )
+    children.append(disruption_budget(name, namespace, owner))
+    children.append(trainer_deployment(spec, namespace, name, owner, images, redis))
+    children.append(
+        _service(name, namespace, names.service, "server", {"http": SERVER_PORT}, owner)
+    )
+    trainer_ports = {"metrics": TRAINER_METRICS_PORT}
+    if spec.storage.mode == RevisionSharing.FETCH:
+        trainer_ports["checkpoints"] = CHECKPOINTS_PORT
+    children.append(
+        _service(name, namespace, names.trainer_service, "trainer", trainer_ports, owner)
     )
     return children
 
@@ -139,6 +179,8 @@ def stale_children(
     wanted = {(child["kind"], child["metadata"]["name"]) for child in desired}
     stale = []
     for child in observed:
+        if child.get("kind") in UNLISTED_KINDS:
+            continue
         refs = child.get("metadata", {}).get("ownerReferences") or []
         controlled = any(ref.get("kind") == KIND and ref.get("controller") for ref in refs)
         key = (child.get("kind", ""), child.get("metadata", {}).get("name", ""))

@@ -3,8 +3,14 @@ launcher (sglang engine) and `aurora train`, from a Speculator's spec. Pure."""
 
 from __future__ import annotations
 
-from aurora.operator.names import CHECKPOINT_DIR, SERVER_PORT, TRAINER_METRICS_PORT
-from aurora.operator.spec import EngineKind, SpeculatorSpec
+from aurora.operator.names import (
+    CHECKPOINT_DIR,
+    CHECKPOINTS_PORT,
+    SERVER_PORT,
+    TRAINER_METRICS_PORT,
+    trainer_url,
+)
+from aurora.operator.spec import DRAFTS_DIR, EngineKind, RevisionSharing, SpeculatorSpec
 from aurora.runtime.protocol import Builtin
 from aurora.runtime.sglang import launcher as sglang_launcher
 
@@ -55,7 +61,7 @@ def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str
         if initial.startswith("/") and spec.engine.kind == EngineKind.TORCH
         else Builtin.SCRATCH
     )
-    return [
+    command = [
         "aurora", "train",
         "--model", spec.target.model,
         "--speculator", f"{namespace}/{name}",
@@ -70,3 +76,20 @@ def trainer_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str
         "--device", "cuda" if training.gpus > 0 else "cpu",
         "--metrics-port", str(TRAINER_METRICS_PORT),
     ]  # fmt: skip
+    if spec.storage.mode == RevisionSharing.FETCH:
+        # Servers share no volume with the trainer: they download each revision from it.
+        command += [
+            "--serve-checkpoints-port", str(CHECKPOINTS_PORT),
+            "--advertise-url", trainer_url(namespace, name),
+        ]  # fmt: skip
+    return command + list(training.extra_args)
+
+
+def fetch_draft_command(spec: SpeculatorSpec) -> list[str]:
+    """The init step that puts the day-0 draft under /drafts (`aurora draft fetch`):
+    download, check the sha256, unpack an archive; nothing half-written stays."""
+    fetch = spec.draft.fetch
+    if fetch is None:
+        raise ValueError("spec.draft.fetch is not set: no init step to run")
+    return ["aurora", "draft", "fetch", "--url", fetch.url, "--sha256", fetch.sha256,
+            "--into", DRAFTS_DIR]  # fmt: skip

@@ -217,6 +217,15 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
+# `kubectl scale spx/NAME` and autoscalers (HPA, KEDA) set the number of servers; the
+# operator follows spec.engine.replicas and never writes it back.
+SCALE_SUBRESOURCE = {
+    "specReplicasPath": ".spec.engine.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.selector",
+}
+
+
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition object (apiextensions.k8s.io/v1)."""
     return {
@@ -242,7 +251,7 @@ def build_crd() -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, "scale": SCALE_SUBRESOURCE},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }

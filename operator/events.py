@@ -10,7 +10,7 @@ from typing import Any
 
 from aurora.operator.spec import MAX_REVISION_HISTORY, fraction_or_none
 from aurora.runtime.protocol import Builtin
-from aurora.runtime.rollout import Measurement, Override, RolloutEvent
+from aurora.runtime.rollout import Measurement, Override, RolloutEvent, Speedup
 
 # The Kubernetes Event type of each rollout policy event (Normal otherwise).
 EVENT_TYPES = {
@@ -61,15 +61,23 @@ _OUTCOMES = {
 }
 
 
+def _gated(action: str, m: Measurement | None) -> Speedup | None:
+    """The comparison a rollout event was decided on (None: no figure decided it)."""
+    if m is None:
+        return None
+    if action in ("Promote", "Rollback", "Hold", "Reject", "Superseded"):
+        return m.speedup_vs_stable
+    return m.stable_speedup_vs_baseline if action == "Fallback" else None
+
+
 def revision_history(
     previous: Sequence[Mapping[str, Any]], events: Sequence[RolloutEvent],
     measurement: Measurement | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """status.revisionHistory: the newest MAX_REVISION_HISTORY rollout events, newest
-    first, with the measured speedup behind this round's events."""
-    speedup = None
-    if measurement is not None and measurement.speedup_vs_stable is not None:
-        speedup = fraction_or_none(measurement.speedup_vs_stable.estimate)
+    first, each with the gated speedup behind it (its reason names the comparator and the
+    window): the candidate against stable for a canary's outcome, stable against no
+    speculation for a fallback."""
     fresh = []
     for event in events:
         record: dict[str, Any] = {
@@ -78,8 +86,9 @@ def revision_history(
             "reason": event.reason[:1024],
             "time": rfc3339(datetime.fromtimestamp(event.time, UTC)),
         }
-        if speedup is not None and event.action != "StartCanary":
-            record["speedup"] = speedup
-            record["samples"] = measurement.candidate.samples if measurement else None
+        gated = _gated(event.action, measurement)
+        if gated is not None:
+            record["speedup"] = fraction_or_none(gated.estimate)
+            record["samples"] = gated.samples
         fresh.append({k: v for k, v in record.items() if v is not None})
     return [*reversed(fresh), *(dict(r) for r in previous)][:MAX_REVISION_HISTORY]

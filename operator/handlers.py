@@ -1,7 +1,6 @@
 """The kopf handlers: thin glue from Kubernetes events to plain functions (children,
 validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
-and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module
-registers them with kopf.
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -12,7 +11,12 @@ registers them with kopf.
   annotations: GitOps tools replace those) and turns policy events into Events.
   Redis unreachable: Degraded (RedisUnavailable); nothing served changes.
 - delete: owner references let the garbage collector remove the children; with
-  `spec.traces.deletionPolicy: Delete` a finalizer first removes the Redis keys.
+  `spec.traces.deletionPolicy: Delete` a finalizer first removes the Redis keys (and,
+  on the managed Redis, the Speculator's Redis user).
+
+A Speculator whose Redis the operator's settings do not allow (redis_access.py) is
+refused like an invalid spec (reason RedisNotAllowed) before any connection is made or
+Secret read. Every handler's duration and failures are metrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import children, events, validation
+from aurora.operator import children, events, redis_access, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
+from aurora.operator.names import selector_text
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
 from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
@@ -56,6 +61,8 @@ KOPF_PERMISSIONS = frozenset(
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
+        # Peering (`aurora operator --peering`): replicas' keep-alives in the peering object.
+        *(("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")),
     }
 )
 
@@ -86,8 +93,25 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING  # Events for warnings; ours are explicit
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.peering.lifetime = memo.get("peering_lifetime") or settings.peering.lifetime
     if memo.get("cluster") is None:
         memo.cluster = Cluster.connect()
+    if memo.get("peering") and not settings.peering.standalone:
+        scope = [None] if settings.peering.clusterwide else memo.get("peering_namespaces", [])
+        for namespace in scope:
+            memo.cluster.ensure_peering(memo.peering, namespace)
+
+
+def _refusal(
+    body: Mapping[str, Any], memo: kopf.Memo
+) -> tuple[SpeculatorSpec | None, list[str], str]:
+    """(the parsed spec, errors, condition reason): an invalid spec, or a Redis the
+    operator may not use. The one parse of the spec per handler call."""
+    spec, errors = validation.checked_spec(body)
+    if spec is None or errors:
+        return spec, errors, "InvalidSpec"
+    refused = redis_access.refusal(spec, memo.settings.redis)
+    return spec, ([refused] if refused else []), validation.REDIS_NOT_ALLOWED
 
 
 # ---------------------------------------------------------------------- children
@@ -104,7 +128,7 @@ def _reconcile_children(
     cluster: Cluster = memo.cluster
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = body["metadata"].get("generation")
-    desired = children.desired_children(body, memo.images)
+    desired = children.desired_children(body, memo.settings)
     expected = {
         child["metadata"]["name"]: child["spec"]["replicas"]
         for child in desired
@@ -119,9 +143,13 @@ def _reconcile_children(
     if not (force or unapplied or drifted or now - memo.get("last_apply", 0.0) >= RESYNC_SECONDS):
         return servers, expected, None
     problems = []
+    _provision(memo, body)
     for child in desired:
         try:
-            memo.cluster.apply(child)
+            if child["kind"] in children.UNLISTED_KINDS:
+                memo.cluster.create(child)  # a Secret: created once, never read back
+            else:
+                memo.cluster.apply(child)
         except ApiException as error:
             if transient(error):
                 raise
@@ -145,41 +173,76 @@ def reconcile(
     **_: Any,
 ) -> None:
     """Follow the spec: children applied, status for this generation."""
-    generation = int(meta.get("generation") or 0)
-    errors = validation.validate_semantics(body)
-    if errors:
-        if status.get("observedGeneration") != generation:  # one Event per bad generation
-            kopf.warn(body, reason="InvalidSpec", message="; ".join(errors)[:1024])
-        _write_status(patch, status, Observation(generation, spec_errors=errors))
-        return  # not raised: a bad spec is not retried until it changes
-    try:
-        servers, expected, apply_error = _reconcile_children(body, memo, force=True)
-    except ApiException as error:
-        raise kopf.TemporaryError(f"Kubernetes API: {api_message(error)}", delay=15) from error
-    if apply_error:
-        kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
-    enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
-    observation = Observation(
-        generation,
-        expected_servers=expected,
-        servers=servers,
-        apply_error=apply_error,
-        rollout_enabled=enabled,
-    )
-    _write_status(patch, status, observation)
+    with memo.metrics.reconciling("reconcile") as outcome:
+        generation = int(meta.get("generation") or 0)
+        spec, errors, reason = _refusal(body, memo)
+        if spec is None or errors:
+            outcome.error = reason
+            if status.get("observedGeneration") != generation:  # one Event per generation
+                kopf.warn(body, reason=reason, message="; ".join(errors)[:1024])
+            observation = Observation(generation, spec_errors=errors, spec_error_reason=reason)
+            _write_status(patch, status, observation)
+            return  # not raised: a bad spec is not retried until it changes
+        try:
+            servers, expected, apply_error = _reconcile_children(body, memo, force=True)
+        except ApiException as error:
+            raise kopf.TemporaryError(f"Kubernetes API: {api_message(error)}", delay=15) from error
+        if apply_error:
+            outcome.error = "ApplyFailed"
+            kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
+        observation = Observation(
+            generation,
+            expected_servers=expected,
+            servers=servers,
+            apply_error=apply_error,
+            rollout_enabled=spec.rollout.enabled,
+            selector=selector_text(body["metadata"]["name"], "server"),
+        )
+        _write_status(patch, status, observation)
 
 
 # ----------------------------------------------------------------------- rollout
 
 
-def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str) -> Any:
-    ref = spec.traces.password_secret_ref
-    password = memo.cluster.secret_value(namespace, ref.name, ref.key) if ref else None
-    key = (spec.traces.redis_url, password)
-    clients = memo.redis_clients
+def _client(memo: kopf.Memo, url: str, password: str | None) -> Any:
+    key = (url, password)
+    clients = memo.redis_clients  # shared by every Speculator (kopf copies memo shallowly)
     if key not in clients:
-        clients[key] = loop.connect(spec.traces.redis_url, password)
+        clients[key] = loop.connect(url, password)
     return clients[key]
+
+
+def _admin(memo: kopf.Memo) -> Any:
+    """The managed Redis as its admin: creating and removing Speculators' users."""
+    redis = memo.settings.redis
+    return _client(memo, redis.managed_url, redis.admin_password)
+
+
+def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str, name: str) -> Any:
+    """The Speculator's Redis as the Speculator: on the managed Redis its own user (so
+    even the operator's rounds touch only its keys), else the password its labelled
+    Secret holds. Only for a Speculator `_refusal` let through."""
+    access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+    password = access.password
+    if not access.managed and access.secret_name is not None:
+        password = memo.cluster.secret_value(namespace, access.secret_name, access.secret_key)
+    return _client(memo, access.url, password)
+
+
+def _provision(memo: kopf.Memo, body: Mapping[str, Any], *, strict: bool = False) -> None:
+    """The Speculator's Redis user on the managed Redis, refreshed (idempotent). Redis
+    away: logged, and the next round tries again (strict: raised)."""
+    spec = SpeculatorSpec.model_validate(body["spec"])
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+    if not access.managed or access.password is None:
+        return
+    try:
+        redis_access.provision(_admin(memo), namespace, name, access.password)
+    except loop.REDIS_ERRORS as error:
+        if strict:
+            raise
+        log.warning("%s/%s: cannot create its Redis user yet: %s", namespace, name, error)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=TICK_SECONDS)
@@ -194,16 +257,31 @@ def rollout(
     """One round every spec.rollout.intervalSeconds: children, policy, status."""
     if meta.get("deletionTimestamp"):
         return  # being deleted: nothing to re-apply or roll out
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
-    spec, errors = validation.checked_spec(body)  # the one parse of the spec this tick
+    spec, errors, reason = _refusal(body, memo)
     if spec is None or errors:
-        _write_status(patch, status, Observation(generation, spec_errors=errors))
+        refused = Observation(generation, spec_errors=errors, spec_error_reason=reason)
+        _write_status(patch, status, refused)
         return
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
         return
     memo.last_round = now
+    with memo.metrics.reconciling("rollout") as outcome:
+        seen = _round(body, meta, status, patch, memo, spec, generation, now)
+        if seen is None:
+            outcome.error = "KubernetesUnavailable"
+            return
+        outcome.error = seen.redis_error and "RedisUnavailable"
+        _write_status(patch, status, seen)
+
+
+def _round(
+    body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+    spec: SpeculatorSpec, generation: int, now: float,
+) -> Observation | None:  # fmt: skip
+    """Children, then the policy through Redis; None when the API server is away."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         servers, expected, apply_error = _reconcile_children(body, memo, force=False)
         pods = memo.cluster.server_pods(namespace, name)
@@ -211,18 +289,19 @@ def rollout(
         log.warning(
             "%s/%s: Kubernetes API unavailable this round: %s", namespace, name, api_message(error)
         )
-        return  # the next round tries again; nothing was changed
+        return None  # the next round tries again; nothing was changed
 
     observation = Observation(
         generation, expected_servers=expected, servers=servers, apply_error=apply_error,
-        rollout_enabled=spec.rollout.enabled,
+        rollout_enabled=spec.rollout.enabled, selector=selector_text(name, "server"),
     )  # fmt: skip
     override, override_error = events.parse_override(meta.get("annotations") or {})
     if override_error:
         kopf.warn(body, reason="InvalidOverride", message=override_error)
         patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None
     try:
-        client = _redis(memo, spec, namespace)
+        _provision(memo, body, strict=True)
+        client = _redis(memo, spec, namespace, name)
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
@@ -238,7 +317,7 @@ def rollout(
     else:
         if override is not None:
             patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None  # a one-shot command
-    _write_status(patch, status, observation)
+    return observation
 
 
 def _rollout_round(
@@ -250,12 +329,14 @@ def _rollout_round(
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
-    if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = loop.SampleWindow(size=policy.max_canary_samples)
+    if window is None or window.size != loop.window_size(policy):
+        window = memo.window = loop.SampleWindow(size=loop.window_size(policy))
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
-        measured = measure(window.samples(), state.stable_revision, None, policy)
+        measured = measure(
+            window.samples(), state.stable_revision, None, policy, since=state.window_since
+        )
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )
@@ -313,6 +394,13 @@ def _deletes_traces(spec: kopf.Spec, **_: Any) -> bool:
     return (spec.get("traces") or {}).get("deletionPolicy", "Delete") == DeletionPolicy.DELETE
 
 
+def _cleanup_refusal(body: Mapping[str, Any], memo: kopf.Memo) -> str | None:
+    try:
+        return validation.redis_refusal(body, memo.settings.redis)
+    except ValidationError as error:
+        return f"the spec is not valid ({error.error_count()} errors)"
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_traces)
 def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Remove the Speculator's Redis keys (traces hold user prompts). The writers go
@@ -340,9 +428,18 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
             "(they would write them again)",
             delay=5,
         )
+    if refused := _cleanup_refusal(body, memo):
+        kopf.warn(body, reason="RedisKeysLeft", message=f"Redis keys not deleted: {refused}")
+        memo.metrics.forget(namespace, name)
+        return  # never connect to a Redis the operator may not use
     try:
         spec = SpeculatorSpec.model_validate(body["spec"])
-        deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace), keys)
+        access = redis_access.plan(spec, namespace, name, memo.settings.redis)
+        if access.managed:  # its own user cannot SCAN: the admin deletes, then the user
+            deleted = loop.delete_speculator_keys(_admin(memo), keys)
+            redis_access.deprovision(_admin(memo), namespace, name)
+        else:
+            deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace, name), keys)
     except (*loop.REDIS_ERRORS, LookupError, ValidationError) as error:
         if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(

@@ -19,12 +19,15 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from aurora.operator.names import FIELD_MANAGER, SPECULATOR_LABEL
+from aurora.operator.redis_access import CREDENTIALS_LABEL
 
 APPLY = "application/apply-patch+yaml"
 
 _CHILD_VERBS = ("list", "create", "patch", "delete")  # server-side apply creates too
 # Every (apiGroup, resource, verb) the calls below need. manifests/base's ClusterRole
 # grants exactly these and kopf's own (handlers.KOPF_PERMISSIONS); a test checks both ways.
+# Secrets: create only (the managed Redis user's credentials), never get, list or patch:
+# the operator cannot read any Secret.
 PERMISSIONS = frozenset(
     {
         *(("apps", "deployments", verb) for verb in _CHILD_VERBS),
@@ -33,10 +36,18 @@ PERMISSIONS = frozenset(
             for resource in ("services", "configmaps", "persistentvolumeclaims")
             for verb in _CHILD_VERBS
         ),
+        *(("networking.k8s.io", "networkpolicies", verb) for verb in _CHILD_VERBS),
+        *(("policy", "poddisruptionbudgets", verb) for verb in _CHILD_VERBS),
         ("", "pods", "list"),
-        ("", "secrets", "get"),
+        ("", "secrets", "create"),
+        # The peering object replicas coordinate through (created at start, if missing).
+        ("kopf.dev", "clusterkopfpeerings", "create"),
     }
 )
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+# Only with Redis endpoints on AURORA_REDIS_ALLOWLIST that the operator does not manage:
+# reading a Speculator's passwordSecretRef (and only Secrets labelled CREDENTIALS_LABEL).
+EXTERNAL_REDIS_PERMISSIONS = frozenset({("", "secrets", "get")})
 
 
 def load_config() -> None:
@@ -71,12 +82,19 @@ class Cluster:
 
     core: client.CoreV1Api
     apps: client.AppsV1Api
+    networking: client.NetworkingV1Api
+    policy: client.PolicyV1Api
 
     @classmethod
     def connect(cls) -> Cluster:
         load_config()
         api = client.ApiClient()
-        return cls(core=client.CoreV1Api(api), apps=client.AppsV1Api(api))
+        return cls(
+            core=client.CoreV1Api(api),
+            apps=client.AppsV1Api(api),
+            networking=client.NetworkingV1Api(api),
+            policy=client.PolicyV1Api(api),
+        )
 
     def _patchers(self) -> dict[str, Callable[..., Any]]:
         return {
@@ -84,7 +102,25 @@ class Cluster:
             "Service": self.core.patch_namespaced_service,
             "ConfigMap": self.core.patch_namespaced_config_map,
             "PersistentVolumeClaim": self.core.patch_namespaced_persistent_volume_claim,
+            "NetworkPolicy": self.networking.patch_namespaced_network_policy,
+            "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
         }
+
+    def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create a Secret once (never read or overwritten: the operator has no get or
+        patch on Secrets). Returns False when it already exists."""
+        if obj["kind"] != "Secret":
+            raise ValueError(f"create is for Secrets; apply a {obj['kind']}")
+        try:
+            self.core.create_namespaced_secret(
+                obj["metadata"]["namespace"], dict(obj),  # type: ignore[arg-type]  # a plain dict goes as is
+                field_manager=FIELD_MANAGER, _preload_content=False,
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply one child; returns the object as stored."""
@@ -101,12 +137,37 @@ class Cluster:
         )
         return _json(response)
 
+    def ensure_peering(self, name: str, namespace: str | None = None) -> bool:
+        """The kopf peering object replicas coordinate through (ClusterKopfPeering, or a
+        KopfPeering in `namespace`): kopf never creates it and would wait for it forever.
+        Returns False when it existed."""
+        api = client.CustomObjectsApi(self.core.api_client)
+        kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
+        body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": kind,
+                "metadata": {"name": name}}  # fmt: skip
+        try:
+            if namespace is None:
+                api.create_cluster_custom_object(
+                    PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", body
+                )
+            else:
+                api.create_namespaced_custom_object(
+                    PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", body
+                )
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
     def delete(self, namespace: str, kind: str, name: str) -> None:
         deleters: dict[str, Callable[..., Any]] = {
             "Deployment": self.apps.delete_namespaced_deployment,
             "Service": self.core.delete_namespaced_service,
             "ConfigMap": self.core.delete_namespaced_config_map,
             "PersistentVolumeClaim": self.core.delete_namespaced_persistent_volume_claim,
+            "NetworkPolicy": self.networking.delete_namespaced_network_policy,
+            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
         }
         try:
             deleters[kind](name, namespace, propagation_policy="Background", _preload_content=False)
@@ -139,6 +200,15 @@ class Cluster:
                 namespace,
                 selector,
             ),
+            *self._list(
+                self.networking.list_namespaced_network_policy, "NetworkPolicy", namespace, selector
+            ),
+            *self._list(
+                self.policy.list_namespaced_pod_disruption_budget,
+                "PodDisruptionBudget",
+                namespace,
+                selector,
+            ),
         ]
 
     def pods(self, namespace: str, name: str) -> list[str]:
@@ -156,7 +226,8 @@ class Cluster:
         )
 
     def secret_value(self, namespace: str, name: str, key: str) -> str:
-        """One key of a Secret, decoded. Raises LookupError naming what is missing."""
+        """One key of a Secret meant for Aurora (labelled CREDENTIALS_LABEL: "true"),
+        decoded. Raises LookupError naming what is missing or why it may not be used."""
         try:
             secret = _json(
                 self.core.read_namespaced_secret(name, namespace, _preload_content=False)
@@ -165,6 +236,12 @@ class Cluster:
             if error.status == 404:
                 raise LookupError(f"Secret {namespace}/{name} does not exist") from None
             raise
+        labels = (secret.get("metadata") or {}).get("labels") or {}
+        if labels.get(CREDENTIALS_LABEL) != "true":
+            raise LookupError(
+                f"Secret {namespace}/{name} lacks the label {CREDENTIALS_LABEL}=true, so the "
+                f"operator will not use it: `kubectl label secret {name} {CREDENTIALS_LABEL}=true`"
+            )
         data = secret.get("data") or {}
         if key not in data:
             raise LookupError(f"Secret {namespace}/{name} has no key {key!r}")

@@ -1,16 +1,27 @@
 """The operator's Prometheus metrics: what the rollout policy measured and decided,
-per Speculator. Served on the operator's metrics port (`aurora operator --metrics-port`)."""
+per Speculator, and how its reconciles go (duration, errors, by handler). Served on
+the operator's metrics port (`aurora operator --metrics-port`)."""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from aurora.runtime.rollout import Decision, EventAction
 
 COMPARISONS = ("candidate_vs_stable", "stable_vs_baseline")
+
+
+@dataclass
+class Outcome:
+    """What a handler says about its run: None, or the reason it failed."""
+
+    error: str | None = None
 
 
 class OperatorMetrics:
@@ -40,6 +51,36 @@ class OperatorMetrics:
             ["namespace", "speculator"],
             registry=self.registry,
         )
+
+        self.reconcile_duration = Histogram(
+            "aurora_operator_reconcile_duration_seconds",
+            "How long a handler run took (reconcile: spec changes; rollout: a timer round)",
+            ["handler"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "aurora_operator_reconcile_errors",
+            "Handler runs that failed, by reason (InvalidSpec, RedisNotAllowed, ApplyFailed, "
+            "RedisUnavailable, KubernetesUnavailable, or the exception's type)",
+            ["handler", "reason"],
+            registry=self.registry,
+        )
+
+    @contextlib.contextmanager
+    def reconciling(self, handler: str) -> Iterator[Outcome]:
+        """Time a handler run and count it as failed when it raises or sets
+        `outcome.error`."""
+        outcome, started = Outcome(), time.perf_counter()
+        try:
+            yield outcome
+        except Exception as error:
+            outcome.error = outcome.error or type(error).__name__
+            raise
+        finally:
+            self.reconcile_duration.labels(handler).observe(time.perf_counter() - started)
+            if outcome.error:
+                self.reconcile_errors.labels(handler, outcome.error).inc()
 
     def record(self, namespace: str, name: str, decision: Decision, trace_lag: int) -> None:
         m = decision.measurement

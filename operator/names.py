@@ -11,8 +11,10 @@ from aurora.operator.spec import API_VERSION, KIND
 
 SERVER_PORT = 8000
 TRAINER_METRICS_PORT = 9100
+CHECKPOINTS_PORT = 9200  # the trainer serves its checkpoints here (storage.mode Fetch)
 CHECKPOINT_DIR = "/checkpoints"
 CONFIG_DIR = "/etc/aurora"
+REDIS_CA_DIR = "/etc/aurora-redis-ca"
 RUN_AS_USER = 10001
 FIELD_MANAGER = "aurora-operator"
 SPECULATOR_LABEL = "aurora.dev/speculator"
@@ -86,3 +88,13 @@ def object_metadata(
     if owner is not None:
         metadata["ownerReferences"] = [owner]
     return metadata
+
+
+def selector_text(name: str, component: str) -> str:
+    """`selector` as a label-selector string (status.selector, for autoscalers)."""
+    return ",".join(f"{key}={value}" for key, value in selector(name, component).items())
+
+
+def trainer_url(namespace: str, name: str) -> str:
+    """Where servers fetch revisions: the trainer's Service, stable across restarts."""
+    return f"http://{ChildNames.of(name).trainer_service}.{namespace}.svc:{CHECKPOINTS_PORT}"

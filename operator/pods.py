@@ -1,18 +1,32 @@
 """The Deployments that run a Speculator's pods: the servers (stable and, for SGLang,
 canary) and the trainer, with their containers, environment, volumes, probes,
-resources and security contexts. Pure: spec in, Deployment dicts out."""
+resources, security contexts and scheduling, and the servers' PodDisruptionBudget.
+Pure: spec in, Kubernetes object dicts out.
+
+Volumes: /tmp, /cache and /dev/shm are bounded emptyDirs. With storage.mode Fetch only
+the trainer mounts the checkpoint volume; each server downloads revisions into its own
+bounded /checkpoints emptyDir, so servers and trainer can run on any nodes. With
+storage.mode SharedVolume the servers mount the trainer's volume read-only. A
+draft.fetch adds an init step that downloads the day-0 draft into /drafts."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from aurora.operator.commands import server_command, sglang_server_command, trainer_command
+from aurora.operator.commands import (
+    fetch_draft_command,
+    server_command,
+    sglang_server_command,
+    trainer_command,
+)
 from aurora.operator.names import (
     CANARY,
     CHECKPOINT_DIR,
+    CHECKPOINTS_PORT,
     CONFIG_DIR,
     GPU_RESOURCE,
+    REDIS_CA_DIR,
     RUN_AS_USER,
     SERVER_PORT,
     TRAINER_METRICS_PORT,
@@ -21,8 +35,17 @@ from aurora.operator.names import (
     object_metadata,
     selector,
 )
+from aurora.operator.redis_access import RedisAccess
 from aurora.operator.settings import Images
-from aurora.operator.spec import EngineKind, Resources, SpeculatorSpec
+from aurora.operator.spec import (
+    DRAFTS_DIR,
+    HOSTNAME_LABEL,
+    EngineKind,
+    PodOptions,
+    Resources,
+    RevisionSharing,
+    SpeculatorSpec,
+)
 
 # Used when a section's `resources` is left empty, so no pod runs as BestEffort.
 DEFAULT_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
@@ -30,6 +53,18 @@ DEFAULT_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
     "server-sglang": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "32Gi"}},
     "trainer": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"memory": "6Gi"}},
 }
+# sizeLimits of the emptyDirs when a section leaves them unset: a pod that fills one is
+# evicted instead of filling the node's disk or memory. An SGLang server downloads its
+# target (~16 GB for an 8B model) into /cache.
+DEFAULT_CACHE_SIZE = {"server-sglang": "20Gi", "server-torch": "8Gi", "trainer": "8Gi"}
+DEFAULT_SHM_SIZE = "16Gi"
+TMP_SIZE = "2Gi"
+# Volume names and mount paths the operator uses; a section's own volumes must differ.
+RESERVED_VOLUMES = frozenset(
+    {"checkpoints", "config", "tmp", "cache", "dshm", "drafts", "redis-ca"}
+)
+RESERVED_PATHS = frozenset({CHECKPOINT_DIR, CONFIG_DIR, "/tmp", "/cache", "/dev/shm", DRAFTS_DIR,
+                            REDIS_CA_DIR})  # fmt: skip
 
 
 def canary_replicas(spec: SpeculatorSpec) -> int:
@@ -73,20 +108,28 @@ _POD_SECURITY = {
     "fsGroupChangePolicy": "OnRootMismatch",
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+_INIT_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
 
-def _env(spec: SpeculatorSpec, namespace: str, name: str, role: str | None) -> list[dict[str, Any]]:
+def _redis_env(spec: SpeculatorSpec, redis: RedisAccess) -> list[dict[str, Any]]:
+    """The Redis URL and, from a Secret only (never a value), its password."""
+    env: list[dict[str, Any]] = [{"name": "AURORA_REDIS_URL", "value": redis.url}]
+    if redis.secret_name is not None:
+        ref = {"name": redis.secret_name, "key": redis.secret_key}
+        env.append({"name": "AURORA_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": ref}})
+    if ca := spec.traces.ca_config_map_ref:
+        env.append({"name": "AURORA_REDIS_CA_FILE", "value": f"{REDIS_CA_DIR}/{ca.key}"})
+    return env
+
+
+def _env(
+    spec: SpeculatorSpec, namespace: str, name: str, role: str | None, redis: RedisAccess,
+    options: PodOptions,
+) -> list[dict[str, Any]]:  # fmt: skip
     env: list[dict[str, Any]] = [
         {"name": "AURORA_SPECULATOR", "value": f"{namespace}/{name}"},
-        {"name": "AURORA_REDIS_URL", "value": spec.traces.redis_url},
+        *_redis_env(spec, redis),
     ]
-    if ref := spec.traces.password_secret_ref:
-        env.append(
-            {
-                "name": "AURORA_REDIS_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
     if role:
         env.append({"name": "AURORA_SERVER_ROLE", "value": role})
     env += [
@@ -100,23 +143,49 @@ def _env(spec: SpeculatorSpec, namespace: str, name: str, role: str | None) -> l
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    return env
+    # The section's own variables (validation keeps them off the AURORA_ names).
+    return env + [var.to_api() for var in options.env]
 
 
-def _volumes(spec: SpeculatorSpec, names: ChildNames, shm: bool) -> list[dict[str, Any]]:
-    claim = spec.storage.existing_claim or names.checkpoints
+def _loads_initial_draft(spec: SpeculatorSpec, component: str) -> bool:
+    """Does this pod read the day-0 draft? Servers always; the trainer when it starts
+    from it (the torch engine's checkpoint format)."""
+    if spec.draft.fetch is None:
+        return False
+    return component == "server" or spec.engine.kind == EngineKind.TORCH
+
+
+def _volumes(
+    spec: SpeculatorSpec, names: ChildNames, component: str, cache_key: str, shm: bool
+) -> list[dict[str, Any]]:
+    options: PodOptions = spec.engine if component == "server" else spec.training
+    if component == "server" and spec.storage.mode == RevisionSharing.FETCH:
+        # The server's own copy of the revisions it fetched from the trainer.
+        checkpoints: dict[str, Any] = {"emptyDir": {"sizeLimit": spec.storage.size}}
+    else:
+        claim = spec.storage.existing_claim or names.checkpoints
+        checkpoints = {"persistentVolumeClaim": {"claimName": claim}}
+    cache = options.cache_size or DEFAULT_CACHE_SIZE[cache_key]
     volumes: list[dict[str, Any]] = [
-        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
+        {"name": "checkpoints", **checkpoints},
         {"name": "config", "configMap": {"name": names.config}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+        {"name": "cache", "emptyDir": {"sizeLimit": cache}},
     ]
     if shm:  # NCCL and SGLang's workers share tensors through /dev/shm
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-    return volumes
+        size = spec.engine.shm_size or DEFAULT_SHM_SIZE
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}})
+    if _loads_initial_draft(spec, component) and spec.draft.fetch is not None:
+        volumes.append({"name": "drafts", "emptyDir": {"sizeLimit": spec.draft.fetch.size_limit}})
+    if ca := spec.traces.ca_config_map_ref:
+        volumes.append({"name": "redis-ca", "configMap": {"name": ca.name}})
+    return volumes + [dict(volume) for volume in options.volumes]
 
 
-def _mounts(checkpoints_read_only: bool, shm: bool) -> list[dict[str, Any]]:
+def _mounts(
+    spec: SpeculatorSpec, component: str, checkpoints_read_only: bool, shm: bool
+) -> list[dict[str, Any]]:
+    options: PodOptions = spec.engine if component == "server" else spec.training
     mounts: list[dict[str, Any]] = [
         {"name": "checkpoints", "mountPath": CHECKPOINT_DIR, "readOnly": checkpoints_read_only},
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -125,7 +194,32 @@ def _mounts(checkpoints_read_only: bool, shm: bool) -> list[dict[str, Any]]:
     ]
     if shm:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    return mounts
+    if _loads_initial_draft(spec, component):
+        mounts.append({"name": "drafts", "mountPath": DRAFTS_DIR, "readOnly": True})
+    if spec.traces.ca_config_map_ref:
+        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
+    return mounts + [mount.to_api() for mount in options.volume_mounts]
+
+
+def _init_containers(spec: SpeculatorSpec, component: str, image: str, pull: str) -> list[Any]:
+    """The day-0 draft's download, in the pod's own image (it has `aurora`)."""
+    if not _loads_initial_draft(spec, component):
+        return []
+    return [
+        {
+            "name": "fetch-draft",
+            "image": image,
+            "imagePullPolicy": pull,
+            "command": fetch_draft_command(spec),
+            "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
+            "resources": _INIT_RESOURCES,
+            "securityContext": _CONTAINER_SECURITY,
+            "volumeMounts": [
+                {"name": "drafts", "mountPath": DRAFTS_DIR},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }
+    ]
 
 
 def _http_probe(
@@ -139,9 +233,20 @@ def _http_probe(
     }
 
 
+def default_spread(name: str) -> list[dict[str, Any]]:
+    """Servers spread over nodes and zones where they can (never unschedulable for it)."""
+    pods = {"matchLabels": selector(name, "server")}
+    return [
+        {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": pods}
+        for key in (HOSTNAME_LABEL, "topology.kubernetes.io/zone")
+    ]  # fmt: skip
+
+
 def _pod_spec(
-    spec: SpeculatorSpec, containers: list[dict[str, Any]], volumes: list[dict[str, Any]]
-) -> dict[str, Any]:
+    spec: SpeculatorSpec, options: PodOptions, containers: list[dict[str, Any]],
+    init: list[dict[str, Any]], volumes: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # children never call the Kubernetes API
         "enableServiceLinks": False,
@@ -150,49 +255,76 @@ def _pod_spec(
         "containers": containers,
         "volumes": volumes,
     }
-    if spec.engine.node_selector:
-        pod["nodeSelector"] = dict(spec.engine.node_selector)
-    if spec.engine.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.engine.tolerations]
+    if init:
+        pod["initContainers"] = init
+    if options.node_selector:
+        pod["nodeSelector"] = dict(options.node_selector)
+    if options.tolerations:
+        pod["tolerations"] = [dict(t) for t in options.tolerations]
+    if options.affinity:
+        pod["affinity"] = dict(options.affinity)
+    if options.priority_class_name:
+        pod["priorityClassName"] = options.priority_class_name
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
     return pod
 
 
+def _template_metadata(options: PodOptions, own: dict[str, str]) -> dict[str, Any]:
+    """The pod template's labels (the section's, then Aurora's, which win: selectors,
+    Services and NetworkPolicies rely on them) and annotations."""
+    metadata: dict[str, Any] = {"labels": {**options.pod_labels, **own}}
+    if options.pod_annotations:
+        metadata["annotations"] = dict(options.pod_annotations)
+    return metadata
+
+
 def server_deployment(
     spec: SpeculatorSpec, namespace: str, name: str, role: str, replicas: int,
-    owner: dict[str, Any], images: Images,
+    owner: dict[str, Any], images: Images, redis: RedisAccess,
 ) -> dict[str, Any]:  # fmt: skip
     names = ChildNames.of(name)
-    sglang = spec.engine.kind == EngineKind.SGLANG
+    engine = spec.engine
+    sglang = engine.kind == EngineKind.SGLANG
     if sglang:
         command = sglang_server_command(spec)
-        image = spec.engine.image or images.sglang
+        image = engine.image or images.sglang
         # Loading a large target and capturing CUDA graphs takes minutes.
         startup = _http_probe("/health", "http", period=10, failures=180)
         readiness = _http_probe("/health", "http", period=5, failures=3)
     else:
         command = server_command(spec, namespace, name)
-        image = spec.engine.image or images.torch(spec.engine.gpus)
+        image = engine.image or images.torch(engine.gpus)
         startup = _http_probe("/health", "http", period=5, failures=120)
         readiness = _http_probe("/ready", "http", period=5, failures=3, timeout=3)
-    container = {
+    kind = "server-sglang" if sglang else "server-torch"
+    # Servers only read a shared volume (the trainer is its one writer); with Fetch
+    # they write the revisions they download into their own.
+    read_only = spec.storage.mode == RevisionSharing.SHARED_VOLUME
+    container: dict[str, Any] = {
         "name": "server",
         "image": image,
         "imagePullPolicy": images.pull_policy,
         "command": command,
-        "env": _env(spec, namespace, name, role),
+        "env": _env(spec, namespace, name, role, redis, engine),
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "startupProbe": startup,
         "readinessProbe": readiness,
         "livenessProbe": _http_probe("/health", "http", period=10, failures=6),
-        "resources": _resources(
-            spec.engine.resources, "server-sglang" if sglang else "server-torch", spec.engine.gpus
-        ),
+        "resources": _resources(engine.resources, kind, engine.gpus),
         "securityContext": _CONTAINER_SECURITY,
-        # Servers only read checkpoints; the trainer is the one writer.
-        "volumeMounts": _mounts(checkpoints_read_only=True, shm=sglang),
+        "volumeMounts": _mounts(spec, "server", checkpoints_read_only=read_only, shm=sglang),
     }
+    if engine.env_from:
+        container["envFrom"] = [dict(source) for source in engine.env_from]
+    pod = _pod_spec(
+        spec, engine, [container],
+        _init_containers(spec, "server", image, images.pull_policy),
+        _volumes(spec, names, "server", kind, shm=sglang),
+    )  # fmt: skip
+    pod["topologySpreadConstraints"] = [
+        dict(c) for c in engine.topology_spread_constraints
+    ] or default_spread(name)
     deployment_name = names.canary if role == CANARY else names.server
     return {
         "apiVersion": "apps/v1",
@@ -211,43 +343,70 @@ def server_deployment(
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
             "template": {
-                "metadata": {"labels": labels(name, "server", role)},
-                "spec": _pod_spec(spec, [container], _volumes(spec, names, shm=sglang)),
+                "metadata": _template_metadata(engine, labels(name, "server", role)),
+                "spec": pod,
             },
         },
     }
 
 
 def trainer_deployment(
-    spec: SpeculatorSpec, namespace: str, name: str, owner: dict[str, Any], images: Images
-) -> dict[str, Any]:
+    spec: SpeculatorSpec, namespace: str, name: str, owner: dict[str, Any], images: Images,
+    redis: RedisAccess,
+) -> dict[str, Any]:  # fmt: skip
     names = ChildNames.of(name)
-    container = {
+    training = spec.training
+    image = training.image or images.torch(training.gpus)
+    ports = [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}]
+    if spec.storage.mode == RevisionSharing.FETCH:
+        ports.append({"name": "checkpoints", "containerPort": CHECKPOINTS_PORT, "protocol": "TCP"})
+    container: dict[str, Any] = {
         "name": "trainer",
-        "image": spec.training.image or images.torch(spec.training.gpus),
+        "image": image,
         "imagePullPolicy": images.pull_policy,
         "command": trainer_command(spec, namespace, name),
-        "env": _env(spec, namespace, name, None),
-        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
+        "env": _env(spec, namespace, name, None, redis, training),
+        "ports": ports,
         "startupProbe": _http_probe("/metrics", "metrics", period=5, failures=120),
         "livenessProbe": _http_probe("/metrics", "metrics", period=15, failures=4),
-        "resources": _resources(spec.training.resources, "trainer", spec.training.gpus),
+        "resources": _resources(training.resources, "trainer", training.gpus),
         "securityContext": _CONTAINER_SECURITY,
-        "volumeMounts": _mounts(checkpoints_read_only=False, shm=False),
+        "volumeMounts": _mounts(spec, "trainer", checkpoints_read_only=False, shm=False),
     }
+    if training.env_from:
+        container["envFrom"] = [dict(source) for source in training.env_from]
+    pod = _pod_spec(
+        spec, training, [container],
+        _init_containers(spec, "trainer", image, images.pull_policy),
+        _volumes(spec, names, "trainer", "trainer", shm=False),
+    )  # fmt: skip
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": object_metadata(names.trainer, namespace, labels(name, "trainer"), owner),
         "spec": {
-            "replicas": 1 if spec.training.enabled else 0,
+            "replicas": 1 if training.enabled else 0,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector(name, "trainer")},
-            # One writer on the checkpoint volume (ReadWriteOnce may pin it to one node).
+            # One writer on the checkpoint volume, which a ReadWriteOnce claim attaches to
+            # one node at a time: the old pod goes before the new one starts.
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": {"labels": labels(name, "trainer")},
-                "spec": _pod_spec(spec, [container], _volumes(spec, names, shm=False)),
+                "metadata": _template_metadata(training, labels(name, "trainer")),
+                "spec": pod,
             },
         },
+    }
+
+
+def disruption_budget(name: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """At most one server down at a time for a voluntary disruption (a node drain),
+    over both server Deployments (stable and canary)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_metadata(
+            ChildNames.of(name).server, namespace, labels(name, "server"), owner
+        ),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name, "server")}},
     }

@@ -151,6 +151,11 @@ class SecretKeyRef(ApiModel):
     key: str = Field("password", min_length=1, description="Key in the Secret.")
 
 
+class ConfigMapKeyRef(ApiModel):
+    name: DnsSubdomain = Field(description="ConfigMap in the Speculator's namespace.")
+    key: str = Field("ca.crt", min_length=1, description="Key in the ConfigMap.")
+
+
 class LocalObjectReference(ApiModel):
     name: DnsSubdomain
 
@@ -164,6 +169,63 @@ class TargetSpec(ApiModel):
     )
     served_name: str | None = Field(
         None, max_length=256, description="Model name clients use; defaults to `model`."
+    )
+
+
+EnvName = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)]
+# Environment variables the operator sets itself; a user's env may not replace them.
+RESERVED_ENV_PREFIX = "AURORA_"
+
+
+class EnvVar(ApiModel):
+    """A container environment variable (corev1 EnvVar): a value, or `valueFrom` a
+    Secret, ConfigMap or field reference, e.g. HF_TOKEN from a Secret."""
+
+    name: EnvName
+    value: str | None = Field(None, max_length=32768)
+    value_from: OpaqueObject | None = None
+
+
+class VolumeMount(ApiModel):
+    """Where one of the section's `volumes` is mounted in the container."""
+
+    name: DnsLabel
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/.*", max_length=1024)]
+    read_only: bool = False
+    sub_path: str | None = Field(None, max_length=1024)
+
+
+class PodOptions(ApiModel):
+    """The pod template's scheduling and customisation, one set per section: the servers
+    (spec.engine) and the trainer (spec.training) are scheduled independently."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[OpaqueObject] = Field(default_factory=list, max_length=64)
+    affinity: OpaqueObject | None = Field(
+        None, description="corev1 Affinity: node affinity, pod (anti-)affinity."
+    )
+    priority_class_name: str | None = Field(None, max_length=253)
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra environment variables (names starting AURORA_ are reserved), e.g. "
+        "HF_TOKEN from a Secret for a gated model.",
+    )
+    env_from: list[OpaqueObject] = Field(
+        default_factory=list, max_length=32, description="corev1 EnvFromSource list."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Added to the pods (Aurora's own labels win)."
+    )
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    volumes: list[OpaqueObject] = Field(
+        default_factory=list, max_length=32, description="Extra corev1 Volumes."
+    )
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=32)
+    cache_size: Quantity | None = Field(
+        None,
+        description="sizeLimit of the /cache emptyDir (model downloads, compiler caches); "
+        "defaults to 20Gi for sglang servers and 8Gi otherwise.",
     )
 
 
@@ -202,7 +264,7 @@ ENGINE_RULES = (
 )
 
 
-class EngineSpec(ApiModel):
+class EngineSpec(PodOptions):
     model_config = ConfigDict(json_schema_extra=_rules_schema(ENGINE_RULES))
 
     kind: EngineKind = Field(
@@ -232,8 +294,17 @@ class EngineSpec(ApiModel):
     extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="Appended to the server command line."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[OpaqueObject] = Field(default_factory=list, max_length=64)
+    shm_size: Quantity | None = Field(
+        None,
+        description="sizeLimit of the in-memory /dev/shm (sglang only; NCCL and SGLang's "
+        "workers share tensors through it); defaults to 16Gi.",
+    )
+    topology_spread_constraints: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=8,
+        description="corev1 TopologySpreadConstraints for the servers; by default they "
+        "spread over nodes and zones (ScheduleAnyway).",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> EngineSpec:
@@ -250,7 +321,36 @@ class EngineSpec(ApiModel):
         return "cuda" if self.gpus > 0 else "cpu"
 
 
+# Where the init step puts a fetched day-0 draft in every pod that loads it.
+DRAFTS_DIR: Final = "/drafts"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class DraftFetch(ApiModel):
+    """A day-0 draft downloaded by an init step the operator adds to each pod that
+    loads it: the file at `url` (a .tar, .tar.gz or .tgz archive is unpacked), checked
+    against `sha256` before anything reads it."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    sha256: Annotated[str, StringConstraints(pattern=SHA256_PATTERN)] = Field(
+        description="sha256 of the file at url (hex); a download that differs is refused."
+    )
+    size_limit: Quantity = Field("20Gi", description="sizeLimit of the /drafts emptyDir.")
+
+
+DRAFT_RULES = (
+    Rule(
+        f"!has(self.fetch) || self.initial.startsWith('{DRAFTS_DIR}/')",
+        f"draft.fetch puts the day-0 draft under {DRAFTS_DIR}/: set draft.initial to the "
+        f"path inside it, e.g. {DRAFTS_DIR}/eagle3 for an archive holding eagle3/",
+        lambda d: d.fetch is None or d.initial.startswith(f"{DRAFTS_DIR}/"),
+    ),
+)
+
+
 class DraftSpec(ApiModel):
+    model_config = ConfigDict(json_schema_extra=_rules_schema(DRAFT_RULES))
+
     initial: Annotated[
         str,
         StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
@@ -259,9 +359,18 @@ class DraftSpec(ApiModel):
         description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
         "traffic; engine.kind sglang serves without speculation until the rollout "
         "promotes a learned draft), ngram (model-free prompt lookup), or an absolute path "
-        "to a draft checkpoint in the image or on the checkpoint volume (for engine.kind "
-        "sglang: a directory written by `aurora export --to sglang`).",
+        "to a draft checkpoint: baked into the image, fetched by draft.fetch (under "
+        "/drafts/), or on a shared checkpoint volume (for engine.kind sglang: a directory "
+        "written by `aurora export --to sglang`).",
     )
+    fetch: DraftFetch | None = Field(
+        None, description="Download the day-0 draft in an init step (no volume to fill by hand)."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> DraftSpec:
+        _check_rules(self, DRAFT_RULES)
+        return self
 
 
 class TracesSpec(ApiModel):
@@ -270,7 +379,17 @@ class TracesSpec(ApiModel):
         description="Redis for traces, statistics and revisions (no password in the URL: "
         "use passwordSecretRef).",
     )
-    password_secret_ref: SecretKeyRef | None = None
+    password_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Only for a Redis the operator's allowlist names but does not manage; "
+        'the Secret must carry the label aurora.dev/redis-credentials: "true". On the '
+        "operator's managed Redis each Speculator gets its own Redis user instead.",
+    )
+    ca_config_map_ref: ConfigMapKeyRef | None = Field(
+        None,
+        description="CA bundle for a rediss:// URL whose server certificate a private CA "
+        "signed (a ConfigMap in this namespace).",
+    )
     sample_rate: Fraction = Field("1", description="Share of finished requests traced, 0 to 1.")
     max_length: int = Field(
         100_000, ge=100, le=100_000_000, description="Trace stream MAXLEN (retention by count)."
@@ -282,7 +401,7 @@ class TracesSpec(ApiModel):
     )
 
 
-class TrainingSpec(ApiModel):
+class TrainingSpec(PodOptions):
     enabled: bool = True
     image: str | None = Field(
         None,
@@ -300,6 +419,9 @@ class TrainingSpec(ApiModel):
     sync_every_traces: int = Field(
         200, ge=1, le=10_000_000, description="Publish a candidate every this many traces."
     )
+    extra_args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Appended to the trainer command line."
+    )
 
 
 class RolloutSpec(RolloutPolicy):
@@ -311,12 +433,43 @@ class RolloutSpec(RolloutPolicy):
     interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
 
 
+class RevisionSharing(StrEnum):
+    FETCH = "Fetch"
+    SHARED_VOLUME = "SharedVolume"
+
+
+STORAGE_RULES = (
+    Rule(
+        "self.mode != 'SharedVolume' || self.accessMode != 'ReadWriteOncePod'",
+        "storage.accessMode ReadWriteOncePod lets a single pod mount the volume, but with "
+        "storage.mode SharedVolume the servers and the trainer all mount it: use "
+        "ReadWriteMany, or storage.mode Fetch (the default: servers fetch revisions over HTTP)",
+        lambda st: st.mode != RevisionSharing.SHARED_VOLUME or st.access_mode != "ReadWriteOncePod",
+    ),
+)
+
+
 class StorageSpec(ApiModel):
+    """Where revisions live. Fetch (the default): the trainer keeps them on its own volume
+    and serves them over HTTP; each server downloads a revision, checks its sha256 and
+    loads it, so servers and trainer can run on any nodes. SharedVolume: one volume that
+    the trainer writes and every server mounts read-only (ReadWriteMany, or
+    ReadWriteOnce with every pod pinned to one node)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules_schema(STORAGE_RULES))
+
+    mode: RevisionSharing = Field(
+        RevisionSharing.FETCH,
+        description="Fetch: servers download revisions from the trainer (no shared volume). "
+        "SharedVolume: servers mount the trainer's volume.",
+    )
     size: Quantity = "10Gi"
     storage_class_name: str | None = Field(None, max_length=253)
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
         "ReadWriteOnce",
-        description="ReadWriteMany when servers and trainer may land on different nodes.",
+        description="With mode Fetch only the trainer mounts the volume, so ReadWriteOnce "
+        "works on any cluster. With mode SharedVolume: ReadWriteMany when servers and trainer "
+        "may land on different nodes.",
     )
     existing_claim: DnsSubdomain | None = Field(
         None, description="Use this PVC instead of creating one (never deleted by Aurora)."
@@ -326,11 +479,58 @@ class StorageSpec(ApiModel):
         description="Delete: the checkpoint PVC is owned by the Speculator and goes with it.",
     )
 
+    @model_validator(mode="after")
+    def _rules(self) -> StorageSpec:
+        _check_rules(self, STORAGE_RULES)
+        return self
 
-# Rules across sections. (engine.kind sglang with draft.initial scratch is valid: SGLang
-# starts without speculation and restarts into the first learned draft, see
-# aurora.runtime.sglang.serve.)
-SPEC_RULES: tuple[Rule, ...] = ()
+
+class NetworkSpec(ApiModel):
+    """The NetworkPolicies the operator creates for this Speculator's pods: servers take
+    requests on their port, the trainer's checkpoints reach only this Speculator's
+    servers, and pods may reach DNS, Redis and nothing else unless `extraEgress` says so."""
+
+    policies: bool = Field(True, description="false: create no NetworkPolicies (manage your own).")
+    ingress_from: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=32,
+        description="corev1 NetworkPolicyPeers allowed to reach the servers' port; empty: "
+        "any client.",
+    )
+    extra_egress: list[OpaqueObject] = Field(
+        default_factory=list,
+        max_length=32,
+        description="NetworkPolicyEgressRules added for servers and trainer, e.g. port 443 "
+        "to download a model from the Hugging Face hub.",
+    )
+
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+SPEC_RULES = (
+    Rule(
+        "self.storage.mode != 'SharedVolume' || self.storage.accessMode != 'ReadWriteOnce' || "
+        f"('{HOSTNAME_LABEL}' in self.engine.nodeSelector && "
+        f"'{HOSTNAME_LABEL}' in self.training.nodeSelector && "
+        f"self.engine.nodeSelector['{HOSTNAME_LABEL}'] == "
+        f"self.training.nodeSelector['{HOSTNAME_LABEL}'])",
+        "storage.mode SharedVolume with accessMode ReadWriteOnce fails with a Multi-Attach "
+        "error once servers and trainer land on different nodes: use storage.mode Fetch (the "
+        "default), accessMode ReadWriteMany, or pin engine and training to one node with "
+        f"nodeSelector {HOSTNAME_LABEL}",
+        lambda s: (
+            s.storage.mode != RevisionSharing.SHARED_VOLUME
+            or s.storage.access_mode != "ReadWriteOnce"
+            or (
+                HOSTNAME_LABEL in s.engine.node_selector
+                and s.engine.node_selector.get(HOSTNAME_LABEL)
+                == s.training.node_selector.get(HOSTNAME_LABEL)
+            )
+        ),
+    ),
+)
+# (engine.kind sglang with draft.initial scratch is valid: SGLang starts without
+# speculation and restarts into the first learned draft, see aurora.runtime.sglang.serve.)
 
 
 class SpeculatorSpec(ApiModel):
@@ -345,6 +545,7 @@ class SpeculatorSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=_defaults(TrainingSpec))
     rollout: RolloutSpec = Field(default_factory=_defaults(RolloutSpec))
     storage: StorageSpec = Field(default_factory=_defaults(StorageSpec))
+    network: NetworkSpec = Field(default_factory=_defaults(NetworkSpec))
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
 
     @model_validator(mode="after")
@@ -368,18 +569,24 @@ class Condition(ApiModel):
 
 
 class MeasurementStatus(ApiModel):
-    """Figures measured on live traffic (decimal strings) with the samples behind them.
-    `speedup` is what speculation buys now: the active revision against requests served
-    without speculation. `candidateSpeedup` is the canary against the active revision,
-    with its one-sided bounds at `confidence`."""
+    """Figures measured on live traffic (decimal strings) with the samples behind them,
+    all over one comparison window (`windowSince`) for every arm. Throughput is
+    time-weighted (total decode tokens over total decode seconds). `speedup` is what
+    speculation buys now: the active revision against requests served without
+    speculation. `candidateSpeedup` is the canary against the active revision. Bounds are
+    one-sided confidence-sequence bounds at `confidence`, valid at every round."""
 
     accept_length: str | None = Field(
         None, description="Active revision: mean accepted tokens per verify step."
     )
     speedup: str | None = Field(
-        None, description="Active revision vs no speculation, decode tokens/s."
+        None, description="Active revision vs no speculation, time-weighted decode tokens/s."
     )
-    tokens_per_second: str | None = Field(None, description="Active revision, mean per request.")
+    speedup_lower: str | None = None
+    speedup_upper: str | None = None
+    tokens_per_second: str | None = Field(
+        None, description="Active revision: decode tokens over decode seconds in the window."
+    )
     samples: int | None = Field(
         None, ge=0, description="Requests behind the active revision's figures."
     )
@@ -394,6 +601,15 @@ class MeasurementStatus(ApiModel):
     confidence: str | None = None
     stable_regressed: bool | None = Field(
         None, description="Active revision slower than no speculation."
+    )
+    window_since: str | None = Field(
+        None,
+        json_schema_extra={"format": "date-time"},
+        description="Requests since then count, for every arm: the last change of what is "
+        "served, or the last traffic-mix change after it.",
+    )
+    window_restarts: int | None = Field(
+        None, ge=0, description="Traffic-mix changes that restarted the window."
     )
 
 
@@ -427,6 +643,12 @@ class SpeculatorStatus(ApiModel):
         None, ge=0, description="Traces published but not yet trained on."
     )
     servers: ReplicaStatus | None = None
+    replicas: int | None = Field(
+        None, ge=0, description="Server pods that exist now (the scale subresource reads it)."
+    )
+    selector: str | None = Field(
+        None, description="Label selector of the server pods (for autoscalers)."
+    )
     revision_history: list[RevisionRecord] = Field(
         default_factory=list, max_length=MAX_REVISION_HISTORY
     )

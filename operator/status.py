@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -61,6 +61,7 @@ class ServerSummary:
     rolled_out: bool
     message: str
     stuck: str | None = None
+    current: int = 0  # server pods that exist, old and new (the scale subresource's count)
 
 
 def summarize_servers(
@@ -71,7 +72,7 @@ def summarize_servers(
     old replica is left (old pods still serving is not done)."""
     by_name = {d.get("metadata", {}).get("name"): d for d in observed}
     desired = sum(expected.values())
-    ready = updated = 0
+    ready = updated = current = 0
     problems: list[str] = []
     stuck = None
     for deployment_name, replicas in sorted(expected.items()):
@@ -88,6 +89,7 @@ def summarize_servers(
         d_total = int(status.get("replicas") or 0)
         ready += min(d_ready, replicas)
         updated += min(d_updated, replicas)
+        current += d_total
         if wanted != replicas:
             problems.append(f"{deployment_name} has {wanted} replicas, the spec wants {replicas}")
         elif int(status.get("observedGeneration") or 0) < generation:
@@ -104,7 +106,7 @@ def summarize_servers(
             ):
                 stuck = f"{deployment_name}: {cond.get('message', 'progress deadline exceeded')}"
     message = "; ".join(problems) or f"{ready}/{desired} server replicas ready"
-    return ServerSummary(desired, ready, updated, not problems, message, stuck)
+    return ServerSummary(desired, ready, updated, not problems, message, stuck, current)
 
 
 def measurement_status(m: Measurement) -> dict[str, Any]:
@@ -118,8 +120,13 @@ def measurement_status(m: Measurement) -> dict[str, Any]:
         "confidence": fraction_or_none(m.confidence, 2),
         "stableRegressed": m.stable_regressed,
     }
-    if m.stable_speedup_vs_baseline is not None:
-        out["speedup"] = fraction_or_none(m.stable_speedup_vs_baseline.estimate)
+    if (plain := m.stable_speedup_vs_baseline) is not None:
+        out["speedup"] = fraction_or_none(plain.estimate)
+        out["speedupLower"] = fraction_or_none(plain.lower)
+        out["speedupUpper"] = fraction_or_none(plain.upper)
+    if m.window_since is not None:
+        out["windowSince"] = rfc3339(datetime.fromtimestamp(m.window_since, UTC))
+    out["windowRestarts"] = m.window_restarts
     if m.candidate.revision is not None:
         out["candidateAcceptLength"] = fraction_or_none(m.candidate.accept_length, 2)
         out["candidateTokensPerSecond"] = fraction_or_none(m.candidate.decode_tokens_per_s, 1)
@@ -138,6 +145,7 @@ class Observation:
 
     generation: int
     spec_errors: Sequence[str] = ()
+    spec_error_reason: str = "InvalidSpec"  # or why the operator refused it (RedisNotAllowed)
     expected_servers: Mapping[str, int] = field(default_factory=dict)
     servers: Sequence[Mapping[str, Any]] | None = None
     apply_error: str | None = None
@@ -148,6 +156,7 @@ class Observation:
     measurement: Measurement | None = None  # when the policy did not run (rollout disabled)
     rollout_error: str | None = None
     trace_lag: int | None = None
+    selector: str | None = None  # the server pods' label selector (for autoscalers)
 
 
 def _rollout_condition(
@@ -267,10 +276,13 @@ def build_status(
             "ready": summary.ready,
             "updated": summary.updated,
         }
+        status["replicas"] = summary.current
+    if o.selector is not None:
+        status["selector"] = o.selector
     if o.spec_errors:
         message = "; ".join(o.spec_errors)
-        ready = progressing = ConditionState(False, "InvalidSpec", message)
-        degraded = ConditionState(True, "InvalidSpec", message)
+        ready = progressing = ConditionState(False, o.spec_error_reason, message)
+        degraded = ConditionState(True, o.spec_error_reason, message)
     else:
         ready = _ready_condition(summary, status.get("activeRevision"))
         progressing = _progressing_condition(o, summary, _stored_rollout_state(o, previous))

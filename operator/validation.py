@@ -10,8 +10,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from aurora.operator.names import GPU_RESOURCE
-from aurora.operator.spec import MAX_NAME_LENGTH, Resources, SpeculatorSpec
+from aurora.operator.names import CHECKPOINT_DIR, GPU_RESOURCE, labels
+from aurora.operator.pods import RESERVED_PATHS, RESERVED_VOLUMES
+from aurora.operator.redis_access import refusal
+from aurora.operator.settings import RedisSettings
+from aurora.operator.spec import (
+    MAX_NAME_LENGTH,
+    RESERVED_ENV_PREFIX,
+    PodOptions,
+    Resources,
+    RevisionSharing,
+    SpeculatorSpec,
+)
+
+# The condition reason for a Speculator whose Redis the operator's settings refuse.
+REDIS_NOT_ALLOWED = "RedisNotAllowed"
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
 _SUFFIX = {
@@ -63,6 +76,66 @@ def _resource_errors(section: str, resources: Resources) -> list[str]:
     return errors
 
 
+def _pod_errors(section: str, options: PodOptions) -> list[str]:
+    """A section's own env, labels, volumes and mounts must not replace Aurora's."""
+    errors = []
+    for var in options.env:
+        if var.name.startswith(RESERVED_ENV_PREFIX):
+            errors.append(
+                f"spec.{section}.env: {var.name} is set by the operator ({RESERVED_ENV_PREFIX}* "
+                "names are reserved); use the spec field for it or another name"
+            )
+    ours = set(labels("x", "x", "x"))
+    for key in sorted(set(options.pod_labels) & ours):
+        errors.append(
+            f"spec.{section}.podLabels: {key} is Aurora's own label (selectors rely on it); "
+            "remove it"
+        )
+    names = []
+    for i, volume in enumerate(options.volumes):
+        volume_name = volume.get("name")
+        if not isinstance(volume_name, str) or not volume_name:
+            errors.append(f"spec.{section}.volumes[{i}]: a volume needs a name")
+        elif volume_name in RESERVED_VOLUMES:
+            errors.append(
+                f"spec.{section}.volumes[{i}]: the name {volume_name!r} is one of Aurora's "
+                f"volumes ({', '.join(sorted(RESERVED_VOLUMES))}); choose another"
+            )
+        else:
+            names.append(volume_name)
+    for i, mount in enumerate(options.volume_mounts):
+        if mount.name not in names:
+            errors.append(
+                f"spec.{section}.volumeMounts[{i}]: no volume {mount.name!r} in "
+                f"spec.{section}.volumes; add it or fix the name"
+            )
+        path = mount.mount_path.rstrip("/") or "/"
+        if path in RESERVED_PATHS or path == "/":
+            errors.append(
+                f"spec.{section}.volumeMounts[{i}]: {mount.mount_path} is where Aurora mounts "
+                "its own volume; mount yours elsewhere"
+            )
+    return errors
+
+
+def _storage_errors(spec: SpeculatorSpec) -> list[str]:
+    initial = spec.draft.initial
+    under_checkpoints = initial == CHECKPOINT_DIR or initial.startswith(f"{CHECKPOINT_DIR}/")
+    if spec.storage.mode == RevisionSharing.FETCH and under_checkpoints:
+        return [
+            f"spec.draft.initial {initial} is on the checkpoint volume, which servers do not "
+            "mount with storage.mode Fetch: download the draft with spec.draft.fetch (it "
+            "lands under /drafts/), bake it into the image, or use storage.mode SharedVolume"
+        ]
+    return []
+
+
+def redis_refusal(body: Mapping[str, Any], settings: RedisSettings) -> str | None:
+    """Why the operator may not use this (valid) Speculator's Redis, or None. Checked
+    before any connection or Secret read: see `aurora.operator.redis_access`."""
+    return refusal(SpeculatorSpec.model_validate(body.get("spec") or {}), settings)
+
+
 def validate_semantics(body: Mapping[str, Any]) -> list[str]:
     """Every error in a Speculator that the API server's schema did not (or could not)
     refuse, each naming the field, the value and the fix; empty when the spec is good.
@@ -88,6 +161,8 @@ def checked_spec(body: Mapping[str, Any]) -> tuple[SpeculatorSpec | None, list[s
         return None, errors
     errors += _resource_errors("engine", spec.engine.resources)
     errors += _resource_errors("training", spec.training.resources)
+    errors += _pod_errors("engine", spec.engine) + _pod_errors("training", spec.training)
+    errors += _storage_errors(spec)
     url = spec.traces.redis_url
     if re.match(r"^rediss?://[^/@]*:[^/@]+@", url):
         errors.append(

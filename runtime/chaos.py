@@ -40,6 +40,7 @@ from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.options import add_options, from_args, knob, option_args, to_args
 from aurora.runtime.protocol import Builtin, DesiredState, Keys, RevisionRef
 from aurora.runtime.server.config import ServerConfig
+from aurora.runtime.trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -414,21 +415,20 @@ def incorporated(checkpoints: Path) -> set[str]:
 
 
 def trainer_command(config: ChaosConfig, redis_url: str, checkpoints: Path) -> list[str]:
-    # `aurora train`'s flags by field name, until TrainerConfig declares its knobs (issue 14)
-    trainer = {
-        "model": config.model,
-        "speculator": f"{TRAINER_KEYS.namespace}/{TRAINER_KEYS.name}",
-        "redis_url": redis_url,
-        "checkpoint_dir": checkpoints,
-        "draft_vocab": 512,
-        "checkpoint_every": 2,
-        "keep": 1000000,
-        "threads": 1,
-        "first_candidate_after": 1000000,
-    }
+    trainer = TrainerConfig(
+        model=config.model,
+        speculator=f"{TRAINER_KEYS.namespace}/{TRAINER_KEYS.name}",
+        redis_url=redis_url,
+        checkpoint_dir=checkpoints,
+        draft_vocab=512,
+        checkpoint_every=2,
+        keep=1000000,
+        first_candidate_after=1000000,
+    )
     return [
         *(sys.executable, "-P", "-m", "aurora", "--log-level", "WARNING", "train"),
-        *option_args(trainer),
+        *to_args(trainer),
+        *option_args({"threads": 1}),  # `aurora train --threads`
     ]
 
 

@@ -580,6 +580,24 @@ class RequestStats(BaseModel):
     latency_s: float = Field(ge=0.0)
     domain: str = ""
     created: float = Field(default_factory=time.time)
+    # Added later; entries from older writers decode with these defaults.
+    decode_s: float | None = Field(default=None, ge=0.0)  # after the first token; None: derived
+    prompt_tokens: int = Field(default=0, ge=0)  # 0: unknown
+    cohort: str = ""  # batch cohort routed to its arm as one; "": routed alone
+    batch_rows: float = Field(default=1.0, ge=0.0)  # mean rows per verify step it decoded with
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens decoded after the first (the first comes with the prefill)."""
+        return max(0, self.new_tokens - 1)
+
+    @property
+    def decode_seconds(self) -> float:
+        """Decode time: as written, or from tokens and rate for entries without it."""
+        if self.decode_s is not None:
+            return self.decode_s
+        rate = self.decode_tokens_per_s
+        return self.decode_tokens / rate if rate > 0 else 0.0
 
 
 class StatsPage(list[tuple[str, RequestStats]]):
@@ -594,7 +612,8 @@ class StatsPage(list[tuple[str, RequestStats]]):
 def publish_stats(client: redis.Redis, keys: Keys, stats: RequestStats, maxlen: int | None) -> str:
     """XADD one request's stats (fields as plain strings); returns the entry id."""
     _check_maxlen(maxlen)
-    fields = {name: str(value) for name, value in stats.model_dump(mode="json").items()}
+    dumped = stats.model_dump(mode="json", exclude_none=True)
+    fields = {name: str(value) for name, value in dumped.items()}
     return _str(client.xadd(keys.stats, fields, maxlen=maxlen, approximate=True))  # type: ignore[arg-type]
 
 
@@ -631,8 +650,11 @@ class CandidateRecord(BaseModel):
 
     revision: str = Field(min_length=1)
     parent: str | None = None
-    path: str  # checkpoint directory, as servers see it
+    path: str  # checkpoint directory, as servers see it (on a shared volume)
     sha256: str  # of draft.safetensors
+    # Where servers download it when they share no volume with the trainer
+    # (aurora.runtime.fetch checks the sha256 above before anything loads it).
+    url: str | None = None
     created: float = Field(default_factory=time.time)
     step: int = Field(ge=0)
     traces_seen: int = Field(ge=0)
@@ -786,16 +808,21 @@ def connect(url: str, password: str | None = None, *, timeout: float | None = 2.
     With a ``timeout`` the client fails fast: short socket timeouts and no hidden
     retries, for callers that retry with their own backoff (servers, the operator's
     timer). ``timeout=None`` keeps redis-py's defaults, for blocking stream reads (the
-    trainer). A malformed URL raises ValueError naming it."""
+    trainer). ``rediss://`` is TLS, verified against the system CAs or the bundle in
+    $AURORA_REDIS_CA_FILE. A user in the URL (``redis://USER@host``) authenticates as
+    that ACL user. A malformed URL raises ValueError naming it."""
     password = password or os.environ.get("AURORA_REDIS_PASSWORD") or None
     options: dict[str, Any] = {}
+    ca_file = os.environ.get("AURORA_REDIS_CA_FILE")
+    if ca_file and url.startswith("rediss://"):
+        options["ssl_ca_certs"] = ca_file
     if timeout is not None:
-        options = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 10,
-        }
+        options.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=10,
+        )
     try:
         if password and not redis.connection.parse_url(url).get("password"):
             options["password"] = password

@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from aurora.operator.metrics import OperatorMetrics
 from aurora.operator.names import SPECULATOR_LABEL
-from aurora.operator.settings import Images
+from aurora.operator.settings import OperatorSettings, RedisSettings
 
 
 def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +96,15 @@ class RecordingCluster:
     def pods(self, namespace: str, name: str) -> list[str]:
         return []  # no kubelet: no pods outlive their Deployment
 
+    def create(self, obj: dict[str, Any]) -> bool:
+        """A Secret, created once (kube.Cluster.create)."""
+        key = (obj["kind"], obj["metadata"]["name"])
+        self.applied.append(key)
+        if key in self.objects:
+            return False
+        self.objects[key] = copy.deepcopy(obj)
+        return True
+
     def secret_value(self, namespace: str, name: str, key: str) -> str:
         try:
             return self.secrets[(namespace, name)][key]
@@ -148,9 +157,18 @@ def speculator(
     }
 
 
-def operator_memo(cluster: RecordingCluster) -> kopf.Memo:
+# Redis on this machine's loopback, allowlisted as a Redis the operator does not manage
+# (Speculators bring their passwordSecretRef); the managed path has its own tests.
+LOOPBACK_REDIS = OperatorSettings(redis=RedisSettings(allowlist=("127.0.0.1:*",)))
+
+
+def operator_memo(
+    cluster: RecordingCluster, settings: OperatorSettings = LOOPBACK_REDIS
+) -> kopf.Memo:
     """The operator-level memo `aurora operator` builds (a per-object copy in kopf)."""
-    return kopf.Memo(cluster=cluster, images=Images(), metrics=OperatorMetrics(), redis_clients={})
+    return kopf.Memo(
+        cluster=cluster, settings=settings, metrics=OperatorMetrics(), redis_clients={}
+    )
 
 
 def call(

@@ -22,6 +22,11 @@ class TrainProcess:
         "(Kubernetes probes use it; the operator passes 9100); 0: off. With several ranks, "
         "rank r serves on port + r",
     )
+    serve_checkpoints_port: int = knob(
+        0,
+        "serve the checkpoints over HTTP on this port (GET /revisions/REV/FILE), for servers "
+        "that share no volume with the trainer; rank 0 only; 0: off",
+    )
     threads: int = knob(0, "torch threads (0: all cores)")
     max_steps: int | None = knob(None, "stop after this many optimizer steps")
 
@@ -67,6 +72,17 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--metrics-port={args.metrics_port + rank}: cannot listen ({error.strerror}); "
                 "pick a free port or 0 to turn the endpoint off"
+            ) from None
+    if args.serve_checkpoints_port and rank == 0:
+        from aurora.runtime.trainer.serve_checkpoints import serve_checkpoints
+
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            serve_checkpoints(args.checkpoint_dir, args.serve_checkpoints_port)
+        except OSError as error:
+            raise UsageError(
+                f"--serve-checkpoints-port={args.serve_checkpoints_port}: cannot listen "
+                f"({error.strerror}); pick a free port or 0 to turn it off"
             ) from None
     config = from_args(
         TrainerConfig, args, consumer=f"{socket.gethostname()}-{os.getpid()}-rank{rank}"

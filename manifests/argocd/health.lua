@@ -2,8 +2,11 @@
 -- Healthy: the operator has seen the current generation, Ready is True and nothing is
 -- Degraded (a canary under evaluation is normal operation, named in the message).
 -- Progressing: not yet observed, servers starting or rolling out.
--- Degraded: the Degraded condition is True (invalid spec, Redis unreachable, a stuck
--- rollout, a stable revision slower than no speculation).
+-- Suspended: waiting for a person, as Argo Rollouts shows a paused rollout: a canary
+-- held (onInconclusive: Hold) until someone promotes or rolls it back, or the servers
+-- scaled to zero (spec.engine.replicas 0).
+-- Degraded: the Degraded condition is True (invalid spec, a Redis the operator may not
+-- use, Redis unreachable, a stuck rollout, a stable revision slower than no speculation).
 local hs = {}
 if obj.status == nil then
   hs.status = "Progressing"
@@ -46,10 +49,21 @@ if ready == nil or ready.status ~= "True" then
   end
   return hs
 end
+if ready.reason == "ScaledToZero" then
+  hs.status = "Suspended"
+  hs.message = describe(ready)
+  return hs
+end
 local progressing = conditions["Progressing"]
 if progressing ~= nil and progressing.status == "True" and progressing.reason == "RollingOut" then
   hs.status = "Progressing"
   hs.message = describe(progressing)
+  return hs
+end
+if progressing ~= nil and progressing.reason == "Held" then
+  hs.status = "Suspended"
+  hs.message = describe(progressing) .. " (kubectl annotate spx " .. obj.metadata.name ..
+    " aurora.dev/override=Promote:<revision>, or Rollback:<revision>)"
   return hs
 end
 hs.status = "Healthy"

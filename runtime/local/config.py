@@ -12,6 +12,8 @@ from aurora.runtime.rollout import RolloutPolicy
 
 # `aurora local`'s rollout policy where it differs from the policy's defaults (which suit
 # a cluster): fewer samples and a larger baseline, so a short CPU demo reaches decisions.
+# minSamples 12 is just above what the gate's confidence sequence needs (10); 60 candidate
+# requests (about 150 requests, some 6 minutes of a CPU demo) bound an unclear canary.
 LOCAL_ROLLOUT: dict[str, Any] = {
     "min_samples": 12,
     "canary_share": "0.4",
@@ -41,13 +43,13 @@ class LocalConfig:
         "draft that has proven itself; 0 follows the phase counts as written",
         metavar="K",
     )
-    # Servers decode one request at a time: batches never mix arms, so with batching an
-    # arm's per-request throughput would depend on its traffic share (the busier arm batches
-    # more and each of its requests decodes slower), which biases the live A/B.
+    # Servers decode one request at a time by default (two clients on two cores gain little
+    # from batching); with more, a server routes each batch's cohort to one arm with one
+    # draw, so the live A/B stays unbiased (runtime/server/worker.py).
     server_max_batch: int = knob(
         1,
-        "rows per batch on each server (1: the live A/B stays unbiased, since batches never "
-        "mix arms and a busier arm would batch more)",
+        "rows per batch on each server (> 1: each batch cohort is routed to one arm, so "
+        "every arm sees the same batch sizes)",
         flag="--max-batch",
     )
     distinct_prompts: int = knob(

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 
 from aurora.runtime.local.config import LocalConfig
-from aurora.runtime.options import option_args
+from aurora.runtime.options import option_args, to_args
 from aurora.runtime.server.config import ServerConfig
+from aurora.runtime.trainer.config import TrainerConfig
 
 
 def server_config(config: LocalConfig, index: int, port: int, redis_url: str) -> ServerConfig:
@@ -36,28 +37,28 @@ def server_config(config: LocalConfig, index: int, port: int, redis_url: str) ->
     )
 
 
-def trainer_args(config: LocalConfig, redis_url: str) -> list[str]:
-    """`aurora train`'s command line for this run.
-
-    An adapter until TrainerConfig declares its knobs (issue 14): then this becomes
-    `to_args(TrainerConfig(...))` as for the servers.
-    """
-    return option_args(
-        {
-            "model": config.model,
-            "speculator": f"{config.namespace}/{config.name}",
-            "redis_url": redis_url,
-            "checkpoint_dir": config.workdir / "checkpoints",
-            "spec_tokens": config.spec_tokens,
-            "first_candidate_after": config.first_candidate_after,
-            "publish_every": config.publish_every,
-            "lr": config.lr,
-            "lambda_discard": config.lambda_discard,
-            "threads": config.trainer_threads,
-            "min_accept_length": config.min_accept_length,
-            "steps_per_trace": config.steps_per_trace,
-        }
+def trainer_config(config: LocalConfig, redis_url: str) -> TrainerConfig:
+    """The trainer's configuration for this run (checked here, before anything is spawned)."""
+    return TrainerConfig(
+        model=config.model,
+        speculator=f"{config.namespace}/{config.name}",
+        redis_url=redis_url,
+        checkpoint_dir=config.workdir / "checkpoints",
+        spec_tokens=config.spec_tokens,
+        first_candidate_after=config.first_candidate_after,
+        publish_every=config.publish_every,
+        lr=config.lr,
+        lambda_discard=config.lambda_discard,
+        min_accept_length=config.min_accept_length,
+        steps_per_trace=config.steps_per_trace,
     )
+
+
+def trainer_args(config: LocalConfig, redis_url: str) -> list[str]:
+    """`aurora train`'s command line for this run: the trainer's configuration, and the
+    process's torch threads (`aurora train --threads`)."""
+    threads = option_args({"threads": config.trainer_threads})
+    return [*to_args(trainer_config(config, redis_url)), *threads]
 
 
 class Processes:

@@ -8,11 +8,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aurora.runtime.local.config import LocalConfig
-from aurora.runtime.rollout import RolloutState
+from aurora.runtime.rollout import NO_DRAFT, Measurement, RolloutState, Speedup
 
 
 @dataclass
@@ -48,6 +49,71 @@ class LocalRun:
     # per revision: when it was published, decided and confirmed by every server (epoch s)
     swaps: dict[str, dict[str, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the latest gated figure of the stable revision over no speculation (`stable_figure`)
+    final: dict[str, Any] | None = None
+
+
+def _comparison(speedup: Speedup | None, m: Measurement) -> dict[str, Any] | None:
+    """A gated speedup as the report keeps it: estimate, bounds, comparator, window, counts."""
+    if speedup is None:
+        return None
+    return {
+        "comparator": speedup.comparator,
+        "estimate": speedup.estimate,
+        "lower": speedup.lower,
+        "upper": speedup.upper,
+        "confidence": m.confidence,
+        "samples": speedup.samples,
+        "comparator_samples": speedup.comparator_samples,
+        "window_since": m.window_since,
+        "window_seconds": m.window_seconds,
+        "window_restarts": m.window_restarts,
+    }
+
+
+def decision_figures(action: str, m: Measurement | None) -> dict[str, Any]:
+    """The figures behind a rollout event: `gated`, the comparison the decision was made
+    on (the candidate against stable; stable against no speculation for a fallback), and
+    `speedup_vs_no_speculation` beside it, on the same window."""
+    if m is None:
+        return {}
+    if action in ("Promote", "Rollback", "Hold"):
+        figures = {
+            "gated": _comparison(m.speedup_vs_stable, m),
+            "speedup_vs_no_speculation": _comparison(m.candidate_speedup_vs_baseline, m),
+        }
+    elif action == "Fallback":
+        plain = _comparison(m.stable_speedup_vs_baseline, m)
+        figures = {"gated": plain, "speedup_vs_no_speculation": plain}
+    else:
+        return {}
+    return {key: value for key, value in figures.items() if value is not None}
+
+
+def stable_figure(m: Measurement | None) -> dict[str, Any] | None:
+    """The stable revision's speedup over no speculation, concurrent and gated (None
+    while it has none; when stable is no draft it is plain decoding itself)."""
+    if m is None or m.stable.revision in (None, NO_DRAFT):
+        return None
+    figure = _comparison(m.stable_speedup_vs_baseline, m)
+    return None if figure is None else {"revision": m.stable.revision, **figure}
+
+
+def quote(figure: dict[str, Any]) -> str:
+    """A gated figure in words: estimate, bounds, comparator, counts and window."""
+    text = (
+        f"{figure['estimate']:.2f}x vs {figure['comparator']} "
+        f"({figure['confidence']:.1%} confidence sequence {figure['lower']:.2f}x-"
+        f"{figure['upper']:.2f}x, time-weighted; {figure['samples']} / "
+        f"{figure['comparator_samples']} requests in the window "
+    )
+    if figure["window_since"] is not None:
+        since = datetime.fromtimestamp(figure["window_since"], UTC).strftime("%H:%M:%S UTC")
+        text += f"since {since}, "
+    text += f"{figure['window_seconds']:.0f} s"
+    if figure["window_restarts"]:
+        text += f", restarted {figure['window_restarts']}x by a traffic-mix change"
+    return text + ")"
 
 
 def fmt(value: Any) -> str:
@@ -59,14 +125,6 @@ def write_report(run: LocalRun, folder: Path) -> Path:
     """report.json, report.md and timeline.png in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     timeline = [asdict(s) for s in run.timeline]
-    # a rolling figure counts once both arms hold minSamples requests (fewer is noise)
-    speedups = [
-        s.speedup
-        for s in run.timeline
-        if s.speedup is not None and s.speedup_samples >= run.config.rollout.min_samples
-    ]
-    gated = [e["speedup_vs_no_speculation"] for e in run.events if "speedup_vs_no_speculation" in e]
-    best = max(gated, key=lambda f: f["estimate"]) if gated else None
     promotions = [e for e in run.events if e["action"] == "Promoted"]
     rollbacks = [e for e in run.events if e["action"] in ("Rollback", "Reject")]
     fallbacks = [e for e in run.events if e["action"] == "Fallback"]
@@ -86,9 +144,9 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         "promotions": len(promotions),
         "rollbacks_or_rejections": len(rollbacks),
         "final_stable": run.state.stable_revision,
-        "final_speedup_vs_no_speculation": speedups[-1] if speedups else None,
-        "max_speedup_vs_no_speculation": max(speedups) if speedups else None,
-        "best_promoted_speedup_vs_no_speculation": best,
+        # the headline: the final stable revision over no speculation, concurrent and gated
+        "final_stable_speedup_vs_no_speculation": run.final,
+        "decisions": [e for e in run.events if "gated" in e],
         "first_promotion_s": promotions[0]["t"] if promotions else None,
         "fallbacks": len(fallbacks),
         "traffic_shift_s": shifts[0]["t"] if shifts else None,
@@ -107,16 +165,13 @@ def write_report(run: LocalRun, folder: Path) -> Path:
         f"- requests: {run.requests} ({run.failed} failed)",
         f"- promotions: {len(promotions)}, rollbacks/rejections: {len(rollbacks)}, "
         f"fallbacks to plain decoding: {len(fallbacks)}",
-        f"- final stable revision: {run.state.stable_revision}",
-        f"- measured speedup over no speculation (stable, last): {fmt(summary['final_speedup_vs_no_speculation'])}x"
-        f" (max {fmt(summary['max_speedup_vs_no_speculation'])}x; both over at least "
-        f"{run.config.rollout.min_samples} requests per arm)",
-        "- best measured speedup over no speculation at a promotion: "
+        "- final stable revision: "
         + (
-            f"{best['estimate']:.2f}x ({best['confidence']:.0%} bounds "
-            f"{best['lower']:.2f}x-{best['upper']:.2f}x)"
-            if best
-            else "-"
+            f"{run.final['revision']}, {quote(run.final)}"
+            if run.final is not None
+            else f"{run.state.stable_revision or NO_DRAFT} (plain decoding: no speedup to measure)"
+            if run.state.stable_revision in (None, NO_DRAFT)
+            else f"{run.state.stable_revision} (no concurrent measurement against no speculation yet)"
         ),
         f"- traffic shift at: {fmt(summary['traffic_shift_s'])} s",
         f"- trainer checkpoint to every server serving it: at most "
@@ -134,6 +189,18 @@ def write_report(run: LocalRun, folder: Path) -> Path:
             f"{fmt(s.get('canary_decision_to_all_serving_s'))} | "
             f"{fmt(s.get('stable_decision_to_all_serving_s'))} |"
             for s in swaps
+        ],
+        "",
+        "## Rollout decisions and the gated figure behind each",
+        "",
+        "| t (s) | action | revision | gated figure | over no speculation |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {e['t']:.0f} | {e['action']} | {e['revision']} | {quote(e['gated'])} | "
+            + (quote(e["speedup_vs_no_speculation"]) if "speedup_vs_no_speculation" in e else "-")
+            + " |"
+            for e in run.events
+            if "gated" in e
         ],
         "",
         "## Rollout events",

@@ -26,10 +26,16 @@ from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 from aurora.runtime.local.config import LocalConfig
 from aurora.runtime.local.live import LiveView
 from aurora.runtime.local.processes import Processes, server_config, trainer_args
-from aurora.runtime.local.report import LocalRun, Sample, write_report
+from aurora.runtime.local.report import (
+    LocalRun,
+    Sample,
+    decision_figures,
+    stable_figure,
+    write_report,
+)
 from aurora.runtime.options import to_args
 from aurora.runtime.rollout import NO_DRAFT, RolloutState
-from aurora.runtime.rollout.loop import SampleWindow, run_round
+from aurora.runtime.rollout.loop import SampleWindow, run_round, window_size
 from aurora.runtime.workloads import Schedule, load_domain
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ class LocalMode:
         self.redis_server: EmbeddedRedis | None = None
         self.ports: list[int] = []
         self.schedule = Schedule.from_string(config.schedule)  # a bad schedule fails here
-        self.policy = config.rollout.model_copy(update={"seed": config.seed})
+        self.policy = config.rollout
 
     # ------------------------------------------------------------------ processes
 
@@ -178,7 +184,7 @@ class LocalMode:
     # ------------------------------------------------------------------ rollout
 
     def rollout_loop(self) -> None:
-        window = SampleWindow(size=self.policy.max_canary_samples)
+        window = SampleWindow(size=window_size(self.policy))
         while not self.stop.wait(self.config.interval_s):
             self.rollout_tick(window)
 
@@ -191,21 +197,12 @@ class LocalMode:
         self.client.set(self.config.keys.rollout, run.state.model_dump_json(by_alias=True))
         run.last_reason = decision.reason
         for event in decision.events:
-            figures = {}
-            gated = decision.measurement
-            measured = gated.candidate_speedup_vs_baseline if gated else None
-            if event.action == "Promote" and gated and measured:
-                # the statistically gated figure: the candidate against no speculation
-                figures["speedup_vs_no_speculation"] = {
-                    "estimate": measured.estimate,
-                    "lower": measured.lower,
-                    "upper": measured.upper,
-                    "confidence": gated.confidence,
-                }
+            figures = decision_figures(event.action, decision.measurement)
             self._event(event.time, event.action, event.revision, event.reason, **figures)
             self._track_swap(event.action, event.revision, event.time)
         self._confirm_swaps()
         m = decision.measurement or self._measure(window)
+        run.final = stable_figure(m)
         raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
         run.trainer = {_text(k): _text(v) for k, v in raw.items()}
         run.timeline.append(
@@ -271,7 +268,11 @@ class LocalMode:
 
         state = self.run.state
         return measure(
-            window.samples(), state.stable_revision, state.candidate_revision, self.policy
+            window.samples(),
+            state.stable_revision,
+            state.candidate_revision,
+            self.policy,
+            since=state.window_since,
         )
 
     # ------------------------------------------------------------------ main

@@ -21,6 +21,7 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
                                    failed to load it [Reject], the old stable stays
     Idle|Canary|Hold -> same       stable slower than no speculation, fallbackOnRegression
                                    [Fallback]: stable becomes "none" (plain decoding)
+    Idle|Canary|Hold -> same       the traffic mix changed: the window restarts [MixChange]
 
 - Idle: the stable revision serves alone (None = no draft, plain decoding). The newest
   candidate (by `created`) that is newer than every candidate already tried, not rejected
@@ -37,35 +38,38 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
   count as promoted). A load failure then rejects it and the old stable stays desired.
 - Rolled back and rejected revisions go to `RolloutState.rejected` and are never retried.
 
-Statistics: the unit is one request's decode tokens/s, the throughput users feel
-(acceptance length alone does not predict speedup; offline accept lengths only appear in
-reasons). Each arm (stable, candidate, baseline = speculation off) is its most recent
-`maxCanarySamples` requests with finite positive throughput. speedup = mean(candidate) /
-mean(stable). Bounds come from a percentile bootstrap: each arm is resampled independently
-`bootstrapResamples` times with a generator seeded from (seed, arm, revision); the lower
-bound is the (1 − confidence) quantile of the resampled ratios, the upper bound the
-`confidence` quantile, each a one-sided bound at `confidence`. Once both arms hold
-`minSamples`: Promote when lower ≥ minSpeedup; Rollback when upper < regressionThreshold
-(validated ≤ minSpeedup, so the two never both hold); otherwise keep collecting until the
-candidate arm reaches `maxCanarySamples`, then follow `onInconclusive`. A stable revision
-whose upper bound against the baseline is below 1.0 is flagged `Measurement.stable_regressed`
-and named in the reason; this check reads only the stable's most recent 2 × minSamples
-requests (at least minSamples, and minSamples baseline requests), so a traffic shift shows
-within a few dozen requests instead of waiting for the whole window to turn over. With
-`fallbackOnRegression` (the default) the policy then falls back to plain decoding: stable
-becomes `NO_DRAFT` ("none"), a running canary carries on against it, and the next
-candidate that beats plain decoding is promoted as usual (traffic shifted and the draft
-went stale: stop paying for it until the trainer catches up). Otherwise the decision does not change and the operator reports
-it as Degraded. A fallback never happens while Promoting (servers are mid-swap) and never
-from no draft, so it cannot flip-flop.
+Measurement (`aurora.runtime.rollout.statistics` has the method and its assumptions): per
+arm (stable, candidate, baseline = speculation off), throughput is total decode tokens
+over total decode seconds of its requests in the comparison window (time-weighted), with
+ms per token beside it; a speedup is the candidate's (or stable's) throughput over its
+comparator's, with one-sided bounds from a confidence sequence at `falsePromotionRate`,
+valid however often the rule is checked. The window is the same period for every arm:
+it starts at the last change of what is served (StartCanary, Promoted, Rollback, Reject,
+Superseded, Fallback; `RolloutState.window_since`) and restarts where the traffic mix
+changes (domain or prompt length; [MixChange]), the comparison then running on the new
+mix alone at a smaller share of the error rate. Once both arms hold `minSamples` in the
+window: Promote when the lower bound >= minSpeedup; Rollback when the upper bound <
+regressionThreshold (validated <= minSpeedup, so the two never both hold); otherwise keep
+collecting until the candidate has `maxCanarySamples` requests in the window, then follow
+`onInconclusive`. A stable revision whose upper bound against no speculation is below 1.0
+(both arms holding minSamples) is flagged `Measurement.stable_regressed` and named in the
+reason. With `fallbackOnRegression` (the default) the policy then falls back to plain
+decoding: stable becomes `NO_DRAFT` ("none"), a running canary carries on against it, and
+the next candidate that beats plain decoding is promoted as usual (traffic shifted and
+the draft went stale: stop paying for it until the trainer catches up). Otherwise the
+decision does not change and the operator reports it as Degraded. A fallback never
+happens while Promoting (servers are mid-swap) and never from no draft, so it cannot
+flip-flop. Every reason quotes the gated figure with its comparator, window and counts.
 """
 
 from __future__ import annotations
 
 import math
-import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -81,12 +85,27 @@ from aurora.runtime.protocol import (
     RevisionRef,
 )
 from aurora.runtime.rollout.policy import RolloutPolicy
+from aurora.runtime.rollout.statistics import (
+    ArmTotals,
+    mix_change,
+    restart_alpha,
+    speedup_bounds,
+    totals,
+)
 
 Arm = Literal["stable", "candidate", "baseline"]
 Phase = Literal["Idle", "Canary", "Hold", "Promoting"]
 Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold", "Wait", "Fallback"]
 EventAction = Literal[
-    "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded", "Fallback"
+    "StartCanary",
+    "Promote",
+    "Promoted",
+    "Rollback",
+    "Reject",
+    "Hold",
+    "Superseded",
+    "Fallback",
+    "MixChange",
 ]
 # The revision servers serve without a draft; as `stable_revision` it is an explicit
 # fallback to plain decoding (None means "whatever servers started with").
@@ -136,6 +155,10 @@ class RolloutState(_Model):
     phase_since: float | None = None
     # `created` of the newest candidate ever acted on; older candidates are never offered.
     tried_through: float | None = None
+    # The comparison window: requests created since then count (None: all); restarts by a
+    # traffic-mix change since the last change of what is served.
+    window_since: float | None = None
+    window_restarts: int = Field(default=0, ge=0)
     rejected: list[str] = Field(default_factory=list)
     history: list[RolloutEvent] = Field(default_factory=list)
 
@@ -150,23 +173,31 @@ class RolloutState(_Model):
 
 
 class ArmStats(_Model):
+    """One arm in the window: time-weighted throughput (total decode tokens over total
+    decode seconds) and ms per decode token."""
+
     revision: str | None
     samples: int
     decode_tokens_per_s: float | None
+    ms_per_token: float | None = None
     accept_length: float | None
     new_tokens: int
 
 
 class Speedup(_Model):
-    """Ratio of mean per-request decode tokens/s, with one-sided bootstrap bounds."""
+    """An arm's throughput over its comparator's on the same window, with one-sided
+    confidence-sequence bounds (each at level 1 - confidence, valid at every look)."""
 
     estimate: float
     lower: float
     upper: float
+    comparator: str = ""  # what it is measured against: a revision, or "no speculation"
+    samples: int = 0  # the measured arm's requests in the window
+    comparator_samples: int = 0
 
 
 class Measurement(_Model):
-    confidence: float
+    confidence: float  # of each one-sided bound: 1 - the window's share of falsePromotionRate
     stable: ArmStats
     candidate: ArmStats
     baseline: ArmStats
@@ -174,9 +205,9 @@ class Measurement(_Model):
     stable_speedup_vs_baseline: Speedup | None
     candidate_speedup_vs_baseline: Speedup | None
     stable_regressed: bool
-    # the regression check: the stable's most recent 2 x minSamples requests vs the baseline
-    stable_recent_samples: int = 0
-    stable_recent_speedup_vs_baseline: Speedup | None = None
+    window_since: float | None = None  # requests created since then count
+    window_seconds: float = 0.0  # from window_since (or the first request) to now
+    window_restarts: int = 0  # traffic-mix restarts since the last change of what is served
 
 
 @dataclass(frozen=True)
@@ -203,55 +234,48 @@ class Decision:
 
 
 def _usable(sample: RequestStats) -> bool:
-    return math.isfinite(sample.decode_tokens_per_s) and sample.decode_tokens_per_s > 0
+    seconds = sample.decode_seconds
+    return 0 < seconds < math.inf
 
 
-def _recent(samples: Iterable[RequestStats], window: int) -> list[RequestStats]:
-    # A total order on the samples' content makes the result independent of input order.
-    ordered = sorted(
-        samples,
-        key=lambda s: (s.created, s.decode_tokens_per_s, s.accept_length, s.new_tokens, s.revision),
-    )
-    return ordered[-window:]
-
-
-def _arm_stats(revision: str | None, arm: list[RequestStats]) -> ArmStats:
+def _arm_stats(revision: str | None, arm: list[RequestStats]) -> tuple[ArmStats, ArmTotals]:
+    sums = totals(arm)
     n = len(arm)
-    return ArmStats(
+    stats = ArmStats(
         revision=revision,
         samples=n,
-        decode_tokens_per_s=math.fsum(s.decode_tokens_per_s for s in arm) / n if n else None,
+        decode_tokens_per_s=sums.tokens_per_s,
+        ms_per_token=sums.ms_per_token,
         accept_length=math.fsum(s.accept_length for s in arm) / n if n else None,
         new_tokens=sum(s.new_tokens for s in arm),
     )
-
-
-def _resampled_means(arm: list[RequestStats], policy: RolloutPolicy, seed: str) -> list[float]:
-    values = [s.decode_tokens_per_s for s in arm]
-    n = len(values)
-    rng = random.Random(f"{policy.seed}:{seed}")
-    return [sum(rng.choices(values, k=n)) / n for _ in range(policy.bootstrap_resamples)]
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return stats, sums
 
 
 def _speedup(
-    numerator: ArmStats,
-    numerator_means: list[float],
-    denominator: ArmStats,
-    denominator_means: list[float],
-    confidence: float,
+    numerator: ArmTotals, denominator: ArmTotals, comparator: str, alpha: float, rho: float
 ) -> Speedup | None:
-    if numerator.decode_tokens_per_s is None or denominator.decode_tokens_per_s is None:
+    bounds = speedup_bounds(numerator, denominator, alpha, rho)
+    if bounds is None:
         return None
-    ratios = sorted(a / b for a, b in zip(numerator_means, denominator_means, strict=True))
     return Speedup(
-        estimate=numerator.decode_tokens_per_s / denominator.decode_tokens_per_s,
-        lower=_quantile(ratios, 1 - confidence),
-        upper=_quantile(ratios, confidence),
+        estimate=bounds.estimate,
+        lower=bounds.lower,
+        upper=bounds.upper,
+        comparator=comparator,
+        samples=numerator.requests,
+        comparator_samples=denominator.requests,
     )
+
+
+_ORDER = attrgetter("created", "arm", "revision", "server", "cohort")
+
+
+def in_window(samples: Iterable[RequestStats], since: float | None) -> list[RequestStats]:
+    """The requests created since `since`, oldest first (sums are exact, so the figures
+    do not depend on the input order)."""
+    kept = samples if since is None else (s for s in samples if s.created >= since)
+    return sorted(kept, key=_ORDER)
 
 
 def measure(
@@ -259,75 +283,72 @@ def measure(
     stable: str | None,
     candidate: str | None,
     policy: RolloutPolicy,
+    *,
+    since: float | None = None,
+    restarts: int = 0,
+    now: float | None = None,
 ) -> Measurement:
-    """Live figures for the stable and candidate revisions and the no-speculation baseline.
+    """Live figures for the stable and candidate revisions and the no-speculation baseline
+    on the requests created since `since` (the comparison window; None: all of them).
 
     Samples of other revisions are ignored. With `stable` None (no draft) the stable arm is
     every request served without a draft (arm "stable" or "baseline"), which then is also
     the baseline, and `stable_speedup_vs_baseline` is None. With `stable` NO_DRAFT (after a
     fallback) likewise, except that only requests labelled "none" count from the stable
-    arm. Deterministic: same samples in any order give the same measurement.
+    arm. `restarts` traffic-mix restarts leave this window a smaller share of the error
+    rate. Deterministic: same samples in any order give the same measurement.
     """
-    usable = [s for s in samples if _usable(s)]
-    window = policy.max_canary_samples
+    return _measure(in_window(samples, since), stable, candidate, policy, since, restarts, now)
+
+
+def _measure(
+    window: list[RequestStats],
+    stable: str | None,
+    candidate: str | None,
+    policy: RolloutPolicy,
+    since: float | None,
+    restarts: int,
+    now: float | None,
+) -> Measurement:
+    """`measure` on the requests of the window, already in order."""
+    usable = [s for s in window if _usable(s)]
     if stable is None:
-        stable_arm = _recent((s for s in usable if s.arm in ("stable", "baseline")), window)
+        stable_arm = [s for s in usable if s.arm in ("stable", "baseline")]
         baseline_arm = stable_arm
     elif stable == NO_DRAFT:
         # After a fallback: the old stable's drafted requests no longer count.
-        stable_arm = _recent(
-            (
-                s
-                for s in usable
-                if s.arm == "baseline" or (s.arm == "stable" and s.revision in ("", NO_DRAFT))
-            ),
-            window,
-        )
+        stable_arm = [
+            s
+            for s in usable
+            if s.arm == "baseline" or (s.arm == "stable" and s.revision in ("", NO_DRAFT))
+        ]
         baseline_arm = stable_arm
     else:
-        stable_arm = _recent(
-            (s for s in usable if s.arm == "stable" and s.revision == stable), window
-        )
-        baseline_arm = _recent((s for s in usable if s.arm == "baseline"), window)
-    candidate_arm = _recent(
-        (s for s in usable if s.arm == "candidate" and s.revision == candidate), window
-    )
-    stable_stats = _arm_stats(stable, stable_arm)
-    candidate_stats = _arm_stats(candidate, candidate_arm)
-    baseline_stats = _arm_stats(None, baseline_arm)
-    stable_means = _resampled_means(stable_arm, policy, f"stable:{stable}") if stable_arm else []
-    candidate_means = (
-        _resampled_means(candidate_arm, policy, f"candidate:{candidate}") if candidate_arm else []
-    )
-    confidence = float(policy.confidence)
-    vs_stable = _speedup(candidate_stats, candidate_means, stable_stats, stable_means, confidence)
+        stable_arm = [s for s in usable if s.arm == "stable" and s.revision == stable]
+        baseline_arm = [s for s in usable if s.arm == "baseline"]
+    candidate_arm = [s for s in usable if s.arm == "candidate" and s.revision == candidate]
+    stable_stats, stable_sums = _arm_stats(stable, stable_arm)
+    candidate_stats, candidate_sums = _arm_stats(candidate, candidate_arm)
+    baseline_stats, baseline_sums = _arm_stats(None, baseline_arm)
+    alpha = restart_alpha(float(policy.false_promotion_rate), restarts)
+    rho = policy.min_samples / 2  # tightest around 4 x minSamples effective requests
+    plain = "no speculation"
+    vs_stable = _speedup(candidate_sums, stable_sums, _name(stable, plain), alpha, rho)
     if stable is None or stable == NO_DRAFT:
         stable_vs_baseline, candidate_vs_baseline = None, vs_stable
     else:
-        baseline_means = _resampled_means(baseline_arm, policy, "baseline") if baseline_arm else []
-        stable_vs_baseline = _speedup(
-            stable_stats, stable_means, baseline_stats, baseline_means, confidence
-        )
-        candidate_vs_baseline = _speedup(
-            candidate_stats, candidate_means, baseline_stats, baseline_means, confidence
-        )
-    recent_arm = stable_arm[-2 * policy.min_samples :]
-    recent_vs_baseline = None
-    if stable_vs_baseline is not None and recent_arm:
-        recent_vs_baseline = _speedup(
-            _arm_stats(stable, recent_arm),
-            _resampled_means(recent_arm, policy, f"stable-recent:{stable}"),
-            baseline_stats,
-            baseline_means,
-            confidence,
-        )
+        stable_vs_baseline = _speedup(stable_sums, baseline_sums, plain, alpha, rho)
+        candidate_vs_baseline = _speedup(candidate_sums, baseline_sums, plain, alpha, rho)
     regressed = (
-        recent_vs_baseline is not None
-        and min(len(recent_arm), baseline_stats.samples) >= policy.min_samples
-        and recent_vs_baseline.upper < 1.0
+        stable_vs_baseline is not None
+        and min(stable_stats.samples, baseline_stats.samples) >= policy.min_samples
+        and stable_vs_baseline.upper < 1.0
     )
+    counted = [s.created for s in (*stable_arm, *candidate_arm, *baseline_arm)]
+    start = since if since is not None else min(counted, default=None)
+    end = now if now is not None else max(counted, default=None)
     return Measurement(
-        confidence=confidence,
+        confidence=1 - alpha,
         stable=stable_stats,
         candidate=candidate_stats,
         baseline=baseline_stats,
@@ -335,8 +356,9 @@ def measure(
         stable_speedup_vs_baseline=stable_vs_baseline,
         candidate_speedup_vs_baseline=candidate_vs_baseline,
         stable_regressed=regressed,
-        stable_recent_samples=len(recent_arm) if recent_vs_baseline is not None else 0,
-        stable_recent_speedup_vs_baseline=recent_vs_baseline,
+        window_since=since,
+        window_seconds=max(0.0, end - start) if start is not None and end is not None else 0.0,
+        window_restarts=restarts,
     )
 
 
@@ -345,36 +367,72 @@ def measure(
 
 def _regression(m: Measurement) -> str:
     """The figures behind a regression flag."""
-    assert m.stable_recent_speedup_vs_baseline is not None
+    assert m.stable_speedup_vs_baseline is not None
     return (
-        f"{_ratio(m.stable_recent_speedup_vs_baseline, m.confidence)} on its last "
-        f"{m.stable_recent_samples} requests against {m.baseline.samples} baseline requests"
+        f"{_ratio(m.stable_speedup_vs_baseline, m.confidence)} on {m.stable.samples} requests "
+        f"against {m.baseline.samples} without speculation, {_window(m)}"
     )
 
 
-def _name(revision: str | None) -> str:
-    return revision if revision not in (None, NO_DRAFT) else "no draft"
+def _name(revision: str | None, none: str = "no draft") -> str:
+    return revision if revision not in (None, NO_DRAFT) else none
+
+
+def _percent(fraction: float) -> str:
+    text = f"{fraction:.1%}"
+    return text.replace(".0%", "%")
 
 
 def _ratio(speedup: Speedup, confidence: float) -> str:
-    return f"{speedup.estimate:.3f}x ({confidence:.0%} bounds {speedup.lower:.3f}x-{speedup.upper:.3f}x)"
+    return (
+        f"{speedup.estimate:.3f}x ({_percent(confidence)} confidence sequence "
+        f"{speedup.lower:.3f}x-{speedup.upper:.3f}x, time-weighted)"
+    )
+
+
+def _window(m: Measurement) -> str:
+    """The comparison window in words: since when, how long, restarted or not."""
+    if m.window_since is None:
+        text = f"window of {m.window_seconds:.0f} s"
+    else:
+        start = datetime.fromtimestamp(m.window_since, UTC).strftime("%H:%M:%S UTC")
+        text = f"window since {start} ({m.window_seconds:.0f} s)"
+    if m.window_restarts:
+        text += f", restarted {m.window_restarts}x by a traffic-mix change"
+    return text
 
 
 def _figures(m: Measurement) -> str:
-    """The canary's numbers in one phrase, for reasons."""
+    """The canary's numbers in one phrase, for reasons: the gated figure with its
+    comparator, window and counts, then both against no speculation."""
     text = f"{m.candidate.samples} candidate / {m.stable.samples} stable requests"
     if m.speedup_vs_stable is not None:
-        text = f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs {_name(m.stable.revision)} on {text}"
+        text = (
+            f"speedup {_ratio(m.speedup_vs_stable, m.confidence)} vs "
+            f"{m.speedup_vs_stable.comparator} on {text}"
+        )
+    text += f", {_window(m)}"
     against = [
-        f"{label} {s.estimate:.3f}x"
+        f"{label} {s.estimate:.3f}x ({s.lower:.3f}x-{s.upper:.3f}x)"
         for label, s in (
             ("candidate", m.candidate_speedup_vs_baseline),
             ("stable", m.stable_speedup_vs_baseline),
         )
-        if s is not None
+        if s is not None and m.stable.revision not in (None, NO_DRAFT)
     ]
     if against and m.baseline.samples:
         text += f"; vs no speculation ({m.baseline.samples} requests): {', '.join(against)}"
+    return text
+
+
+def _mix(requests: Sequence[RequestStats]) -> str:
+    """A traffic mix in words: its main domain and median prompt length."""
+    domains = Counter(s.domain or "unlabelled" for s in requests)
+    domain, count = domains.most_common(1)[0]
+    lengths = sorted(s.prompt_tokens for s in requests)
+    text = f"{count / len(requests):.0%} {domain}"
+    if lengths[-1] > 0:
+        text += f", median prompt {lengths[len(lengths) // 2]} tokens"
     return text
 
 
@@ -459,6 +517,9 @@ class _Tick:
         self.events.append(event)
         if "phase" in changes:
             changes["phase_since"] = self.now
+        if {"stable_revision", "candidate_revision"} & changes.keys():
+            # What is served changed: comparisons start over, on the new arms only.
+            changes.update(window_since=self.now, window_restarts=0)
         history = [*state.history, event][-HISTORY_LIMIT:]
         return state.model_copy(update={**changes, "history": history})
 
@@ -524,6 +585,30 @@ class _Tick:
         if state.candidate_revision is not None:
             reason += f" (canary {state.candidate_revision} carries on against it)"
         return self.record(state, "Fallback", stable, reason, stable_revision=NO_DRAFT)
+
+    def restart_on_mix_change(
+        self, state: RolloutState, window: list[RequestStats]
+    ) -> tuple[RolloutState, list[RequestStats]]:
+        """The state with the window restarted where the traffic mix changed within it
+        (a MixChange event) and the requests of the window, or both unchanged."""
+        cut = mix_change(window)
+        if cut is None:
+            return state, window
+        before, after = window[:cut], window[cut:]
+        at = datetime.fromtimestamp(after[0].created, UTC).strftime("%H:%M:%S UTC")
+        reason = (
+            f"traffic mix changed at {at} ({_mix(before)} -> {_mix(after)}): comparisons "
+            f"restart there; the {len(before)} requests before it no longer count"
+        )
+        state = self.record(
+            state,
+            "MixChange",
+            state.candidate_revision or state.stable_revision,
+            reason,
+            window_since=after[0].created,
+            window_restarts=state.window_restarts + 1,
+        )
+        return state, [s for s in after if s.created >= after[0].created]
 
     # -- phases
 
@@ -611,7 +696,7 @@ class _Tick:
         if speedup is None or min(m.candidate.samples, m.stable.samples) < policy.min_samples:
             reason = (
                 f"collecting samples: {revision} {m.candidate.samples}/{policy.min_samples}, "
-                f"stable {stable} {m.stable.samples}/{policy.min_samples}"
+                f"stable {stable} {m.stable.samples}/{policy.min_samples} ({_window(m)})"
             )
             if self.loads and all(revision not in (s.stable, s.candidate) for s in self.loads):
                 reason += f"; no server has loaded {revision} yet"
@@ -620,7 +705,8 @@ class _Tick:
             return self.promote(
                 state,
                 f"{revision} beats {stable}: lower bound {speedup.lower:.3f}x >= "
-                f"minSpeedup {policy.min_speedup}; {_figures(m)}",
+                f"minSpeedup {policy.min_speedup} (falsePromotionRate "
+                f"{policy.false_promotion_rate}); {_figures(m)}",
             )
         if speedup.upper < float(policy.regression_threshold):
             reason = (
@@ -695,19 +781,28 @@ def decide(
 ) -> Decision:
     """The next rollout step from the persisted state and what was observed since.
 
-    `candidates`: the trainer's candidate records; `samples`: requests since the canary
-    started (and recent ones for stable and baseline); `loads`: one live report per
+    `candidates`: the trainer's candidate records; `samples`: requests the servers
+    reported (those in the comparison window count, see `measure`); `loads`: one live report per
     server; `now`: the caller's clock (seconds, as `created`); `published`: the desired
     state servers were last told (the decision's `desired` builds on it).
     Pure and deterministic; one transition per call except that a completed promotion or a
     superseded canary goes straight on to the next candidate's canary.
     """
-    measurement = (
-        measure(samples, state.stable_revision, state.candidate_revision, policy)
-        if state.stable_revision is not None or state.candidate_revision is not None
-        else None
-    )
-    tick = _Tick(policy, candidates, loads, now, measurement, published)
+    tick = _Tick(policy, candidates, loads, now, None, published)
+    if state.stable_revision is not None or state.candidate_revision is not None:
+        window = in_window(samples, state.window_since)
+        if state.phase != "Promoting":  # (the window restarts once servers confirm anyway)
+            state, window = tick.restart_on_mix_change(state, window)
+        tick.measurement = _measure(
+            window,
+            state.stable_revision,
+            state.candidate_revision,
+            policy,
+            state.window_since,
+            state.window_restarts,
+            now,
+        )
+    measurement = tick.measurement
     if state.phase == "Promoting":
         return tick.promoting(state, override)
     if (fallen := tick.fallback(state)) is not None:

@@ -11,6 +11,7 @@ stores `Round.decision.new_state` (the operator in the Speculator's status).
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Bounds what one round reads, so a burst of traffic cannot stall the timer.
 MAX_STATS_PER_ROUND = 50_000
+MIN_WINDOW = 5_000  # requests a SampleWindow keeps at least
 # Servers repeat their loaded report every 10 s (a heartbeat); six missed ones: gone.
 LOADED_REPORT_TTL = 60.0
 REDIS_ERRORS = (
@@ -57,23 +59,31 @@ def redis_problem(url: str, error: Exception) -> str:
     return f"Redis at {where} unreachable ({kind}: {detail})"
 
 
+def window_size(policy: RolloutPolicy) -> int:
+    """Requests a SampleWindow keeps: enough that a canary's whole window fits even at a
+    small canary share (the decision compares arms over the same period, so no arm may
+    lose its oldest requests while another keeps them)."""
+    share = max(float(policy.canary_share), 0.05)
+    return max(MIN_WINDOW, math.ceil(2 * policy.max_canary_samples / share))
+
+
 @dataclass
 class SampleWindow:
-    """The most recent request statistics per (arm, revision), read from the stats
-    stream incrementally: each round reads only entries newer than `cursor`. After an
-    operator restart the window refills from the stream (bounded by its MAXLEN)."""
+    """The most recent request statistics, read from the stats stream incrementally: each
+    round reads only entries newer than `cursor`. One deque for every arm, in stream
+    order, so what it holds is one period for all arms. After an operator restart the
+    window refills from the stream (bounded by its MAXLEN)."""
 
     size: int
     cursor: str = "-"
-    arms: dict[tuple[str, str], deque[RequestStats]] = field(default_factory=dict)
+    requests: deque[RequestStats] = field(default_factory=deque)
     malformed: int = 0
 
+    def __post_init__(self) -> None:
+        self.requests = deque(self.requests, maxlen=self.size)
+
     def add(self, stats: RequestStats) -> None:
-        key = (stats.arm, stats.revision)
-        arm = self.arms.get(key)
-        if arm is None:
-            arm = self.arms[key] = deque(maxlen=self.size)
-        arm.append(stats)
+        self.requests.append(stats)
 
     def refresh(self, client: redis.Redis, keys: Keys, limit: int = MAX_STATS_PER_ROUND) -> int:
         """Read new stats entries (at most `limit`); returns how many were read."""
@@ -86,15 +96,22 @@ class SampleWindow:
         return len(page) + page.malformed
 
     def samples(self) -> list[RequestStats]:
-        return [sample for arm in self.arms.values() for sample in arm]
+        return list(self.requests)
 
-    def keep_only(self, revisions: Iterable[str | None]) -> None:
-        """Forget arms of revisions that no longer matter (baseline arms stay)."""
+    def keep_only(self, revisions: Iterable[str | None], since: float | None = None) -> None:
+        """Forget requests of revisions that no longer matter (baseline ones stay), and
+        with `since`, those created before it (the comparison window's start)."""
         # "" and "none" both name serving without a draft (servers report "none").
         keep = {revision for revision in revisions if revision is not None} | {"", Builtin.NONE}
-        for arm, revision in list(self.arms):
-            if arm != "baseline" and revision not in keep:
-                del self.arms[(arm, revision)]
+        self.requests = deque(
+            (
+                s
+                for s in self.requests
+                if (s.arm == "baseline" or s.revision in keep)
+                and (since is None or s.created >= since)
+            ),
+            maxlen=self.size,
+        )
 
 
 def live_loads(
@@ -176,7 +193,8 @@ def run_round(
             new.candidate_revision,
             state.stable_revision,
             state.candidate_revision,
-        )
+        ),
+        since=new.window_since,
     )
     problem = decision.problem if publish else None
     return Round(decision, published, changed, lag, problem, tuple(stale))

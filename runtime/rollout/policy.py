@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic.json_schema import SkipJsonSchema
 
+from aurora.runtime.rollout.statistics import MIN_CLUSTERS
 from aurora.runtime.schema import (
     FRACTION_PATTERN,
     RATIO_PATTERN,
@@ -51,9 +51,16 @@ ROLLOUT_RULES = (
         lambda r: 0 < r.regression_threshold <= r.min_speedup,
     ),
     Rule(
-        "double(self.confidence) > 0.5 && double(self.confidence) < 1.0",
-        "rollout.confidence must be above 0.5 and below 1, e.g. '0.9'",
-        lambda r: Decimal("0.5") < r.confidence < 1,
+        "double(self.falsePromotionRate) > 0.0 && double(self.falsePromotionRate) < 0.5",
+        "rollout.falsePromotionRate must be above 0 and below 0.5, e.g. '0.05' (the share "
+        "of candidates no faster than minSpeedup that may still be promoted)",
+        lambda r: 0 < r.false_promotion_rate < Decimal("0.5"),
+    ),
+    Rule(
+        f"self.minSamples >= {MIN_CLUSTERS}",
+        f"rollout.minSamples must be at least {MIN_CLUSTERS}: the gate's confidence sequence "
+        f"needs {MIN_CLUSTERS} requests per arm before its bounds mean anything, e.g. 30",
+        lambda r: r.min_samples >= MIN_CLUSTERS,
     ),
     Rule(
         "self.maxCanarySamples >= self.minSamples",
@@ -78,21 +85,25 @@ class RolloutPolicy(BaseModel):
 
     min_speedup: Annotated[Decimal, DecimalText(RATIO_PATTERN, "1.05")] = Field(
         Decimal("1.05"),
-        description="Promote when the lower confidence bound of the measured decode speedup "
-        "over stable reaches this.",
+        description="Promote when the lower bound of the candidate's time-weighted decode "
+        "speedup over stable (a confidence sequence at falsePromotionRate) reaches this.",
     )
     regression_threshold: Annotated[Decimal, DecimalText(RATIO_PATTERN, "0.97")] = Field(
         Decimal("0.97"),
-        description="Roll back when the upper confidence bound falls below this.",
+        description="Roll back when the upper bound of that speedup falls below this.",
     )
     min_samples: int = Field(
-        30, ge=2, le=10_000_000, description="Requests per arm before deciding."
+        30,
+        ge=1,
+        le=10_000_000,
+        description="Requests per arm in the comparison window before deciding.",
     )
     max_canary_samples: int = Field(
         300,
         ge=2,
         le=10_000_000,
-        description="Still inconclusive with this many candidate requests: follow onInconclusive.",
+        description="Still inconclusive with this many candidate requests in the window: "
+        "follow onInconclusive.",
     )
     canary_share: Annotated[Decimal, DecimalText(FRACTION_PATTERN, "0.5")] = Field(
         Decimal("0.5"),
@@ -102,8 +113,11 @@ class RolloutPolicy(BaseModel):
         Decimal("0.1"),
         description="Share of requests served without speculation (the live baseline).",
     )
-    confidence: Annotated[Decimal, DecimalText(FRACTION_PATTERN, "0.9")] = Field(
-        Decimal("0.9"), description="One-sided confidence of the speedup bounds."
+    false_promotion_rate: Annotated[Decimal, DecimalText(FRACTION_PATTERN, "0.05")] = Field(
+        Decimal("0.05"),
+        description="Error rate of the gate: the chance that a candidate no faster than "
+        "minSpeedup is promoted (and that one no slower than regressionThreshold is rolled "
+        "back), however long the canary runs and however often it is checked.",
     )
     on_inconclusive: Literal["Hold", "Rollback"] = Field(
         "Hold",
@@ -117,9 +131,6 @@ class RolloutPolicy(BaseModel):
         description="When stable measures slower than no speculation, serve without a draft "
         "until a candidate beats plain decoding.",
     )
-    # Internal (not in the API): the bootstrap's resamples and seed.
-    bootstrap_resamples: SkipJsonSchema[int] = Field(1000, ge=100, le=100_000, exclude=True)
-    seed: SkipJsonSchema[int] = Field(0, exclude=True)
 
     @model_validator(mode="after")
     def _rules(self) -> RolloutPolicy:

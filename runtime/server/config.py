@@ -86,6 +86,12 @@ class ServerConfig:
     max_new_tokens_limit: int = knob(2048, "largest max_tokens a request may ask for")
     seed: int = knob(0, "seed for routing, trace sampling and sampling")
     poll_interval: float = knob(0.5, "seconds between reads of the desired revisions in Redis")
+    test_slow_revision: str | None = knob(
+        None,
+        "FOR TESTS OF THE ROLLOUT GATE ONLY: REVISION:MS adds MS milliseconds to every verify "
+        "step of requests served by REVISION (a candidate with a known slowdown)",
+        metavar="REVISION:MS",
+    )
 
     def __post_init__(self) -> None:
         _ = self.keys  # validates --speculator
@@ -144,11 +150,29 @@ class ServerConfig:
         for ok, flag, value, fix in checks:
             if not ok:
                 raise UsageError(f"{flag}={value} is out of range: use {fix}")
+        _ = self.slow_revision  # validates --test-slow-revision
         if self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
             raise UsageError(
                 f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_REVISIONS)} nor a "
                 "checkpoint directory: pass a built-in draft or the path of a revision's directory"
             )
+
+    @property
+    def slow_revision(self) -> tuple[str, float] | None:
+        """`--test-slow-revision` as (revision, seconds per verify step)."""
+        if self.test_slow_revision is None:
+            return None
+        revision, _, ms = self.test_slow_revision.rpartition(":")
+        try:
+            seconds = float(ms) / 1000
+        except ValueError:
+            seconds = -1.0
+        if not revision or not 0 <= seconds <= 10:
+            raise UsageError(
+                f"--test-slow-revision={self.test_slow_revision!r} must be REVISION:MS with MS "
+                "from 0 to 10000, e.g. r2:20"
+            )
+        return revision, seconds
 
     @property
     def keys(self) -> Keys:

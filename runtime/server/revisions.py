@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import redis
 
+from aurora.runtime.fetch import fetch_revision, prune_fetched
 from aurora.runtime.protocol import (
     BUILTIN_REVISIONS,
     DesiredState,
@@ -29,6 +30,7 @@ from aurora.runtime.protocol import (
     LoadedReport,
     ProtocolError,
     RevisionRef,
+    get_candidate,
     get_desired,
     report_loaded,
 )
@@ -147,21 +149,55 @@ class RevisionSet:
 # ------------------------------------------------------------------------ loading
 
 
+class RevisionFetcher:
+    """The fetch step for servers that share no volume with the trainer: the revision's
+    candidate record names the URL it was published at and the sha256 of its weights;
+    the checkpoint is downloaded, checked and renamed into place (aurora.runtime.fetch),
+    and older fetched revisions are pruned so the server's volume stays bounded."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, keep: int = 3) -> None:
+        self.client, self.keys, self.keep = client, keys, keep
+
+    def __call__(self, ref: RevisionRef, dest: Path) -> Path | None:
+        """`dest` holding the fetched revision; None when its record names no URL (the
+        trainer shares a volume with this server instead)."""
+        record = get_candidate(self.client, self.keys, ref.revision)
+        if record is None or not record.url:
+            return None
+        fetch_revision(record.url, ref.revision, record.sha256, dest)
+        prune_fetched(dest.parent, self.keep, protect={ref.revision})
+        return dest
+
+
 class RevisionLoader:
     """Builds a Revision from a revision name and checkpoint path.
 
     ``build_builtin(name)`` makes the checkpoint-free ones (ngram, none, scratch);
     ``build_head(path)`` loads and verifies a checkpoint and returns (revision name
-    recorded in its metadata, proposer)."""
+    recorded in its metadata, proposer). With ``fetch`` (a RevisionFetcher), a
+    checkpoint that is not on this server's disk is downloaded first."""
 
     def __init__(
         self,
         build_builtin: Callable[[str], Revision],
         build_head: Callable[[Path], Revision],
         checkpoint_dir: str | None,
+        fetch: Callable[[RevisionRef, Path], Path | None] | None = None,
     ) -> None:
         self.build_builtin, self.build_head = build_builtin, build_head
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir, self.fetch = checkpoint_dir, fetch
+
+    def resolve(self, ref: RevisionRef) -> Path:
+        """The checkpoint's folder on this server: already in `checkpoint_dir`, else
+        downloaded from where the trainer published it (when its record says), else the
+        ref's own path (a volume shared with the trainer)."""
+        if self.checkpoint_dir and (Path(self.checkpoint_dir) / ref.revision).is_dir():
+            return Path(self.checkpoint_dir) / ref.revision
+        if self.fetch is not None:
+            fetched = self.fetch(ref, Path(self.checkpoint_dir or ".") / ref.revision)
+            if fetched is not None:
+                return fetched
+        return self.path_of(ref)
 
     def path_of(self, ref: RevisionRef) -> Path:
         """The ref's own path when it exists, else ``<checkpoint_dir>/<revision>``."""
@@ -174,7 +210,7 @@ class RevisionLoader:
     def load(self, ref: RevisionRef) -> Revision:
         if ref.revision in BUILTIN_REVISIONS and not ref.path:
             return self.build_builtin(ref.revision)
-        path = self.path_of(ref)
+        path = self.resolve(ref)
         revision = self.build_head(path)
         if revision.name != ref.revision:
             raise ValueError(

@@ -32,6 +32,7 @@ from aurora.runtime.server.config import ServerConfig, connect_redis
 from aurora.runtime.server.metrics import ServerMetrics
 from aurora.runtime.server.revisions import (
     Revision,
+    RevisionFetcher,
     RevisionLoader,
     RevisionSet,
     RevisionWatcher,
@@ -174,12 +175,14 @@ class ServerRuntime:
             trace_topk=config.trace_topk,
             seed=config.seed,
             max_batch=config.max_batch,
+            slow_revision=config.slow_revision,
         )
         self.worker.start()
         if self.redis is not None:
             loader = RevisionLoader(
-                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir
-            )
+                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir,
+                fetch=RevisionFetcher(self.redis, self.keys),
+            )  # fmt: skip
             self.watcher = RevisionWatcher(
                 self.revisions,
                 loader,

@@ -12,12 +12,20 @@ verify steps, each step verifies every row's draft in one target forward, and a
 finished, cancelled or failed job leaves without disturbing the others. Other
 models, or ``max_batch`` 1, decode one job at a time with ``generate``.
 
-Rows of one batch share their arm and revision. A request's decode tokens/s is the
-rollout's unit of measurement: a plain (baseline) row batched with drafted rows would
-pay for their verify tokens and draft steps, and they would share its forward, so the
-measured speedup would drift toward the accept length. A job routed to another arm
-waits (routed once, its share stays exact) for a batch of its own; once ``max_batch``
-such jobs wait, the running batch takes no new jobs and drains, so no arm starves.
+Rows of one batch share their arm and revision, and arms are assigned per *cohort*, not
+per request: when a batch starts, one routing draw (by the shares) picks the arm for
+every request that joins it, up to ``2 x max_batch`` requests; then the batch stops
+taking requests, drains, and the next cohort draws again. A request's decode tokens/s is
+the rollout's unit of measurement, and two things must not bias it:
+- a plain (baseline) row batched with drafted rows would pay for their verify tokens
+  and draft steps, and they would share its forward (so arms never share a batch);
+- per-request routing would let the busier arm batch more, and each of its requests
+  decode slower, so an arm's throughput would depend on its traffic share. Drawn per
+  cohort, the arm is independent of how many requests the batch gets, so every arm sees
+  the same distribution of batch sizes; the stats carry the cohort id
+  (``RequestStats.cohort``), the unit the rollout's statistics cluster on.
+A request that pins an arm or revision is routed alone and waits for a cohort of its own
+(unpinned requests never join it, so pinned traffic cannot steer their arm).
 """
 
 from __future__ import annotations
@@ -86,6 +94,9 @@ class Completion:
     accept_length: float
     decode_tokens_per_s: float
     e2e_latency: float
+    decode_s: float = 0.0
+    cohort: str = ""  # the batch cohort it was routed with ("": routed alone)
+    batch_rows: float = 1.0  # mean rows per verify step while it decoded
 
     @property
     def completion_tokens(self) -> int:
@@ -181,6 +192,13 @@ class _Request:
     revision: str
     tracker: TextTracker
     traced: bool
+    cohort: str = ""
+    steps: int = 0  # verify steps it took part in
+    rows: int = 0  # rows of those steps, summed
+
+    @property
+    def batch_rows(self) -> float:
+        return self.rows / self.steps if self.steps else 1.0
 
 
 @dataclass
@@ -196,6 +214,20 @@ class _Routed:
     @property
     def batch_key(self) -> tuple[str, str]:
         return self.arm, self.revision
+
+
+@dataclass
+class _Cohort:
+    """The requests routed together with one draw: they share a batch, arm and revision."""
+
+    id: str
+    key: tuple[str, str]
+    pinned: bool  # routed by a pinned request: only requests pinned alike join
+    admitted: int = 0
+
+
+def _pinned(job: Job) -> bool:
+    return job.arm is not None or job.revision is not None
 
 
 class EngineWorker:
@@ -221,6 +253,7 @@ class EngineWorker:
         trace_topk: int,
         seed: int,
         max_batch: int = 1,
+        slow_revision: tuple[str, float] | None = None,
     ) -> None:
         self.target, self.tokenizer, self.tokenizer_lock = target, tokenizer, tokenizer_lock
         self.revisions, self.router, self.metrics, self.publisher = (
@@ -234,8 +267,11 @@ class EngineWorker:
         self._rng = random.Random(seed + 1)  # trace sampling and per-request sampling seeds
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._held = 0  # jobs taken off the queue and not answered yet
-        # Routed jobs waiting for a batch of their own arm and revision (see the module doc).
-        self._deferred: collections.deque[_Routed] = collections.deque()
+        # Jobs taken off the queue that wait for the next cohort (see the module doc).
+        self._deferred: collections.deque[Job] = collections.deque()
+        self._cohorts = 0
+        # Tests of the rollout gate only: (revision, seconds) added to each of its verify steps.
+        self.slow_revision = slow_revision
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aurora-engine-worker", daemon=True)
         self.device = next(target.parameters()).device
@@ -266,9 +302,9 @@ class EngineWorker:
             except queue.Empty:
                 break
             job.future.cancel()
-        while self._deferred:  # taken and routed, never started: answered as cancelled
-            routed = self._deferred.popleft()
-            self._fail(routed.job, routed.arm, routed.revision, Cancelled("the server is stopping"))
+        while self._deferred:  # taken, never started: answered as cancelled
+            job = self._deferred.popleft()
+            self._fail(job, job.arm or "", job.revision or "", Cancelled("the server is stopping"))
 
     @property
     def alive(self) -> bool:
@@ -290,16 +326,13 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._deferred:
-                self._serve_batch(self._deferred.popleft())
-                continue
-            job = self._take(timeout=0.2)
+            job = self._deferred.popleft() if self._deferred else self._take(timeout=0.2)
             if job is None:
                 continue
             if self.decoder is None:
                 self._serve(job)
-            elif (routed := self._routed(job)) is not None:
-                self._serve_batch(routed)
+            else:
+                self._serve_cohort(job)
 
     def _take(self, timeout: float | None) -> Job | None:
         """The next queued job whose client still waits (None when the queue is empty)."""
@@ -313,15 +346,21 @@ class EngineWorker:
                 return job
             self.metrics.requests.labels(arm="", revision="", status="cancelled").inc()
 
-    def _route(self, job: Job) -> tuple[Arm, str, Any, bool]:
-        """(arm, revision, proposer or None, traced) for a job; RoutingError if it pins
-        what is not served. The job keeps this draft to its end, across swaps."""
+    def _route(self, job: Job, draw: float | None = None) -> tuple[Arm, str, Any, bool]:
+        """(arm, revision, proposer or None, traced) for a job, from `draw` (a cohort's)
+        or a draw of its own; RoutingError if it pins what is not served. The job keeps
+        this draft to its end, across swaps."""
         arm, rev = self.revisions.snapshot().route(
-            self.router.draw(), arm=job.arm, revision=job.revision
+            self.router.draw() if draw is None else draw, arm=job.arm, revision=job.revision
         )
         proposer = rev.proposer if arm != "baseline" and self.k > 0 else None
         traced = self.publisher is not None and self._rng.random() < self.trace_sample_rate
         return arm, rev.name, proposer, traced
+
+    def _slow_step(self, revision: str) -> None:
+        """The test-only delay per verify step (`--test-slow-revision`)."""
+        if self.slow_revision is not None and revision == self.slow_revision[0]:
+            time.sleep(self.slow_revision[1])
 
     def _decode_options(self, job: Job, proposer: Any, traced: bool) -> dict[str, Any]:
         """The engine's per-request arguments (generate's and BatchDecoder.add's)."""
@@ -345,12 +384,18 @@ class EngineWorker:
         try:
             arm, revision, proposer, traced = self._route(job)
             tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
+            served = revision
+
+            def before_step() -> None:
+                job.check_cancelled()
+                self._slow_step(served)
+
             generation = generate(
                 self.target,
                 job.prompt_ids,
                 eos_ids=self.eos_ids,
                 stop=tracker if tracker.active else None,
-                before_step=job.check_cancelled,
+                before_step=before_step,
                 **self._decode_options(job, proposer, traced),
             )
         except Exception as error:
@@ -358,39 +403,51 @@ class EngineWorker:
             return
         self._complete(_Request(job, arm, revision, tracker, traced), generation)
 
-    def _routed(self, job: Job) -> _Routed | None:
+    def _routed(self, job: Job, draw: float | None = None) -> _Routed | None:
         """The job with its routing, or None when it was answered already (cancelled,
         or it pins an arm or revision that is not served)."""
         try:
             job.check_cancelled()
-            return _Routed(job, *self._route(job))
+            return _Routed(job, *self._route(job, draw))
         except Exception as error:
             self._fail(job, job.arm or "", job.revision or "", error)
             return None
 
-    def _serve_batch(self, first: _Routed) -> None:
-        """Decode ``first`` together with the jobs that arrive while it runs (up to
-        max_batch rows; they join between steps) until the batch is empty. Routing
-        and cancellation happen between steps, as ``before_step`` does for one job."""
+    def _serve_cohort(self, first: Job) -> None:
+        """Route `first` with a fresh draw and decode it together with the requests that
+        join its cohort while it runs (see the module doc) until the batch is empty.
+        Routing and cancellation happen between steps, as ``before_step`` does for one
+        job."""
         decoder = self.decoder
         assert decoder is not None
-        self._admit(decoder, first)
-        while decoder.rows:
-            # Other arms' jobs wait; once a full batch of them waits, this batch only drains.
+        draw = self.router.draw()
+        if (routed := self._routed(first, draw)) is None:
+            return
+        self._cohorts += 1
+        cohort = _Cohort(f"{self.server_id}:{self._cohorts}", routed.batch_key, _pinned(first))
+        self._admit(decoder, routed, cohort)
+        while True:
+            # Join while the cohort is open; other jobs wait for the next cohort. Once a
+            # full batch of them waits, this batch only drains, so no job starves.
             while (
                 decoder.capacity
+                and cohort.admitted < 2 * self.max_batch
                 and len(self._deferred) < self.max_batch
                 and not self._stop.is_set()
             ):
                 job = self._take(timeout=None)
                 if job is None:
                     break
-                if (routed := self._routed(job)) is None:
+                if _pinned(job) != cohort.pinned:
+                    self._deferred.append(job)
+                elif (routed := self._routed(job, draw)) is None:
                     continue
-                if routed.batch_key == first.batch_key:
-                    self._admit(decoder, routed)
-                else:
-                    self._deferred.append(routed)
+                elif routed.batch_key == cohort.key:
+                    self._admit(decoder, routed, cohort)
+                else:  # pinned elsewhere, or the served revisions changed since the draw
+                    self._deferred.append(job)
+            if not decoder.rows:
+                return
             for row in list(decoder.rows):
                 request: _Request = row.owner
                 if request.job.cancelled.is_set():
@@ -401,6 +458,10 @@ class EngineWorker:
                         request.revision,
                         Cancelled(f"request {request.job.id} was cancelled by its client"),
                     )
+            self._slow_step(cohort.key[1])
+            for row in decoder.rows:
+                request = row.owner
+                request.steps, request.rows = request.steps + 1, request.rows + len(decoder.rows)
             try:
                 finished = decoder.step()
             except Exception as error:  # outside any one row: fail this batch, keep serving
@@ -411,15 +472,16 @@ class EngineWorker:
             for row in finished:
                 self._settle(row)
 
-    def _admit(self, decoder: BatchDecoder, routed: _Routed) -> None:
+    def _admit(self, decoder: BatchDecoder, routed: _Routed, cohort: _Cohort) -> None:
         job, arm, revision, traced = routed.job, routed.arm, routed.revision, routed.traced
+        cohort.admitted += 1
         try:
-            job.check_cancelled()  # it may have waited for a batch of its arm
+            job.check_cancelled()  # it may have waited for a cohort
             tracker = TextTracker(self.tokenizer, self.tokenizer_lock, job.stop, job.on_text)
             row = decoder.add(
                 job.prompt_ids,
                 stop=tracker if tracker.active else None,
-                owner=_Request(job, arm, revision, tracker, traced),
+                owner=_Request(job, arm, revision, tracker, traced, cohort.id),
                 **self._decode_options(job, routed.proposer, traced),
             )
         except Exception as error:
@@ -482,6 +544,9 @@ class EngineWorker:
             accept_length=generation.accept_length,
             decode_tokens_per_s=generation.decode_tokens_per_s,
             e2e_latency=time.perf_counter() - job.received,
+            decode_s=generation.decode_s,
+            cohort=request.cohort,
+            batch_rows=request.batch_rows,
         )
         self._held -= 1
         # Metrics and stats first: once a client has its answer, they include it.
@@ -512,6 +577,10 @@ class EngineWorker:
                 verify_steps=completion.verify_steps,
                 latency_s=completion.e2e_latency,
                 domain=job.domain,
+                decode_s=completion.decode_s,
+                prompt_tokens=completion.prompt_tokens,
+                cohort=completion.cohort,
+                batch_rows=completion.batch_rows,
             )
         )
         if traced:

@@ -56,24 +56,30 @@ TERMINATION_LOG = "/dev/termination-log"  # Kubernetes shows it as the container
 
 class Drafts:
     """EAGLE-3 draft directories exported for this server (on the pod's /tmp, which
-    outlives a container restart), and markers of starts into them."""
+    outlives a container restart), and markers of starts into them. ``client`` (Redis)
+    lets a checkpoint that is on no volume this server shares be fetched from where the
+    trainer published it, as the torch server does."""
 
-    def __init__(self, root: str | Path, checkpoint_dir: str | None) -> None:
+    def __init__(self, root: str | Path, checkpoint_dir: str | None, client: Any = None,
+                 keys: Any = None) -> None:  # fmt: skip
         self.root, self.checkpoint_dir = Path(root), checkpoint_dir or None
+        self.client, self.keys = client, keys
 
     @classmethod
-    def of(cls, settings: Any) -> Drafts:
+    def of(cls, settings: Any, client: Any = None) -> Drafts:
         root = settings.drafts_dir or Path(tempfile.gettempdir()) / "aurora-sglang-drafts"
-        return cls(root, settings.checkpoint_dir)
+        return cls(root, settings.checkpoint_dir, client, settings.keys)
 
     def source_of(self, ref: Any) -> Path:
-        """Where the revision's checkpoint is, resolved as the torch server resolves it."""
-        from aurora.runtime.server.revisions import RevisionLoader
+        """The revision's checkpoint on this server: in the checkpoint dir, else fetched
+        (when its candidate record names a URL), else the ref's own path."""
+        from aurora.runtime.server.revisions import RevisionFetcher, RevisionLoader
 
         def builtin(name: Any) -> Any:
             raise ValueError(f"{name!r} has no checkpoint")
 
-        return RevisionLoader(builtin, builtin, self.checkpoint_dir).path_of(ref)
+        fetch = RevisionFetcher(self.client, self.keys) if self.client is not None else None
+        return RevisionLoader(builtin, builtin, self.checkpoint_dir, fetch).resolve(ref)
 
     def prepare(self, ref: Any) -> Path:
         """An SGLang EAGLE-3 directory holding ``ref``: the checkpoint path itself when it
@@ -193,7 +199,7 @@ class Restarter:
         exit: Callable[[str], None] = terminate,
     ) -> None:
         self.initial, self.exit = initial, exit
-        self.drafts = drafts or Drafts.of(settings)
+        self.drafts = drafts or Drafts.of(settings, client)
         self.slots = RestartSlots(
             client, settings.keys, settings.server, settings.restart_parallel,
             settings.restart_timeout_s,
@@ -228,9 +234,10 @@ def launch_at_start(settings: Any, initial: Launch, drafts: Drafts | None = None
     from aurora.runtime.protocol import ProtocolError, connect, get_desired
     from aurora.runtime.sglang.weights import wanted
 
-    drafts = drafts or Drafts.of(settings)
+    client = connect(settings.redis_url)
+    drafts = drafts or Drafts.of(settings, client)
     try:
-        desired = get_desired(connect(settings.redis_url), settings.keys)
+        desired = get_desired(client, settings.keys)
     except (redis.RedisError, OSError, ProtocolError) as error:
         log.warning("aurora: cannot read the desired revision (%s): starting %s", error, initial)
         return initial

@@ -373,8 +373,9 @@ class SGLangRevisionWatcher:
         self._stop = threading.Event()
 
     def path_of(self, ref: RevisionRef) -> Path:
-        """Where the checkpoint is, resolved as the torch server resolves it."""
-        return Drafts("", self.checkpoint_dir).source_of(ref)
+        """Where the checkpoint is, resolved (and fetched when it is on no shared volume)
+        as the torch server does it."""
+        return Drafts("", self.checkpoint_dir, self.client, self.keys).source_of(ref)
 
     def target(self, desired: DesiredState | None) -> tuple[str | None, RevisionRef | None]:
         """(the revision name this server should report, its ref); (None, None) when

@@ -34,7 +34,16 @@ class TrainerConfig:
         env="AURORA_REDIS_URL",
     )
     checkpoint_dir: Path = knob(
-        Path("checkpoints"), "where revisions are written (shared with the servers)"
+        Path("checkpoints"),
+        "where revisions are written (shared with the servers, or served to them)",
+    )
+    advertise_url: str | None = knob(
+        None,
+        "base URL where servers download this trainer's checkpoints (`aurora train "
+        "--serve-checkpoints-port`), e.g. the trainer's Service http://NAME-trainer.NS.svc:9200; "
+        "each candidate record carries its revision's URL. None: servers read them from a "
+        "shared volume",
+        metavar="URL",
     )
     consumer: str = field(default_factory=_default_consumer)  # the consumer group member
     init: str = knob(Builtin.SCRATCH.value, "initial draft: scratch or a checkpoint directory")

@@ -24,6 +24,7 @@ from aurora.runtime.checkpoint import CheckpointError, load_checkpoint, load_dra
 from aurora.runtime.draft import EagleDraftHead
 from aurora.runtime.protocol import Builtin
 from aurora.runtime.trainer.objective import TraceExample, evaluate
+from aurora.runtime.trainer.serve_checkpoints import revision_url
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ class Publisher:
         spec_tokens: int,
         publish_margin: float,
         min_accept_length: float,
+        advertise_url: str | None = None,
     ) -> None:
         self.redis, self.keys, self.target = client, keys, target
         self.k, self.margin, self.floor = spec_tokens, publish_margin, min_accept_length
+        self.advertise_url = advertise_url  # where servers download (serve_checkpoints.py)
         self._stable_cache: tuple[str, tuple[str, ...], float] | None = None
 
     def stable_revision(self) -> protocol.RevisionRef | None:
@@ -90,9 +93,15 @@ class Publisher:
         return max(float(evaluation["stable"]) * (1 + self.margin), self.floor)
 
     def offer(self, path: Path) -> None:
-        """Offer the checkpoint at ``path`` as a candidate."""
+        """Offer the checkpoint at ``path`` as a candidate, with the URL servers that
+        share no volume with the trainer download it from (when it serves them)."""
         _, meta = load_checkpoint(path)
-        protocol.offer_candidate(self.redis, self.keys, meta.to_candidate(path))
+        record = meta.to_candidate(path)
+        if self.advertise_url:
+            record = record.model_copy(
+                update={"url": revision_url(self.advertise_url, meta.revision)}
+            )
+        protocol.offer_candidate(self.redis, self.keys, record)
 
     def protected(self, published: str | None) -> set[str]:
         """Revisions pruning must keep: stable, on canary, and the last one offered."""

@@ -124,6 +124,7 @@ class Trainer:
             spec_tokens=config.spec_tokens,
             publish_margin=config.publish_margin,
             min_accept_length=config.min_accept_length,
+            advertise_url=config.advertise_url,
         )
         self.store = CheckpointStore(config.checkpoint_dir, keep=config.keep)
         self.replay = ReplayBuffer(config.replay_bytes, config.seed + self.rank)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,19 +22,26 @@ from pathlib import Path
 import pytest
 from cluster.local_cluster import ClusterError, LocalCluster, build
 from e2e_harness import ROOT, Installed, Operator
-from kubelet import StandInKubelet
+from kubelet import Node, StandInKubelet
 
 from aurora.paths import aurora_home
 from aurora.runtime.embedded_redis import EmbeddedRedis
 
 OPERATOR_NAMESPACE = "aurora-system"
 OPERATOR_ACCOUNT = "aurora-operator"
+# Two stand-in nodes: the e2e Speculator's servers go to one, its trainer to the other.
+NODES = [
+    Node("node-a", {"kubernetes.io/hostname": "node-a", "pool": "serving"}),
+    Node("node-b", {"kubernetes.io/hostname": "node-b", "pool": "training"}),
+]
 NO_GO = (
     "E2E TESTS NOT RUN: `go` is not on PATH, so no kube-apiserver can be built. Install Go "
     ">= 1.26 (the first run builds k8s.io/kubernetes and etcd from Go modules, cached under "
     "$AURORA_HOME/e2e); under CI=true this is a failure."
 )
 _BINARIES = pytest.StashKey[Path | str]()  # the binaries' folder, or why there is none
+_TOOLS = pytest.StashKey[Path | str]()  # helm and kubeconform's folder, or why there is none
+TOOLS_SCRIPT = Path(__file__).resolve().parent / "tools" / "build.sh"
 _RUN_ROOT = pytest.StashKey[Path]()  # this run's files: data, logs, pod folders
 
 
@@ -62,6 +70,31 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if reporter is not None:
         reporter.write_line(f"e2e: cluster binaries ready in {time.monotonic() - started:.0f}s")
     session.config.stash[_BINARIES] = folder
+    if any(item.get_closest_marker("packaging") for item in session.items):
+        session.config.stash[_TOOLS] = _build_tools(home / "tools-build.log", reporter)
+
+
+def _build_tools(log: Path, reporter: pytest.TerminalReporter | None) -> Path | str:
+    """helm and kubeconform from the Go module proxy (tests/e2e/tools/build.sh), cached."""
+    if reporter is not None:
+        reporter.write_line(f"e2e: building or finding helm and kubeconform (log: {log})")
+    with log.open("w") as out:
+        done = subprocess.run(["bash", str(TOOLS_SCRIPT)], stdout=subprocess.PIPE, stderr=out,
+                              text=True)  # fmt: skip
+    if done.returncode != 0:
+        return f"building helm and kubeconform failed (exit {done.returncode}); log {log}"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tools(request: pytest.FixtureRequest) -> Path:
+    """The folder with helm and kubeconform (and crds/ beside it)."""
+    folder = request.config.stash.get(_TOOLS, NO_GO if shutil.which("go") is None else "")
+    if isinstance(folder, str):
+        if folder == NO_GO and not _in_ci():
+            pytest.skip(NO_GO)
+        pytest.fail(folder or "the packaging tools were not built", pytrace=False)
+    return folder
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -109,7 +142,8 @@ def installed(
     cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Installed]:
     """`kubectl apply -k manifests/`; Redis started with the password of the Secret it
-    ships; the operator running under its ServiceAccount's token; the stand-in kubelet."""
+    ships; two operator replicas (peered) under the ServiceAccount's token, with the
+    managed Redis as the shipped Deployment names it; the stand-in kubelets."""
     cluster.kubectl("apply", "-k", str(ROOT / "manifests"))
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/speculators.aurora.dev", "--timeout=60s"
@@ -123,11 +157,23 @@ def installed(
     kubeconfig = cluster.service_account_kubeconfig(
         OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, work / "operator.kubeconfig"
     )
-    operator = Operator(kubeconfig, work / "operator.log").start()
+    # What the shipped Deployment gives the operator: the managed Redis (here on loopback)
+    # and its admin password from the aurora-redis Secret; nothing else is allowed.
+    managed = {
+        "AURORA_MANAGED_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+        "AURORA_MANAGED_REDIS_PASSWORD": redis.password or "",
+        "AURORA_REDIS_ALLOWLIST": "",
+    }
+    operators = [
+        Operator(kubeconfig, work / f"operator-{i}.log", identity=f"aurora-operator-{i}",
+                 env=managed).start()
+        for i in range(2)
+    ]  # fmt: skip
     venv_bin = str(Path(sys.executable).parent)
     kubelet = StandInKubelet(
         cluster.kubeconfig,
         work / "kubelet",
+        nodes=NODES,
         image_env={
             # What the runtime image provides: its Python, the baked-in model under
             # AURORA_HOME, and (like a CPU limit of 1) one thread per process.
@@ -141,8 +187,9 @@ def installed(
         },
     ).start()
     try:
-        yield Installed(cluster, redis, operator, kubelet, kubeconfig)
+        yield Installed(cluster, redis, operators, kubelet, kubeconfig)
     finally:
-        operator.stop()
+        for operator in operators:
+            operator.stop()
         kubelet.stop()
         redis.close()

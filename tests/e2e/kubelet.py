@@ -1,21 +1,31 @@
-"""TEST SCAFFOLDING: a stand-in for the kubelet (and the Deployment controller) in the
-e2e tests, where no node, container runtime or scheduler exists.
+"""TEST SCAFFOLDING: a stand-in for the kubelets of a few nodes (and for the Deployment
+controller, the scheduler and kube-proxy) in the e2e tests, where no node, container
+runtime or scheduler exists.
 
 For every Deployment the operator created (label app.kubernetes.io/managed-by:
 aurora-operator) it runs `spec.replicas` "pods": each container's command as a local
 process, with what a kubelet would give it:
 
+- a node: the stand-in nodes (`nodes`, each with labels and its own folder) are picked
+  by the pod's nodeSelector, then by fewest pods (spreading), as a scheduler would;
+- init containers run one after the other to completion before the containers start;
+
 - the environment: the "image" environment first (`image_env`: where the cached model
   is, the way the runtime image sets AURORA_HOME), then the container's `env` (values,
   secretKeyRef and configMapKeyRef read from the API), and `$(VAR)` references in the
   command expanded from it, as the kubelet does;
-- volumes as local folders: one per PersistentVolumeClaim (shared by every pod that
-  mounts the claim, like a ReadWriteOnce volume on a single node), one per emptyDir per
-  pod, a ConfigMap's keys written as files. A process has no mount namespace, so
-  arguments and environment values under a mountPath are rewritten to the folder;
+- volumes as local folders: one per PersistentVolumeClaim; a ReadWriteOnce(-Pod) claim
+  attaches to the node of the first pod that mounts it, and a pod on another node that
+  mounts it waits with a Multi-Attach error, as on a real cluster (ReadWriteMany: any
+  node). An emptyDir is a fresh folder per pod under its node's folder; a ConfigMap's
+  keys are written as files. A process has no mount namespace, so arguments and
+  environment values under a mountPath are rewritten to the folder;
 - ports: every containerPort gets a free loopback port. A process has no network
   namespace, so the argument after `--port`/`--*-port` naming the containerPort, and
   `--host 0.0.0.0`, are rewritten to it and to 127.0.0.1;
+- Services: `http_proxy` points every pod at a stand-in kube-proxy that sends a request
+  for http://NAME.NAMESPACE.svc:PORT/... to a ready pod the Service selects, at the
+  port its targetPort names (plain HTTP; Redis and probes are reached directly);
 - probes: startupProbe and readinessProbe (httpGet) against those ports, once a second;
   a container is ready when its process runs, its startup probe passed and its
   readiness probe (if any) last answered 2xx/3xx. A process that exits is restarted
@@ -27,9 +37,10 @@ readyReplicas, availableReplicas, observedGeneration, conditions) is written thr
 status subresource, as the Deployment controller would.
 
 What it does NOT prove: images, the read-only root file system, security contexts,
-resource limits and GPUs, liveness probes, Pod objects and Services that route traffic,
-scheduling, and network isolation are not exercised; processes share the host's
-loopback and file system. Those need a real cluster with real nodes.
+resource limits and GPUs, liveness probes, Pod objects, affinity and taints, emptyDir
+size limits and network isolation (NetworkPolicies) are not exercised; processes share
+the host's loopback and (apart from the folders above) file system. Those need a real
+cluster with real nodes.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -48,8 +60,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import client, config
 
@@ -175,22 +189,49 @@ class Container:
             process.wait()
 
 
+@dataclass(frozen=True)
+class Node:
+    """A stand-in node: its name and labels (what nodeSelectors match)."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Pod:
     name: str
     template: str  # template hash
     containers: list[Container]
+    node: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    init: list[Container] = field(default_factory=list)  # init containers not yet done
+    claims: tuple[tuple[str, str], ...] = ()  # (namespace, claim) it mounts
+    waiting: str | None = None  # why it cannot start (unschedulable, Multi-Attach)
 
     @property
     def ready(self) -> bool:
-        return all(c.ready for c in self.containers)
+        return self.waiting is None and not self.init and all(c.ready for c in self.containers)
 
     def observe(self) -> None:
+        if self.waiting is not None:
+            return
+        while self.init:  # one at a time, each to completion, restarted when it fails
+            container = self.init[0]
+            code = None if container.process is None else container.process.poll()
+            if container.process is None or (code is not None and code != 0):
+                if container.process is not None:
+                    container.restarts += 1
+                    log.warning("init container %s exited %s, restarting", container.name, code)
+                container.run()
+                return
+            if code is None:
+                return
+            self.init.pop(0)
         for container in self.containers:
             container.observe()
 
     def stop(self) -> None:
-        for container in self.containers:
+        for container in [*self.init, *self.containers]:
             container.stop()
 
 
@@ -202,10 +243,13 @@ class StandInKubelet:
     kubeconfig: Path
     root: Path
     image_env: dict[str, str] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=lambda: [Node("node-a")])
     pods: dict[tuple[str, str], list[Pod]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    attached: dict[tuple[str, str], str] = field(default_factory=dict)  # RWO claim -> node
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _proxy: ThreadingHTTPServer | None = None
     _serial: int = 0
 
     def __post_init__(self) -> None:
@@ -215,6 +259,16 @@ class StandInKubelet:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> StandInKubelet:
+        self._proxy = ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(self))
+        self._proxy.daemon_threads = True
+        threading.Thread(
+            target=self._proxy.serve_forever, name="stand-in-proxy", daemon=True
+        ).start()
+        proxy = f"http://127.0.0.1:{self._proxy.server_address[1]}"
+        self.image_env.update(
+            http_proxy=proxy, HTTP_PROXY=proxy, no_proxy="127.0.0.1,localhost",
+            NO_PROXY="127.0.0.1,localhost",
+        )  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="stand-in-kubelet", daemon=True)
         self._thread.start()
         return self
@@ -227,6 +281,8 @@ class StandInKubelet:
             for pod in pods:
                 pod.stop()
         self.pods.clear()
+        if self._proxy is not None:
+            self._proxy.shutdown()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -256,6 +312,20 @@ class StandInKubelet:
             if key not in seen:  # deleted (by the operator or the garbage collector)
                 for pod in self.pods.pop(key):
                     pod.stop()
+        self._detach_unused()
+
+    def _detach_unused(self) -> None:
+        """A ReadWriteOnce claim no pod on its node mounts any more is detached."""
+        in_use = {
+            (claim, pod.node)
+            for pods in self.pods.values()
+            for pod in pods
+            if pod.waiting is None
+            for claim in pod.claims
+        }
+        for claim, node in list(self.attached.items()):
+            if (claim, node) not in in_use:
+                del self.attached[claim]
 
     def _sync_deployment(self, key: tuple[str, str], deployment: Mapping[str, Any]) -> None:
         spec = deployment["spec"]
@@ -270,12 +340,18 @@ class StandInKubelet:
             surplus = new.pop()
             surplus.stop()
             pods.remove(surplus)
+        for pod in [p for p in new if p.waiting is not None]:  # retry: a volume may be free
+            pod.stop()
+            pods.remove(pod)
+            new.remove(pod)
+            self._detach_unused()
         recreate = (spec.get("strategy") or {}).get("type") == "Recreate"
         if recreate and old:  # Recreate: every old pod gone before a new one starts
             for pod in old:
                 pod.stop()
                 pods.remove(pod)
             old = []
+            self._detach_unused()
         while len(new) < wanted:
             pod = self._start_pod(key, deployment, current)
             pods.append(pod)
@@ -323,20 +399,64 @@ class StandInKubelet:
 
     # ----------------------------------------------------------------------- pods
 
+    def _schedule(self, template: Mapping[str, Any]) -> Node | None:
+        """The node for a new pod: its nodeSelector matched, then the fewest pods."""
+        wanted = (template.get("nodeSelector") or {}).items()
+        fits = [node for node in self.nodes if wanted <= node.labels.items()]
+        load = {node.name: 0 for node in self.nodes}
+        for pods in self.pods.values():
+            for pod in pods:
+                load[pod.node] = load.get(pod.node, 0) + 1
+        return min(fits, key=lambda node: load[node.name], default=None)
+
+    def _attach(self, namespace: str, claim_name: str, node: Node) -> str | None:
+        """Attach a claim to `node`; the Multi-Attach error when a ReadWriteOnce(-Pod)
+        claim is attached to another node (None: attached)."""
+        claim = _json(
+            self.core.read_namespaced_persistent_volume_claim(
+                claim_name, namespace, _preload_content=False
+            )
+        )
+        modes = set((claim.get("spec") or {}).get("accessModes") or [])
+        if modes & {"ReadWriteMany", "ReadOnlyMany"}:
+            return None
+        holder = self.attached.setdefault((namespace, claim_name), node.name)
+        if holder != node.name:
+            return (
+                f"Multi-Attach error for volume {claim_name}: {'/'.join(sorted(modes))} and "
+                f"already attached to node {holder}"
+            )
+        return None
+
     def _start_pod(self, key: tuple[str, str], deployment: Mapping[str, Any], current: str) -> Pod:
         namespace, name = key
         self._serial += 1
         pod_name = f"{name}-{current[:6]}-{self._serial}"
-        pod_dir = self.root / "pods" / namespace / pod_name
         template = deployment["spec"]["template"]["spec"]
+        labels = dict((deployment["spec"]["template"].get("metadata") or {}).get("labels") or {})
+        node = self._schedule(template)
+        if node is None:
+            pod = Pod(pod_name, current, [], labels=labels, waiting="no node matches")
+            log.warning("pod %s/%s: no stand-in node matches its nodeSelector", namespace, pod_name)
+            return pod
+        claims = tuple(
+            (namespace, v["persistentVolumeClaim"]["claimName"])
+            for v in template.get("volumes") or []
+            if v.get("persistentVolumeClaim")
+        )
+        for _, claim in claims:
+            if problem := self._attach(namespace, claim, node):
+                log.warning("pod %s/%s on %s: %s", namespace, pod_name, node.name, problem)
+                return Pod(pod_name, current, [], node.name, labels, waiting=problem)
+        pod_dir = self.root / "nodes" / node.name / "pods" / namespace / pod_name
         volumes = self._volumes(namespace, template.get("volumes") or [], pod_dir)
-        containers = []
-        for spec in template["containers"]:
-            containers.append(self._container(namespace, pod_name, spec, volumes, pod_dir))
-        pod = Pod(pod_name, current, containers)
-        for container in pod.containers:
-            container.run()
-        log.info("started pod %s/%s", namespace, pod_name)
+        made = [
+            [self._container(namespace, pod_name, spec, volumes, pod_dir) for spec in specs]
+            for specs in (template.get("initContainers") or [], template["containers"])
+        ]
+        pod = Pod(pod_name, current, made[1], node.name, labels, made[0], claims)
+        pod.observe()
+        log.info("started pod %s/%s on %s", namespace, pod_name, node.name)
         return pod
 
     def _volumes(
@@ -346,6 +466,8 @@ class StandInKubelet:
         for volume in volumes:
             name = volume["name"]
             if claim := volume.get("persistentVolumeClaim"):
+                # The claim's data lives once (it moves with the claim between nodes);
+                # _attach decides which node may mount it.
                 folder = self.root / "volumes" / namespace / claim["claimName"]
             elif source := volume.get("configMap"):
                 folder = pod_dir / "configmaps" / name
@@ -414,3 +536,74 @@ class StandInKubelet:
             if pod.ready:
                 return f"http://127.0.0.1:{pod.containers[0].ports[port]}"
         raise LookupError(f"no ready pod of {namespace}/{deployment}")
+
+    def claim_folder(self, namespace: str, claim: str) -> Path:
+        """Where a PersistentVolumeClaim's data is (whichever node it is attached to)."""
+        return self.root / "volumes" / namespace / claim
+
+    def endpoint(self, namespace: str, selector: Mapping[str, str], port: str) -> int | None:
+        """The loopback port of a ready pod that `selector` matches, for a Service's
+        targetPort (a port name or number): kube-proxy's job."""
+        for (pod_namespace, _), pods in list(self.pods.items()):
+            for pod in pods:
+                if pod_namespace != namespace or not pod.ready:
+                    continue
+                if not selector or not selector.items() <= pod.labels.items():
+                    continue
+                for container in pod.containers:
+                    if port in container.ports:
+                        return container.ports[port]
+        return None
+
+    def service_endpoint(self, host: str, port: int) -> int | None:
+        """A Service's DNS name (NAME.NAMESPACE.svc[.cluster.local]) and port, resolved
+        to a ready pod's loopback port (None: no such Service or no ready pod)."""
+        parts = host.split(".")
+        if len(parts) < 3 or parts[2] != "svc":
+            return None
+        name, namespace = parts[0], parts[1]
+        try:
+            service = _json(
+                self.core.read_namespaced_service(name, namespace, _preload_content=False)
+            )
+        except client.ApiException:
+            return None
+        for entry in service["spec"].get("ports") or []:
+            if int(entry["port"]) == port:
+                target = str(entry.get("targetPort", port))
+                return self.endpoint(namespace, service["spec"].get("selector") or {}, target)
+        return None
+
+
+def _proxy_handler(kubelet: StandInKubelet) -> type[BaseHTTPRequestHandler]:
+    """The stand-in kube-proxy: an HTTP proxy that forwards a GET or HEAD for a Service
+    URL to a ready pod behind it, streaming the answer back."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            url = urlsplit(self.path)
+            port = kubelet.service_endpoint(url.hostname or "", url.port or 80)
+            if port is None:
+                self.send_error(502, f"no ready endpoint for {url.hostname}:{url.port}")
+                return
+            upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            path = url.path + (f"?{url.query}" if url.query else "")
+            upstream.request(self.command, path, headers={"Host": url.netloc})
+            answer = upstream.getresponse()
+            self.send_response(answer.status)
+            for header, value in answer.getheaders():
+                if header.lower() not in ("connection", "transfer-encoding"):
+                    self.send_header(header, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                while chunk := answer.read(1 << 16):
+                    self.wfile.write(chunk)
+            upstream.close()
+
+        do_GET = do_HEAD = _forward
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("stand-in proxy: " + format, *args)
+
+    return Handler

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from aurora.runtime import protocol
 from aurora.runtime.local.config import LocalConfig
-from aurora.runtime.local.report import LocalRun, Sample, write_report
+from aurora.runtime.local.report import LocalRun, write_report
 from aurora.runtime.local.run import LocalMode
+from aurora.runtime.rollout import RolloutState
 
 pytestmark = pytest.mark.integration
 
@@ -166,30 +168,47 @@ def test_a_run_starts_at_day_0_without_an_earlier_runs_checkpoints(
     assert (tmp_path / "logs").is_dir()  # only checkpoints go
 
 
-def test_the_report_counts_only_speedups_backed_by_enough_requests(tmp_path: Path) -> None:
-    # Given a timeline whose highest rolling figure rests on 3 requests, and two promotions
-    run = LocalRun(LocalConfig(workdir=tmp_path))  # local mode's minSamples: 12
+def test_the_report_headlines_the_final_stable_speedup_and_quotes_every_decision(
+    tmp_path: Path,
+) -> None:
+    # Given a run whose r1 was promoted at 1.52x over no speculation (its gate: 1.20x over
+    # the previous stable) and whose stable r1 now measures 1.31x over no speculation,
+    run = LocalRun(LocalConfig(workdir=tmp_path))
+    run.state = RolloutState(stable_revision="r1")
 
-    def sample(t: float, speedup: float, samples: int) -> Sample:
-        return Sample(t, 10, 0, "r1", None, 2.0, speedup, samples, None, "code")
+    def figure(comparator: str, estimate: float, samples: int) -> dict[str, Any]:
+        return {
+            "comparator": comparator, "estimate": estimate, "lower": estimate - 0.1,
+            "upper": estimate + 0.1, "confidence": 0.955, "samples": samples,
+            "comparator_samples": 30, "window_since": 3600.0, "window_seconds": 95.0,
+            "window_restarts": 0,
+        }  # fmt: skip
 
-    run.timeline = [sample(1, 1.3, 20), sample(2, 2.4, 3), sample(3, 1.6, 12)]
-    for revision, estimate in (("r1", 1.2), ("r2", 1.52)):
-        bounds = {"estimate": estimate, "lower": estimate - 0.1, "upper": estimate + 0.1}
-        run.events.append(
-            {
-                "t": 5.0,
-                "action": "Promote",
-                "revision": revision,
-                "reason": "beats",
-                "speedup_vs_no_speculation": {**bounds, "confidence": 0.9},
-            }
-        )
+    run.events.append(
+        {
+            "t": 5.0,
+            "action": "Promote",
+            "revision": "r1",
+            "reason": "beats r0",
+            "gated": figure("r0", 1.2, 40),
+            "speedup_vs_no_speculation": figure("no speculation", 1.52, 40),
+        }
+    )
+    run.final = {"revision": "r1", **figure("no speculation", 1.31, 120)}
     # When the report is written
     folder = write_report(run, tmp_path / "report")
     summary = json.loads((folder / "report.json").read_text())["summary"]
-    # Then the 3-request figure is left out, and the best promotion is quoted with its bounds
-    assert summary["max_speedup_vs_no_speculation"] == 1.6
-    assert summary["final_speedup_vs_no_speculation"] == 1.6
-    assert summary["best_promoted_speedup_vs_no_speculation"]["estimate"] == 1.52
-    assert "1.52x (90% bounds 1.42x-1.62x)" in (folder / "report.md").read_text()
+    text = (folder / "report.md").read_text()
+    # then its headline is the final stable revision's concurrent figure, not a maximum,
+    assert summary["final_stable_speedup_vs_no_speculation"]["estimate"] == 1.31
+    assert not any(key.startswith(("max_", "best_")) for key in summary)
+    assert (
+        "final stable revision: r1, 1.31x vs no speculation (95.5% confidence sequence "
+        "1.21x-1.41x, time-weighted; 120 / 30 requests in the window since 01:00:00 UTC, 95 s)"
+    ) in text
+    # and the decision is quoted with its gated figure, comparator, window and counts.
+    assert summary["decisions"][0]["gated"]["comparator"] == "r0"
+    assert "| Promote | r1 | 1.20x vs r0 (95.5% confidence sequence 1.10x-1.30x" in text
+    assert (
+        "40 / 30 requests in the window since 01:00:00 UTC, 95 s) | 1.52x vs no speculation" in text
+    )

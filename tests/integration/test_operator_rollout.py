@@ -32,11 +32,11 @@ def offer(client: redis.Redis, revision: str, created: float) -> None:
 
 def traffic(client: redis.Redis, revision: str, arm: str, n: int, tokens_per_s: float) -> None:
     rng = random.Random(f"{revision}:{arm}:{n}")
-    for i in range(n):
+    for _ in range(n):
         protocol.publish_stats(
             client, KEYS,
             RequestStats(revision=revision, arm=arm, server="chat-server-1", decode_tokens_per_s=rng.gauss(tokens_per_s, 0.5),  # type: ignore[arg-type]
-                         accept_length=2.5, new_tokens=64, verify_steps=25, latency_s=1.0, created=1000.0 + i),
+                         accept_length=2.5, new_tokens=64, verify_steps=25, latency_s=1.0),
             maxlen=10_000,
         )  # fmt: skip
 

@@ -16,9 +16,7 @@ from aurora.runtime.rollout import RolloutPolicy, RolloutState, loop
 pytestmark = pytest.mark.integration
 
 KEYS = Keys("team-a", "chat")
-POLICY = RolloutPolicy.model_validate(
-    {"minSamples": 30, "maxCanarySamples": 100, "bootstrapResamples": 200, "seed": 3}
-)
+POLICY = RolloutPolicy.model_validate({"minSamples": 30, "maxCanarySamples": 100})
 
 
 def offer(client: redis.Redis, revision: str, created: float, step: int) -> None:
@@ -43,7 +41,7 @@ def publish(client: redis.Redis, revision: str, arm: str, n: int, tokens_per_s: 
 def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     redis_client: redis.Redis,
 ) -> None:
-    window = loop.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=loop.window_size(POLICY))
     # Given a trainer that offered r1 and servers still on the initial draft,
     offer(redis_client, "r1", created=100.0, step=50)
     # when the operator runs a round, then r1 goes to canary and servers are told so.
@@ -90,7 +88,7 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
 
 
 def test_regressed_stable_falls_back_to_no_draft_through_redis(redis_client: redis.Redis) -> None:
-    window = loop.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=loop.window_size(POLICY))
     # Given r1 promoted earlier, now measured slower than plain decoding (traffic shifted),
     offer(redis_client, "r1", created=100.0, step=50)
     protocol.set_desired(
@@ -165,7 +163,7 @@ def test_trace_lag_counts_undelivered_and_unacked_traces(redis_client: redis.Red
 def test_a_wanted_revision_without_a_record_is_not_published(redis_client: redis.Redis) -> None:
     # The status says r9 is stable, but the trainer withdrew its record: the round runs,
     # reports the problem and leaves servers as they are.
-    window = loop.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=loop.window_size(POLICY))
     result = loop.run_round(
         redis_client, KEYS, POLICY, RolloutState(stable_revision="r9"), window, now=50.0
     )

@@ -31,9 +31,7 @@ from aurora.runtime.rollout import RolloutPolicy, RolloutState, loop
 pytestmark = pytest.mark.integration
 
 KEYS = Keys("default", "local")  # the server's default --speculator
-POLICY = RolloutPolicy.model_validate(
-    {"minSamples": 20, "maxCanarySamples": 100, "bootstrapResamples": 200, "seed": 1}
-)
+POLICY = RolloutPolicy.model_validate({"minSamples": 20, "maxCanarySamples": 100})
 
 
 def offer(client: redis.Redis, path: Path, created: float) -> None:
@@ -78,7 +76,7 @@ def test_a_broken_candidate_is_refused_before_any_swap_rejected_and_stable_keeps
     bad = write_revision(model[0], tmp_path, "r-bad", 2)
     offer(redis_client, good, created=100.0)
     state = RolloutState(stable_revision="r-good", tried_through=100.0)
-    window = loop.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=loop.window_size(POLICY))
     with LiveServer(server_config(redis_url=redis_url), model) as server:
         first = loop.run_round(redis_client, KEYS, POLICY, state, window, now=1000.0)
         assert first.published is not None and first.published.stable is not None
@@ -139,7 +137,7 @@ class Driver:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.window = loop.SampleWindow(size=POLICY.max_canary_samples)
+        self.window = loop.SampleWindow(size=loop.window_size(POLICY))
         stored = client.get(KEYS.rollout)
         self.state = RolloutState.model_validate_json(stored) if stored else RolloutState()
 

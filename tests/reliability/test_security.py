@@ -105,18 +105,40 @@ def test_no_role_in_the_manifests_grants_a_wildcard() -> None:
 
 @pytest.mark.unit
 def test_servers_and_trainers_read_the_redis_password_from_a_secret_only() -> None:
+    from urllib.parse import urlsplit
+
+    from aurora.operator.settings import OperatorSettings, RedisSettings
+
+    managed = OperatorSettings(
+        redis=RedisSettings(
+            managed_url="redis://aurora-redis.aurora-system.svc:6379/0", admin_password="admin"
+        )
+    )
+    external = OperatorSettings(redis=RedisSettings(allowlist=("redis.shared.svc:6379",)))
     for name, body in VARIANTS.items():
-        ref = body["spec"]["traces"]["passwordSecretRef"]
-        for child in desired_children(body):
-            if child["kind"] != "Deployment":
-                continue
-            for container in child["spec"]["template"]["spec"]["containers"]:
-                env = {e["name"]: e for e in container["env"]}
-                assert env["AURORA_REDIS_PASSWORD"] == {
-                    "name": "AURORA_REDIS_PASSWORD",
-                    "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}},
-                }, name
-                assert "@" not in env["AURORA_REDIS_URL"]["value"], name
+        # the managed Redis: the Speculator's own user, its password in the Secret made for it
+        planned = desired_children(body, managed)
+        (secret,) = [c for c in planned if c["kind"] == "Secret"]
+        ref = {"name": secret["metadata"]["name"], "key": "password"}
+        # an allowlisted Redis the operator does not manage: the Speculator's own Secret
+        shared = copy.deepcopy(body)
+        shared["spec"]["traces"]["redisUrl"] = "redis://redis.shared.svc:6379/0"
+        shared["spec"]["traces"]["passwordSecretRef"] = {"name": "shared-redis", "key": "pw"}
+        for children, wanted in ((planned, ref), (desired_children(shared, external),
+                                                  {"name": "shared-redis", "key": "pw"})):  # fmt: skip
+            for child in children:
+                if child["kind"] != "Deployment":
+                    continue
+                pod = child["spec"]["template"]["spec"]
+                for container in [*pod.get("initContainers", []), *pod["containers"]]:
+                    env = {e["name"]: e for e in container.get("env", [])}
+                    if "AURORA_REDIS_URL" not in env:
+                        continue  # an init step that never talks to Redis
+                    assert env["AURORA_REDIS_PASSWORD"] == {
+                        "name": "AURORA_REDIS_PASSWORD",
+                        "valueFrom": {"secretKeyRef": wanted},
+                    }, name
+                    assert urlsplit(env["AURORA_REDIS_URL"]["value"]).password is None, name
     # and a password written into the URL is refused, naming the fix
     leaky = copy.deepcopy(VARIANTS["torch"])
     leaky["spec"]["traces"]["redisUrl"] = "redis://:hunter2@aurora-redis:6379/0"

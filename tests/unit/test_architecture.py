@@ -32,6 +32,7 @@ ENTRY_POINTS = (
     "aurora.runtime.bench",
     "aurora.runtime.bench_batch",
     "aurora.runtime.bench_adapt",
+    "aurora.runtime.bench_gate",
     "aurora.runtime.chaos",
 )
 SERVICES = (

@@ -147,3 +147,96 @@ def test_a_message_with_quotes_and_newlines_survives() -> None:
         speculator(2, observed(servers=[deployment(ready=2)], apply_error='PVC "x" is\ninvalid'))
     )
     assert status == "Degraded" and 'PVC "x" is\ninvalid' in message
+
+
+def held() -> dict[str, Any]:
+    from aurora.runtime.rollout import RolloutState
+
+    state = RolloutState.model_validate(
+        {"phase": "Hold", "stableRevision": "r1", "candidateRevision": "r2"}
+    )
+    return observed(servers=[deployment(ready=2)], rollout_state=state)
+
+
+def test_a_canary_held_for_a_person_is_suspended_not_healthy() -> None:
+    # Argo Rollouts shows a rollout paused for a person as Suspended: so does a Speculator
+    # whose inconclusive canary waits for `aurora.dev/override`.
+    status, message = health(speculator(2, held()))
+    assert status == "Suspended"
+    assert message.startswith("Held: r2 held") and "aurora.dev/override=Promote" in message
+
+
+def test_scaled_to_zero_is_suspended() -> None:
+    zero = build_status(Observation(2, expected_servers={"chat-server": 0}, servers=[]), {}, T0)
+    status, message = health(speculator(2, zero))
+    assert (status, message.split(":")[0]) == ("Suspended", "ScaledToZero")
+
+
+def test_a_redis_the_operator_may_not_use_is_degraded() -> None:
+    refused = observed(spec_errors=["spec.traces.redisUrl points at evil:6379"],
+                       spec_error_reason="RedisNotAllowed")  # fmt: skip
+    status, message = health(speculator(2, refused))
+    assert status == "Degraded" and message.startswith("RedisNotAllowed: spec.traces.redisUrl")
+
+
+def application_health(app: dict[str, Any]) -> str:
+    patch = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text())
+    lua = patch["data"]["resource.customizations.health.argoproj.io_Application"]
+    script = f"obj = {lua_literal(app)}\nlocal function check()\n{lua}\nend\n"
+    script += "io.write(check().status)\n"
+    result = subprocess.run([lua_interpreter(), "-"], input=script, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_app_of_apps_orders_install_before_the_speculator_and_protects_the_crd() -> None:
+    # Applications' health is known to Argo CD (so waves wait for the install to be Healthy)
+    assert application_health({"status": {"health": {"status": "Healthy"}}}) == "Healthy"
+    assert application_health({}) == "Progressing"
+    root = yaml.safe_load((ARGOCD / "application.yaml").read_text())
+    assert root["spec"]["source"]["path"] == "manifests/argocd/apps"
+    apps = {
+        doc["metadata"]["name"]: doc
+        for path in sorted((ARGOCD / "apps").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+    }
+    waves = {name: int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])
+             for name, app in apps.items()}  # fmt: skip
+    assert waves == {"aurora-install": 0, "aurora-smollm2-cpu": 1}
+    for app in [root, *apps.values()]:
+        assert app["spec"]["syncPolicy"]["retry"]["limit"] >= 5
+    example = apps["aurora-smollm2-cpu"]["spec"]
+    options = set(example["syncPolicy"]["syncOptions"])
+    assert {"CreateNamespace=true", "SkipDryRunOnMissingResource=true"} <= options
+    assert example["ignoreDifferences"][0]["jsonPointers"] == ["/spec/engine/replicas"]
+    # the example needs no Secret copied into its namespace: nothing refers to one
+    speculator_file = Path(__file__).resolve().parents[2] / "manifests" / "examples"
+    spx = yaml.safe_load((speculator_file / example["source"]["directory"]["include"]).read_text())
+    assert "passwordSecretRef" not in spx["spec"]["traces"]
+    install = apps["aurora-install"]["spec"]["source"]["path"]
+    assert (Path(__file__).resolve().parents[2] / install / "kustomization.yaml").exists()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_argo_cd_never_prunes_or_deletes_the_crds_or_the_namespace() -> None:
+    root = Path(__file__).resolve().parents[2]
+    built = subprocess.run(["kubectl", "kustomize", str(root / "manifests/argocd/install")],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    protected = {
+        (d["kind"], d["metadata"]["name"])
+        for d in docs
+        if (d["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-options")
+        == "Prune=false,Delete=false"
+    }
+    crds = {("CustomResourceDefinition", d["metadata"]["name"]) for d in docs
+            if d["kind"] == "CustomResourceDefinition"}  # fmt: skip
+    assert protected == crds | {("Namespace", "aurora-system")}
+    assert ("CustomResourceDefinition", "speculators.aurora.dev") in protected
+    # and it is the default install otherwise
+    default = subprocess.run(["kubectl", "kustomize", str(root / "manifests")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    names = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(default.stdout) if d}
+    assert names == {(d["kind"], d["metadata"]["name"]) for d in docs}

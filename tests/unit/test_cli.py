@@ -2,10 +2,12 @@ import argparse
 import subprocess
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from aurora.cli import COMMANDS, build_parser, main
+from aurora.runtime.protocol import Builtin
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +81,6 @@ def test_flags_left_out_give_each_configs_declared_defaults() -> None:
 
 def test_local_flags_reach_the_config() -> None:
     from aurora.commands.local import local_config
-    from aurora.runtime.protocol import Builtin
 
     args = build_parser().parse_args(
         [
@@ -112,4 +113,41 @@ def test_local_rollout_flags_come_from_the_policy_and_refuse_what_the_crd_refuse
         main(["local", "--help"])
     out = capsys.readouterr().out
     assert "--regression-threshold" in out and "--min-samples" in out
-    assert "Requests per arm before deciding. (default: 12)" in out  # local's own default
+    help_of_min_samples = out.split("--min-samples MIN_SAMPLES")[-1].split("--")[0]
+    assert "(default: 12)" in help_of_min_samples  # local mode's own default
+
+
+def test_local_modes_command_lines_parse_back_to_the_configs_it_means() -> None:
+    from dataclasses import replace
+
+    from aurora.runtime.local.config import LocalConfig
+    from aurora.runtime.local.processes import server_config, trainer_args, trainer_config
+    from aurora.runtime.options import from_args, to_args
+    from aurora.runtime.server.config import ServerConfig
+    from aurora.runtime.trainer.config import TrainerConfig
+
+    # Given a local run's configuration with knobs away from the servers' and trainer's
+    local = LocalConfig(initial_draft=Builtin.NGRAM, spec_tokens=2, server_max_batch=3, seed=5)
+    url = "redis://127.0.0.1:6390/0"
+    # When `aurora serve` and `aurora train` parse the command lines local mode spawns
+    server = server_config(local, 1, 8123, url)
+    served = from_args(ServerConfig, build_parser().parse_args(["serve", *to_args(server)]))
+    trained = build_parser().parse_args(["train", *trainer_args(local, url)])
+    # Then they run with exactly those configurations
+    assert served == server
+    assert (served.draft, served.max_batch, served.seed, served.port) == ("ngram", 3, 6, 8123)
+    meant = trainer_config(local, url)
+    assert replace(from_args(TrainerConfig, trained), consumer=meant.consumer) == meant
+    assert trained.threads == local.trainer_threads
+
+
+def test_the_chaos_runs_trainer_command_line_parses_with_the_real_cli(tmp_path: Path) -> None:
+    from aurora.runtime.chaos import ChaosConfig, trainer_command
+    from aurora.runtime.options import from_args
+    from aurora.runtime.trainer.config import TrainerConfig
+
+    command = trainer_command(ChaosConfig(workdir=tmp_path), "redis://127.0.0.1:6390/0", tmp_path)
+    args = build_parser().parse_args(command[command.index("train") - 2 :])
+    trainer = from_args(TrainerConfig, args)
+    assert (trainer.draft_vocab, trainer.keep, trainer.checkpoint_dir) == (512, 1000000, tmp_path)
+    assert (trainer.speculator, args.threads) == ("default/chaos-trainer", 1)

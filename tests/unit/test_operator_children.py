@@ -13,7 +13,7 @@ import yaml
 
 from aurora.operator import commands, pods, validation
 from aurora.operator.children import desired_children, stale_children
-from aurora.operator.settings import Images
+from aurora.operator.settings import Images, OperatorSettings, RedisSettings
 from aurora.operator.spec import SpeculatorSpec
 from aurora.operator.validation import validate_semantics
 
@@ -45,6 +45,12 @@ def _deployments(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 TORCH = _body("speculator-torch-cpu.yaml")
 SGLANG = _body("speculator-sglang-gpu.yaml")
+# The shipped install: the examples' Redis is the operator's managed one.
+MANAGED = OperatorSettings(
+    redis=RedisSettings(
+        managed_url="redis://aurora-redis.aurora-system.svc:6379/0", admin_password="admin"
+    )
+)
 
 
 def test_examples_are_valid() -> None:
@@ -53,15 +59,21 @@ def test_examples_are_valid() -> None:
 
 
 def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volume() -> None:
-    children = _by_name(desired_children(TORCH))
-    assert sorted(children) == [
+    children = _by_name(desired_children(TORCH, MANAGED))
+    secret = next(name for name in children if name.startswith("Secret/"))
+    assert sorted(children) == sorted([
         "ConfigMap/smollm2-cpu-config",
         "Deployment/smollm2-cpu-server",
         "Deployment/smollm2-cpu-trainer",
+        "NetworkPolicy/smollm2-cpu-server",
+        "NetworkPolicy/smollm2-cpu-trainer",
         "PersistentVolumeClaim/smollm2-cpu-checkpoints",
+        "PodDisruptionBudget/smollm2-cpu-server",
         "Service/smollm2-cpu",
         "Service/smollm2-cpu-trainer",
-    ]
+        secret,
+    ])  # fmt: skip
+    assert secret.startswith("Secret/smollm2-cpu-redis-")
     server = children["Deployment/smollm2-cpu-server"]
     assert server["spec"]["replicas"] == 1
     assert _container(server)["command"] == [
@@ -77,12 +89,19 @@ def test_torch_cpu_plan_is_one_server_a_trainer_a_service_a_configmap_and_a_volu
         "--spec-tokens", "4", "--lr", "0.0003",
         "--batch-size", "8", "--lambda-discard", "0.5", "--publish-every", "200", "--device", "cpu",
         "--metrics-port", "9100",
+        # No shared volume (storage.mode Fetch): servers download revisions from here.
+        "--serve-checkpoints-port", "9200",
+        "--advertise-url", "http://smollm2-cpu-trainer.team-a.svc:9200",
     ]  # fmt: skip
     assert "nvidia.com/gpu" not in json.dumps(children)
+    # The Speculator's own Redis user, its password only through the Secret made for it.
     env = {e["name"]: e for e in _container(server)["env"]}
-    assert env["AURORA_REDIS_URL"]["value"] == "redis://aurora-redis.aurora-system.svc:6379/0"
+    assert (
+        env["AURORA_REDIS_URL"]["value"]
+        == "redis://aurora.team-a.smollm2-cpu@aurora-redis.aurora-system.svc:6379/0"
+    )
     assert env["AURORA_REDIS_PASSWORD"]["valueFrom"] == {
-        "secretKeyRef": {"name": "aurora-redis", "key": "password"}
+        "secretKeyRef": {"name": secret.removeprefix("Secret/"), "key": "password"}
     }
     assert _container(server)["resources"] == {
         "requests": {"cpu": "2", "memory": "2Gi"},
@@ -113,7 +132,7 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
         assert deployment["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     trainer = _container(children["Deployment/llama31-8b-trainer"])
     device = trainer["command"].index("--device")
@@ -130,7 +149,7 @@ def test_sglang_command_runs_aurora_s_launcher_with_the_spec_s_draft_and_flags()
     flags = {
         flag: command[i + 1] for i, flag in enumerate(command[:split]) if flag.startswith("--")
     }
-    assert flags["--initial"] == "/checkpoints/initial/eagle3-llama3.1-8b"
+    assert flags["--initial"] == "/drafts/eagle3-llama3.1-8b"
     assert (flags["--speculative-num-steps"], flags["--speculative-eagle-topk"]) == ("3", "4")
     assert flags["--speculative-num-draft-tokens"] == "8"
     sglang = command[split + 1 :]
@@ -144,7 +163,8 @@ def test_sglang_command_runs_aurora_s_launcher_with_the_spec_s_draft_and_flags()
 
 @pytest.mark.parametrize("initial", ["ngram", "scratch"])
 def test_sglang_day_0_drafts_go_to_the_launcher(initial: str) -> None:
-    body = _body("speculator-sglang-gpu.yaml", draft={"initial": initial})
+    body = _body("speculator-sglang-gpu.yaml")
+    body["spec"]["draft"] = {"initial": initial}
     command = commands.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
     assert command[command.index("--initial") + 1] == initial
     assert "--speculative-draft-model-path" not in command
@@ -166,9 +186,12 @@ def test_every_pod_runs_locked_down(body: dict[str, Any]) -> None:
             assert security["capabilities"] == {"drop": ["ALL"]}
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             volumes = {v["name"]: v for v in pod["volumes"]}
-            for writable in ("/tmp", "/cache"):
-                assert "emptyDir" in volumes[mounts[writable]]
+            for writable in ("/tmp", "/cache"):  # bounded: a full one evicts the pod
+                assert volumes[mounts[writable]]["emptyDir"]["sizeLimit"]
             assert container["resources"]["requests"] and container["resources"]["limits"]
+        for container in pod.get("initContainers", []):
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["resources"]["limits"]["memory"]
 
 
 @pytest.mark.parametrize("body", [TORCH, SGLANG], ids=["torch", "sglang"])
@@ -177,8 +200,6 @@ def test_servers_roll_without_losing_capacity_and_are_probed(body: dict[str, Any
         container = _container(deployment)
         if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "server":
             assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-            assert mounts["/checkpoints"]["readOnly"] is True
             assert container["livenessProbe"]["httpGet"]["path"] == "/health"
             assert container["readinessProbe"]["httpGet"]["port"] == "http"
             assert container["startupProbe"]["failureThreshold"] >= 60
@@ -204,7 +225,7 @@ def test_same_spec_same_objects_whatever_else_changed() -> None:
 
 
 def test_every_child_is_owned_labelled_and_selected_by_immutable_labels() -> None:
-    for child in desired_children(SGLANG):
+    for child in desired_children(SGLANG, MANAGED):
         metadata = child["metadata"]
         assert metadata["namespace"] == "team-a"
         assert metadata["labels"]["aurora.dev/speculator"] == "llama31-8b"
@@ -236,13 +257,13 @@ def test_retained_volume_is_not_owned_and_an_existing_claim_is_used_as_is() -> N
         "ownerReferences"
         not in retained["PersistentVolumeClaim/smollm2-cpu-checkpoints"]["metadata"]
     )
-    existing = desired_children(
-        _body("speculator-torch-cpu.yaml", storage={"existingClaim": "models"})
+    existing = _by_name(
+        desired_children(_body("speculator-torch-cpu.yaml", storage={"existingClaim": "models"}))
     )
-    assert not [c for c in existing if c["kind"] == "PersistentVolumeClaim"]
-    for deployment in _deployments(existing):
-        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "models"}
+    assert not [c for c in existing if c.startswith("PersistentVolumeClaim/")]
+    trainer = existing["Deployment/smollm2-cpu-trainer"]
+    volumes = {v["name"]: v for v in trainer["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "models"}
 
 
 @pytest.mark.parametrize(
@@ -295,13 +316,17 @@ def test_spec_tokens_follow_num_draft_tokens_or_steps() -> None:
 
 def test_images_come_from_the_operator_environment() -> None:
     images = Images.from_env({"AURORA_RUNTIME_IMAGE": "registry.local/aurora:dev"})
-    server = _by_name(desired_children(TORCH, images))["Deployment/smollm2-cpu-server"]
+    server = _by_name(desired_children(TORCH, OperatorSettings(images=images)))[
+        "Deployment/smollm2-cpu-server"
+    ]
     assert _container(server)["image"] == "registry.local/aurora:dev"
     custom = _body("speculator-torch-cpu.yaml", engine={"image": "mine:1"})
     assert (
-        _container(_by_name(desired_children(custom, images))["Deployment/smollm2-cpu-server"])[
-            "image"
-        ]
+        _container(
+            _by_name(desired_children(custom, OperatorSettings(images=images)))[
+                "Deployment/smollm2-cpu-server"
+            ]
+        )["image"]
         == "mine:1"
     )
 
@@ -316,6 +341,9 @@ def test_switching_engine_leaves_the_canary_deployment_stale() -> None:
     assert stale_children([*observed, foreign], desired_children(torch_body)) == [
         ("Deployment", "llama31-8b-server-canary")
     ]
+    # The managed Redis user's Secret is never listed, so never judged stale.
+    secret = next(c for c in desired_children(SGLANG, MANAGED) if c["kind"] == "Secret")
+    assert stale_children([secret], desired_children(torch_body)) == []
 
 
 def test_effective_config_is_the_defaulted_spec() -> None:
@@ -389,10 +417,18 @@ def test_server_and_trainer_command_lines_parse_with_the_real_cli(body: dict[str
     )
     assert trained.command == "train" and trained.publish_every == 200
     assert (trained.init, trained.spec_tokens) == ("scratch", spec_tokens)
+    assert (trained.serve_checkpoints_port, trained.advertise_url) == (
+        9200,
+        "http://smollm2-cpu-trainer.team-a.svc:9200",
+    )
 
 
 def test_the_trainer_starts_from_the_torch_engines_initial_checkpoint() -> None:
-    body = _body("speculator-torch-cpu.yaml", draft={"initial": "/checkpoints/r0012"})
+    body = _body(
+        "speculator-torch-cpu.yaml",
+        draft={"initial": "/checkpoints/r0012"},
+        storage={"mode": "SharedVolume", "accessMode": "ReadWriteMany"},
+    )
     trainer = _container(_by_name(desired_children(body))["Deployment/smollm2-cpu-trainer"])
     assert trainer["command"][trainer["command"].index("--init") + 1] == "/checkpoints/r0012"
     sglang = _container(_by_name(desired_children(SGLANG))["Deployment/llama31-8b-trainer"])
@@ -401,10 +437,10 @@ def test_the_trainer_starts_from_the_torch_engines_initial_checkpoint() -> None:
 
 def test_torch_pods_with_gpus_get_the_cuda_runtime_image() -> None:
     images = Images(runtime="r:cpu", runtime_cuda="r:cuda", sglang="s:1")
-    sglang = _by_name(desired_children(SGLANG, images))
+    sglang = _by_name(desired_children(SGLANG, OperatorSettings(images=images)))
     assert (
         _container(sglang["Deployment/llama31-8b-trainer"])["image"] == "r:cuda"
     )  # training.gpus 1
     assert _container(sglang["Deployment/llama31-8b-server"])["image"] == "s:1"
-    torch = _by_name(desired_children(TORCH, images))
+    torch = _by_name(desired_children(TORCH, OperatorSettings(images=images)))
     assert _container(torch["Deployment/smollm2-cpu-server"])["image"] == "r:cpu"

@@ -57,7 +57,15 @@ def test_crd_identity_status_subresource_and_short_name() -> None:
     )
     (version,) = body["spec"]["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    # The scale subresource: `kubectl scale spx/NAME` and autoscalers set the servers.
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.engine.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
 
 
 def test_schema_is_structural() -> None:
@@ -80,7 +88,18 @@ def test_preserve_unknown_fields_only_on_opaque_kubernetes_structures() -> None:
     opaque = sorted(
         path for path, node in walk(SCHEMA) if node.get("x-kubernetes-preserve-unknown-fields")
     )
-    assert opaque == [".spec.engine.tolerations[]", ".status.rollout"]
+    pod_template = [
+        "affinity", "envFrom[]", "env[].valueFrom", "tolerations[]", "topologySpreadConstraints[]",
+        "volumes[]",
+    ]  # fmt: skip
+    expected = [
+        *(f".spec.engine.{field}" for field in pod_template),
+        ".spec.network.extraEgress[]",
+        ".spec.network.ingressFrom[]",
+        *(f".spec.training.{field}" for field in pod_template if "topology" not in field),
+        ".status.rollout",
+    ]
+    assert opaque == sorted(expected)
 
 
 def test_api_server_defaults_equal_the_model_defaults() -> None:
@@ -159,7 +178,9 @@ def test_good_values_pass_both() -> None:
         (_spec(rollout={"canaryShare": "0"}), "above 0 and below 1"),
         (_spec(rollout={"minSpeedup": "0.9", "regressionThreshold": "0.8"}), "at least 1.0"),
         (_spec(rollout={"minSpeedup": "1.05", "regressionThreshold": "1.1"}), "must not exceed"),
-        (_spec(rollout={"confidence": "0.4"}), "above 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0.5"}), "above 0 and below 0.5"),
+        (_spec(rollout={"falsePromotionRate": "0"}), "above 0 and below 0.5"),
+        (_spec(rollout={"minSamples": 5}), "minSamples must be at least 10"),
         (_spec(rollout={"minSamples": 50, "maxCanarySamples": 20}), "at least rollout.minSamples"),
     ],
 )  # fmt: skip

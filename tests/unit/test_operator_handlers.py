@@ -73,7 +73,9 @@ def test_valid_spec_applies_every_child_and_reports_the_generation(events: Event
     )
     assert sorted(cluster.applied) == [
         ("ConfigMap", "chat-config"), ("Deployment", "chat-server"), ("Deployment", "chat-trainer"),
-        ("PersistentVolumeClaim", "chat-checkpoints"), ("Service", "chat"), ("Service", "chat-trainer"),
+        ("NetworkPolicy", "chat-server"), ("NetworkPolicy", "chat-trainer"),
+        ("PersistentVolumeClaim", "chat-checkpoints"), ("PodDisruptionBudget", "chat-server"),
+        ("Service", "chat"), ("Service", "chat-trainer"),
     ]  # fmt: skip
     assert after["status"]["observedGeneration"] == 3
     assert conditions(after)["Ready"] == ("True", "Serving")
@@ -221,7 +223,29 @@ def test_the_operator_command_runs_kopf_standalone_with_a_liveness_endpoint(
     assert (kwargs["clusterwide"], list(kwargs["namespaces"])) == (clusterwide, namespaces)
     assert kwargs["liveness_endpoint"] == "http://0.0.0.0:8181/healthz"
     memo = kwargs["memo"]
-    assert memo.images.runtime == "registry.local/aurora-runtime:dev" and memo.redis_clients == {}
+    assert memo.settings.images.runtime == "registry.local/aurora-runtime:dev"
+    assert memo.redis_clients == {}
+
+
+def test_with_peering_the_oldest_replica_has_the_highest_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two replicas with kopf peering: the highest priority reconciles, the others pause
+    # until it stops; a tie would pause both. An older replica keeps the work.
+    from aurora.cli import main
+    from aurora.commands.operator import oldest_first_priority
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
+    argv = ["operator", "--peering", "aurora", "--metrics-port", "0", "--peering-lifetime", "10"]
+    assert main(argv) == 0
+    (kwargs,) = calls
+    assert kwargs["standalone"] is False and kwargs["peering_name"] == "aurora"
+    assert isinstance(kwargs["priority"], int) and kwargs["memo"].peering_lifetime == 10
+    started_first = oldest_first_priority(1_000_000_000_000, 999)
+    started_later = oldest_first_priority(1_000_001_000_000, 0)  # one millisecond later
+    assert started_first > started_later
+    assert oldest_first_priority(5_000_000, 1) != oldest_first_priority(5_000_000, 2)
 
 
 def test_a_speculator_being_deleted_is_left_to_the_garbage_collector(events: Events) -> None:

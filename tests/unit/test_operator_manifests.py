@@ -57,7 +57,9 @@ def test_every_path_a_kustomization_names_exists(kustomization: Path) -> None:
 @pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl not installed: kustomize build not run"
 )
-@pytest.mark.parametrize("directory", ["manifests", "manifests/base", "manifests/monitoring"])
+@pytest.mark.parametrize(
+    "directory", ["manifests", "manifests/base", "manifests/monitoring", "manifests/namespaced"]
+)
 def test_kustomize_builds(directory: str) -> None:
     result = subprocess.run(
         ["kubectl", "kustomize", str(ROOT / directory)], capture_output=True, text=True, timeout=60
@@ -68,26 +70,81 @@ def test_kustomize_builds(directory: str) -> None:
         # Only built-in kinds (and our CRD): a bare API server can take the default install.
         assert kinds == {
             "Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-            "Deployment", "Service", "Secret", "PersistentVolumeClaim", "NetworkPolicy",
+            "Deployment", "Service", "Secret", "PersistentVolumeClaim", "NetworkPolicy", "ConfigMap",
+            "PodDisruptionBudget",
         }  # fmt: skip
+    if directory == "manifests/namespaced":  # no cluster-wide rights beyond discovery
+        roles = [
+            doc["metadata"]["name"]
+            for doc in yaml.safe_load_all(result.stdout)
+            if doc and doc["kind"] in ("ClusterRole", "ClusterRoleBinding")
+        ]
+        assert sorted(roles) == [
+            "aurora-edit", "aurora-operator-discovery", "aurora-operator-discovery", "aurora-view"
+        ]  # fmt: skip
+
+
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    out = set()
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {rule}"
+        out |= {
+            (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+        }
+    return out
 
 
 def test_cluster_role_grants_exactly_what_the_operator_calls() -> None:
     role = base_objects()["ClusterRole/aurora-operator"]
-    granted = set()
-    for rule in role["rules"]:
-        for field in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[field], f"wildcard in {rule}"
-        granted |= {
-            (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
-        }
     needed = set(kube.PERMISSIONS | handlers.KOPF_PERMISSIONS)
-    assert needed - granted == set(), "missing permissions"
-    assert granted - needed == set(), "permissions nothing uses"
+    assert needed - granted(role) == set(), "missing permissions"
+    assert granted(role) - needed == set(), "permissions nothing uses"
+    # The operator reads no Secret at all (it creates the managed Redis users' ones).
+    assert {verb for group, resource, verb in needed if resource == "secrets"} == {"create"}
     binding = base_objects()["ClusterRoleBinding/aurora-operator"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "aurora-operator", "namespace": "aurora-system"}
     ]
+
+
+def test_the_namespaced_role_grants_the_same_in_one_namespace() -> None:
+    # A namespaced install: the same rights as a Role, peering in a namespaced KopfPeering;
+    # cluster-wide only what kopf discovers resources with, read-only.
+    docs = {f"{d['kind']}/{d['metadata']['name']}": d
+            for d in documents(MANIFESTS / "namespaced" / "role.yaml")}  # fmt: skip
+    cluster_scoped = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    needed = {
+        (g, "kopfpeerings" if r == "clusterkopfpeerings" else r, v)
+        for g, r, v in kube.PERMISSIONS | handlers.KOPF_PERMISSIONS
+    }
+    role, discovery = docs["Role/aurora-operator"], docs["ClusterRole/aurora-operator-discovery"]
+    assert granted(role) == {p for p in needed if p[:2] not in cluster_scoped}
+    assert granted(discovery) == {p for p in needed if p[:2] in cluster_scoped}
+    assert {v for _, _, v in granted(discovery)} == {"list", "watch"}
+
+
+def test_external_redis_adds_only_reading_secrets_by_name() -> None:
+    component = MANIFESTS / "components" / "external-redis"
+    (role,) = [d for d in documents(component / "secret-reader.yaml") if d["kind"] == "ClusterRole"]
+    assert granted(role) == set(kube.EXTERNAL_REDIS_PERMISSIONS) == {("", "secrets", "get")}
+
+
+def test_aggregated_roles_let_edit_and_view_users_use_speculators() -> None:
+    roles = {
+        d["metadata"]["name"]: d
+        for d in documents(MANIFESTS / "base" / "rbac" / "aggregate-roles.yaml")
+    }
+    edit, view = roles["aurora-edit"], roles["aurora-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert ("aurora.dev", "speculators", "create") in granted(edit)
+    assert ("aurora.dev", "speculators/scale", "update") in granted(edit)
+    assert {v for _, _, v in granted(view)} == {"get", "list", "watch"}
+    assert not {r for _, r, _ in granted(edit) | granted(view)} - {
+        "speculators", "speculators/status", "speculators/scale"
+    }  # fmt: skip
 
 
 def test_the_operator_deployment_is_locked_down_probed_and_bounded() -> None:
@@ -113,10 +170,20 @@ def test_the_operator_deployment_is_locked_down_probed_and_bounded() -> None:
     assert command[:2] == ["aurora", "operator"] and "aurora.commands.operator" in COMMANDS
     assert command[command.index("--liveness-port") + 1] == str(ports["health"])
     assert command[command.index("--metrics-port") + 1] == str(ports["metrics"])
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two standalone operators
+    # Two replicas, peered: one reconciles, the other takes over when it stops.
+    assert deployment["spec"]["replicas"] == 2
+    assert command[command.index("--peering") + 1] == "aurora"
+    assert {
+        "name": "POD_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    } in container["env"]
     # The children's default images the Deployment sets are the ones the operator uses by default.
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert settings.Images.from_env(env) == settings.Images()
+    # The managed Redis is the one components/redis runs, its admin password its Secret's.
+    assert env["AURORA_MANAGED_REDIS_URL"] == "redis://aurora-redis.aurora-system.svc:6379/0"
+    (password,) = [e for e in container["env"] if e["name"] == "AURORA_MANAGED_REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "aurora-redis"
 
 
 def test_base_includes_the_generated_crd() -> None:
@@ -292,3 +359,23 @@ def test_hadolint_passes() -> None:
         [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------- Helm chart
+
+CHART = ROOT / "charts" / "aurora"
+
+
+def test_the_chart_ships_the_generated_crd_and_the_peering_crds() -> None:
+    # Helm installs charts/aurora/crds/ before the templates; they must be the same CRDs
+    # as kustomize installs (rendering and kubeconform: tests/e2e/test_packaging.py).
+    assert (CHART / "crds" / crd.CRD_FILENAME).read_text() == crd.render_crd()
+    assert (CHART / "crds" / "kopf-peering.yaml").read_text() == (
+        MANIFESTS / "base" / "peering" / "peering-crds.yaml"
+    ).read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert chart["appVersion"] == pyproject["project"]["version"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["replicaCount"] == 2 and values["scope"] == "cluster"
+    assert values["serviceMonitors"]["labels"] == {"release": "kube-prometheus-stack"}

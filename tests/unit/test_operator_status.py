@@ -20,9 +20,7 @@ pytestmark = pytest.mark.unit
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 STATUS_SCHEMA = crd.openapi_schema()["properties"]["status"]
-POLICY = RolloutPolicy.model_validate(
-    {"minSamples": 30, "maxCanarySamples": 120, "bootstrapResamples": 200, "seed": 1}
-)
+POLICY = RolloutPolicy.model_validate({"minSamples": 30, "maxCanarySamples": 120})
 EXPECTED = {"chat-server": 2}
 
 
@@ -52,7 +50,7 @@ def samples(revision: str, arm: str, n: int, tokens_per_s: float) -> list[Reques
             revision,
             arm,
             rng.gauss(tokens_per_s, 1.0),
-            created=100.0 + i,
+            created=300.0 + i,
             accept_length=3.0 if arm != "baseline" else 1.0,
         )
         for i in range(n)

@@ -4,6 +4,7 @@ calls `decide`, then this is the next step. Samples are synthetic, from seeded g
 from __future__ import annotations
 
 import json
+import math
 import random
 from decimal import Decimal
 
@@ -39,8 +40,6 @@ POLICY = RolloutPolicy(
     canary_share="0.5",
     baseline_share="0.1",
     regression_threshold="0.97",
-    bootstrap_resamples=300,
-    seed=7,
 )
 NOW = 5000.0
 
@@ -73,11 +72,12 @@ def traffic(
     stable_revision: str = "r1",
     candidate_revision: str = "r2",
     seed: int = 0,
+    start: float = 1000.0,
 ) -> list[RequestStats]:
     return [
-        *requests(stable_revision, "stable", n, stable, seed=seed),
-        *requests(candidate_revision, "candidate", n, candidate, seed=seed),
-        *requests(stable_revision, "baseline", n_baseline, baseline, seed=seed),
+        *requests(stable_revision, "stable", n, stable, seed=seed, start=start),
+        *requests(candidate_revision, "candidate", n, candidate, seed=seed, start=start),
+        *requests(stable_revision, "baseline", n_baseline, baseline, seed=seed, start=start),
     ]
 
 
@@ -184,7 +184,9 @@ def test_day0_candidate_canaries_against_plain_decoding() -> None:
     assert m.speedup_vs_stable == m.candidate_speedup_vs_baseline
     assert m.stable_speedup_vs_baseline is None
     assert served(decision)[0] == "r1"
-    assert "vs no draft" in decision.reason
+    assert (
+        decision.reason.startswith("r1 beats no draft") and "vs no speculation" in decision.reason
+    )
 
 
 @pytest.mark.parametrize("n", [0, 10])
@@ -370,35 +372,59 @@ def test_stable_slower_than_plain_decoding_falls_back_to_no_draft() -> None:
     assert decision.new_state.stable_revision == NO_DRAFT == served(decision)[0]
     assert decision.new_state.phase == "Idle"
     assert [(e.action, e.revision) for e in decision.events] == [("Fallback", "r1")]
-    # From no draft there is nothing to fall back from: the old stable's drafted requests
-    # no longer count, and the next round just serves plain decoding (no flip-flop).
-    again = decide(POLICY, decision.new_state, [], slow, [], NOW + 10)
+    # From no draft there is nothing to fall back from: a new window starts, the old
+    # stable's drafted requests no longer count, and the next round just serves plain
+    # decoding (no flip-flop).
+    assert decision.new_state.window_since == NOW
+    later = traffic(stable=18.0, baseline=20.0, n=60, n_baseline=40, start=NOW)
+    again = decide(POLICY, decision.new_state, [], later, [], NOW + 100)
     assert again.action == "None" and not again.stable_regressed and not again.events
     m = again.measurement
     assert m is not None and m.stable.revision == NO_DRAFT
     assert m.stable.samples == 40  # the baseline requests only; r1's 60 are not plain
 
 
-def test_a_traffic_shift_is_caught_from_the_stables_recent_requests() -> None:
-    # Given stable r1 fast for 90 requests, then slower than plain decoding for the last 60
-    # (traffic shifted): over its whole window (the last 120) it still looks 1.15x faster,
-    state = RolloutState(stable_revision="r1")
-    before = requests("r1", "stable", 90, 30.0, start=1000.0)
-    after = requests("r1", "stable", 60, 16.0, seed=1, start=2000.0)
-    samples = [*before, *after, *requests("r1", "baseline", 40, 20.0)]
-    decision = decide(POLICY, state, [], samples, [], NOW)
+def labelled(requests: list[RequestStats], domain: str, prompt_tokens: int) -> list[RequestStats]:
+    return [
+        r.model_copy(update={"domain": domain, "prompt_tokens": prompt_tokens}) for r in requests
+    ]
+
+
+def test_a_traffic_shift_restarts_the_window_and_the_stable_is_judged_on_the_new_mix() -> None:
+    # Given stable r1 fast on 90 code requests, then slower than plain decoding on 60 prose
+    # requests (traffic shifted): over both it still looks about 1.2x faster,
+    state = RolloutState(stable_revision="r1", window_since=900.0)
+    before = [
+        *labelled(requests("r1", "stable", 90, 30.0, start=1000.0), "code", 180),
+        *labelled(requests("r1", "baseline", 40, 20.0, start=1000.0), "code", 180),
+    ]
+    after = [
+        *labelled(requests("r1", "stable", 60, 16.0, seed=1, start=2000.0), "prose", 30),
+        *labelled(requests("r1", "baseline", 40, 20.0, seed=1, start=2000.0), "prose", 30),
+    ]
+    whole = measure([*before, *after], "r1", None, POLICY, since=900.0)
+    assert whole.stable_speedup_vs_baseline is not None
+    assert whole.stable_speedup_vs_baseline.estimate > 1.0
+    # when the policy runs, then the mix change restarts the window where prose began,
+    decision = decide(POLICY, state, [], [*before, *after], [], NOW)
+    assert [e.action for e in decision.events] == ["MixChange", "Fallback"]
+    assert "100% code, median prompt 180 tokens -> 100% prose" in decision.events[0].reason
     m = decision.measurement
-    assert m is not None and m.stable_speedup_vs_baseline is not None
-    assert m.stable_speedup_vs_baseline.estimate > 1.1
-    # when the policy runs, then its last 2 x minSamples requests decide: it falls back.
-    assert m.stable_recent_samples == 2 * POLICY.min_samples == 60
-    assert m.stable_recent_speedup_vs_baseline is not None
-    assert m.stable_recent_speedup_vs_baseline.upper < 1.0
+    assert m is not None and m.window_since == 2000.0 and m.window_restarts == 1
+    assert (m.stable.samples, m.baseline.samples) == (60, 40)  # the prose requests alone
+    # at a smaller share of the error rate, and stable, slower there, falls back.
+    assert m.confidence == pytest.approx(1 - 0.05 * 0.9 * 0.1)
+    assert m.stable_speedup_vs_baseline is not None
+    assert m.stable_speedup_vs_baseline.upper < 1.0
     assert decision.action == "Fallback"
-    assert "on its last 60 requests against 40 baseline requests" in decision.reason
-    # Fewer than minSamples recent requests are never enough to claim it.
-    few = [*before, *after[: POLICY.min_samples - 1], *requests("r1", "baseline", 40, 20.0)]
-    assert decide(POLICY, state, [], few, [], NOW).action == "None"
+    assert decision.new_state.window_restarts == 0  # the fallback starts a new window
+
+
+def test_the_same_mix_does_not_restart_the_window() -> None:
+    state = RolloutState(stable_revision="r1", window_since=900.0)
+    steady = labelled(traffic(n=60, n_baseline=40), "code", 180)
+    decision = decide(POLICY, state, [], steady, [], NOW)
+    assert decision.events == () and decision.new_state.window_since == 900.0
 
 
 def test_regressed_stable_is_only_flagged_when_fallback_is_off() -> None:
@@ -417,7 +443,7 @@ def test_regression_within_the_noise_or_with_few_samples_keeps_stable() -> None:
     sparse = decide(POLICY, state, [], traffic(stable=18.0, n=60, n_baseline=10), [], NOW)
     assert sparse.action == "None" and not sparse.stable_regressed
     # Slightly slower within the noise (upper bound above 1.0) is not claimed either.
-    noisy = decide(POLICY, state, [], traffic(stable=19.6, n=30, n_baseline=30), [], NOW)
+    noisy = decide(POLICY, state, [], traffic(stable=19.4, n=30, n_baseline=30), [], NOW)
     m = noisy.measurement
     assert m is not None and m.stable_speedup_vs_baseline is not None
     assert m.stable_speedup_vs_baseline.estimate < 1.0 <= m.stable_speedup_vs_baseline.upper
@@ -438,12 +464,18 @@ def test_fallback_during_a_canary_keeps_the_canary_against_plain_decoding() -> N
     assert "canary r2 carries on" in decision.reason
     # and r2 is now measured against plain decoding: a candidate faster than no
     # speculation is promoted, one slower is rolled back.
-    fast = [*requests("r2", "candidate", 60, 26.0), *requests("r1", "baseline", 40, 20.0)]
-    promoted = decide(POLICY, decision.new_state, [], fast, [], NOW + 10)
+    fast = [
+        *requests("r2", "candidate", 60, 26.0, start=NOW),
+        *requests("r1", "baseline", 40, 20.0, start=NOW),
+    ]
+    promoted = decide(POLICY, decision.new_state, [], fast, [], NOW + 100)
     assert promoted.action == "Promote" and served(promoted)[0] == "r2"
     assert promoted.reason.startswith("r2 beats no draft")
-    slower = [*requests("r2", "candidate", 60, 17.0), *requests("r1", "baseline", 40, 20.0)]
-    assert decide(POLICY, decision.new_state, [], slower, [], NOW + 10).action == "Rollback"
+    slower = [
+        *requests("r2", "candidate", 60, 17.0, start=NOW),
+        *requests("r1", "baseline", 40, 20.0, start=NOW),
+    ]
+    assert decide(POLICY, decision.new_state, [], slower, [], NOW + 100).action == "Rollback"
 
 
 def test_no_fallback_while_promoting() -> None:
@@ -519,18 +551,88 @@ def test_same_inputs_give_the_same_decision_in_any_order() -> None:
     assert isinstance(first, Decision) and first.measurement is not None
 
 
-def test_bootstrap_bounds_bracket_the_estimate_and_widen_with_confidence() -> None:
+def test_bounds_bracket_the_estimate_and_widen_with_a_lower_error_rate() -> None:
     samples = traffic(stable=30.0, candidate=36.0, baseline=20.0, n=60, n_baseline=40)
     m = measure(samples, "r1", "r2", POLICY)
     s = m.speedup_vs_stable
     assert s is not None and s.lower < s.estimate < s.upper
     assert s.estimate == pytest.approx(1.2, abs=0.05)
+    assert (s.comparator, s.samples, s.comparator_samples) == ("r1", 60, 60)
     assert m.candidate_speedup_vs_baseline is not None
     assert m.candidate_speedup_vs_baseline.estimate == pytest.approx(1.8, abs=0.1)
+    assert m.candidate_speedup_vs_baseline.comparator == "no speculation"
     assert (m.stable.samples, m.candidate.samples, m.baseline.samples) == (60, 60, 40)
-    strict = measure(samples, "r1", "r2", POLICY.model_copy(update={"confidence": 0.99}))
+    # each bound at the first window's share of falsePromotionRate (0.9 of it; the rest is
+    # kept for windows after traffic-mix restarts)
+    assert m.confidence == pytest.approx(1 - 0.05 * 0.9)
+    strict = measure(samples, "r1", "r2", POLICY.model_copy(update={"false_promotion_rate": 0.01}))
     assert strict.speedup_vs_stable is not None
     assert strict.speedup_vs_stable.lower < s.lower
+    assert strict.confidence == pytest.approx(1 - 0.01 * 0.9)
+
+
+def test_throughput_is_time_weighted_not_a_mean_of_rates() -> None:
+    # Given a candidate 1.6x stable on half the requests and 0.7x on the other half: the
+    # mean of per-request rates says 1.15x, yet its requests take longer on average.
+    stable = [request_stats("r1", "stable", 30.0, created=1000.0 + i) for i in range(80)]
+    candidate = [
+        request_stats("r2", "candidate", 30.0 * (1.6 if i % 2 else 0.7), created=1000.0 + i)
+        for i in range(80)
+    ]
+    decision = decide(POLICY, canary(), [], [*stable, *candidate], [], NOW)
+    m = decision.measurement
+    assert m is not None and m.speedup_vs_stable is not None
+    assert m.speedup_vs_stable.estimate == pytest.approx(1 / ((1 / 1.6 + 1 / 0.7) / 2))
+    assert m.speedup_vs_stable.estimate < 1.0
+    assert m.candidate.ms_per_token == pytest.approx(1000 / 30 * (1 / 1.6 + 1 / 0.7) / 2)
+    assert decision.action != "Promote"
+
+
+def test_only_requests_from_the_canarys_own_period_count() -> None:
+    # Given stable r1 measured fast before the canary started (the machine was quieter)
+    # and both arms equally fast since,
+    earlier = requests("r1", "stable", 200, 45.0, start=0.0)
+    since = traffic(stable=30.0, candidate=30.0, n=60)
+    decision = decide(POLICY, canary(), [], [*earlier, *since], [], NOW)
+    m = decision.measurement
+    # then the comparison reads only the canary's period: no regression, no promotion.
+    assert m is not None and m.stable.samples == 60 and m.window_since == 1000.0
+    assert m.speedup_vs_stable is not None
+    assert m.speedup_vs_stable.lower < 1.0 < m.speedup_vs_stable.upper
+    assert decision.action == "Wait"
+
+
+def test_windows_start_over_when_what_is_served_changes() -> None:
+    started = canary()
+    assert (started.window_since, started.window_restarts) == (1000.0, 0)
+    promoting = decide(POLICY, started, [], traffic(candidate=39.0), [], NOW).new_state
+    assert promoting.window_since == 1000.0  # Promote itself serves nothing new yet
+    done = decide(POLICY, promoting, [], [], serving("a", stable="r2"), NOW + 10).new_state
+    assert (done.stable_revision, done.window_since) == ("r2", NOW + 10)
+    rolled_back = decide(POLICY, canary(), [], traffic(candidate=24.0), [], NOW + 20).new_state
+    assert rolled_back.window_since == NOW + 20
+
+
+def test_a_candidate_equal_to_stable_is_not_promoted_however_often_it_is_checked() -> None:
+    # A/A canaries checked every 4 requests up to maxCanarySamples: none is promoted.
+    outcomes = []
+    for seed in range(40):
+        rng = random.Random(seed)
+        state, samples = canary(), []
+        for i in range(3 * POLICY.max_canary_samples):
+            arm = "candidate" if rng.random() < 0.5 else "stable"
+            rate = rng.lognormvariate(math.log(30.0), 0.25)
+            samples.append(
+                request_stats("r2" if arm == "candidate" else "r1", arm, rate, created=1000.0 + i)
+            )
+            if i % 4 == 3:
+                decision = decide(POLICY, state, [], samples, [], 1000.0 + i)
+                state = decision.new_state
+                if decision.action in ("Promote", "Rollback", "Hold"):
+                    break
+        outcomes.append(decision.action)
+    assert "Promote" not in outcomes
+    assert outcomes.count("Hold") >= 35  # inconclusive, as an equal candidate should be
 
 
 def test_measure_ignores_other_revisions_and_unusable_samples() -> None:
@@ -568,13 +670,18 @@ def test_inconsistent_persisted_state_is_refused() -> None:
 
 def test_policy_accepts_decimal_strings() -> None:
     policy = RolloutPolicy.model_validate(
-        {"minSpeedup": "1.10", "canaryShare": "0.25", "baselineShare": "0", "confidence": "0.95"}
+        {
+            "minSpeedup": "1.10",
+            "canaryShare": "0.25",
+            "baselineShare": "0",
+            "falsePromotionRate": "0.01",
+        }
     )
     assert policy.min_speedup == Decimal("1.10")
-    assert (policy.canary_share, policy.baseline_share, policy.confidence) == (
+    assert (policy.canary_share, policy.baseline_share, policy.false_promotion_rate) == (
         Decimal("0.25"),
         Decimal("0"),
-        Decimal("0.95"),
+        Decimal("0.01"),
     )
     assert json.loads(policy.model_dump_json())["minSpeedup"] == "1.10"
 
@@ -590,7 +697,10 @@ def test_policy_accepts_decimal_strings() -> None:
         ("canaryShare", "1.5", "0.5"),
         ("canaryShare", "0", "0.5"),
         ("baselineShare", "half", "0.1"),
-        ("confidence", "0.3", "0.9"),
+        ("falsePromotionRate", "0.5", "0.05"),
+        ("falsePromotionRate", "0", "0.05"),
+        ("falsePromotionRate", "5%", "0.05"),
+        ("minSamples", 9, "at least 10"),
     ],
 )
 def test_bad_decimal_strings_name_the_field_and_an_example(
