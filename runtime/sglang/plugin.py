@@ -92,7 +92,7 @@ class PluginSettings:
     initial: str = _setting("", "AURORA_SGLANG_INITIAL")  # the spec's draft.initial
     drafts_dir: str = _setting(
         "", "AURORA_SGLANG_DRAFTS"
-    )  # exports; "": $TMPDIR/aurora-sglang-drafts
+    )  # exports; "": $AURORA_HOME/sglang-drafts
 
     @property
     def arm(self) -> str:

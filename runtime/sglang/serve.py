@@ -13,7 +13,7 @@ no draft, a new vocabulary, a swap that failed), the plugin's watcher (weights.p
 exports the revision, takes one of ``AURORA_SGLANG_RESTART_PARALLEL`` restart slots in
 Redis (so the replicas restart one at a time and keep serving capacity), and stops the
 server: Kubernetes restarts the container in the same pod, and this module starts SGLang
-with the new revision (its export is already on the pod's /tmp). A revision SGLang did
+with the new revision (its export is already in the pod's cache). A revision SGLang did
 not come up with twice is marked failed and the initial draft is launched instead; the
 watcher reports the failure so the rollout rejects it.
 """
@@ -27,12 +27,12 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from aurora.paths import aurora_home
 from aurora.runtime.sglang.launcher import (
     Launch,
     Speculation,
@@ -46,7 +46,7 @@ from aurora.runtime.sglang.launcher import (
 log = logging.getLogger("aurora.sglang")
 
 MAX_START_ATTEMPTS = 2  # SGLang starts with a revision before it is marked failed
-KEEP_EXPORTS = 2  # draft exports kept on the pod besides the one being started
+KEEP_EXPORTS = 1  # earlier draft exports kept besides the one being started (~1 GB at 8B)
 DRAIN_S = 120.0  # a restart waits this long for in-flight requests, then exits anyway
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes shows it as the container's message
 
@@ -67,7 +67,9 @@ class Drafts:
 
     @classmethod
     def of(cls, settings: Any, client: Any = None) -> Drafts:
-        root = settings.drafts_dir or Path(tempfile.gettempdir()) / "aurora-sglang-drafts"
+        # the pod's /cache emptyDir (XDG_CACHE_HOME): larger than /tmp, and it outlives a
+        # container restart
+        root = settings.drafts_dir or aurora_home() / "sglang-drafts"
         return cls(root, settings.checkpoint_dir, client, settings.keys)
 
     def source_of(self, ref: Any) -> Path:
