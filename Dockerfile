@@ -2,12 +2,14 @@
 # Aurora's images, one Dockerfile, three targets (see docs/deploy.md):
 #   operator        the kopf operator; no torch        --target operator
 #   runtime         torch engine and trainer, with the default model baked in
-#   runtime-sglang  SGLang (GPU) with Aurora's plugin installed
+#   runtime-sglang  SGLang (GPU) with Aurora's plugin and launcher installed, on the
+#                   lmsysorg/sglang image of a supported release: 0.5.23 by default,
+#                   0.5.12 (torch 2.11) with --build-arg SGLANG_IMAGE=lmsysorg/sglang:v0.5.12
 # Every target runs as the non-root user 10001 and works with a read-only root file
 # system (HOME and caches point at /tmp, which the pods mount as emptyDir).
 
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
-ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.12
+ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
 
 # ---------------------------------------------------------------- base and wheel
 FROM ${PYTHON_IMAGE} AS python-base
@@ -60,23 +62,27 @@ ENTRYPOINT ["aurora"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------- runtime-sglang
+# SGLang pins its own torch and transformers: they stay as the image has them. The torch
+# engine's [runtime] needs transformers >= 5.24 where SGLang pins 5.19, so the two live
+# in separate images (tests/integration/test_dependency_resolution.py keeps it honest).
 FROM ${SGLANG_IMAGE} AS runtime-sglang
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
 COPY --from=wheel /wheels /wheels
-# Aurora's protocol and SGLang plugin on top of the image's SGLang and torch, which
-# stay as the image pins them (no extras: nothing here may replace them).
+# Aurora without extras: nothing here may replace the image's SGLang, torch or
+# transformers. The plugin's hooks are checked against each supported SGLang release:
+# the build fails on an image with any other (require_supported lists them).
 # hadolint ignore=DL3013
-# The plugin's hooks are checked against one SGLang release: refuse any other image.
 RUN python3 -m pip install "$(echo /wheels/aurora_speculator-*.whl)" \
     && rm -rf /wheels \
-    && python3 -c "import importlib.metadata as m, aurora.runtime.sglang as a; v = m.version('sglang'); assert v == a.SGLANG_VERSION, f'SGLANG_IMAGE has sglang {v}, Aurora is built for {a.SGLANG_VERSION}'" \
+    && python3 -c "import aurora.runtime.sglang as a; a.require_supported(a.installed_version())" \
+    && python3 -m aurora.runtime.sglang.serve --help > /dev/null \
     && (getent group 10001 || groupadd --gid 10001 aurora) \
     && (getent passwd 10001 || useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin aurora)
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8000
 ENTRYPOINT []
-CMD ["python3", "-m", "sglang.launch_server", "--help"]
+CMD ["python3", "-m", "aurora.runtime.sglang.serve", "--help"]

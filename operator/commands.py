@@ -43,7 +43,7 @@ def server_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str]
 
 
 def sglang_server_command(spec: SpeculatorSpec) -> list[str]:
-    """SGLang's command line with speculative decoding (aurora.runtime.sglang.launcher).
+    """SGLang's command line with speculative decoding (aurora.runtime.sglang.launcher, serve).
     Aurora's SGLang plugin (loaded through the `sglang.srt.plugins` entry point) reads
     its settings from the AURORA_* environment: traces, statistics and draft hot swaps."""
     return sglang_launcher.server_command(spec, port=SERVER_PORT)

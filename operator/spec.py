@@ -357,10 +357,11 @@ class DraftSpec(ApiModel):
     ] = Field(
         Builtin.SCRATCH,
         description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-        "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-        "checkpoint: baked into the image, fetched by draft.fetch (under /drafts/), or on "
-        "a shared checkpoint volume (for engine.kind sglang: a directory written by "
-        "`aurora export --to sglang`).",
+        "traffic; engine.kind sglang serves without speculation until the rollout "
+        "promotes a learned draft), ngram (model-free prompt lookup), or an absolute path "
+        "to a draft checkpoint: baked into the image, fetched by draft.fetch (under "
+        "/drafts/), or on a shared checkpoint volume (for engine.kind sglang: a directory "
+        "written by `aurora export --to sglang`).",
     )
     fetch: DraftFetch | None = Field(
         None, description="Download the day-0 draft in an init step (no volume to fill by hand)."
@@ -527,13 +528,9 @@ SPEC_RULES = (
             )
         ),
     ),
-    Rule(
-        f"self.engine.kind != 'sglang' || self.draft.initial != '{Builtin.SCRATCH}'",
-        f"engine.kind sglang needs a draft to load at start: set draft.initial to "
-        f"'{Builtin.NGRAM}' or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != Builtin.SCRATCH,
-    ),
 )
+# (engine.kind sglang with draft.initial scratch is valid: SGLang starts without
+# speculation and restarts into the first learned draft, see aurora.runtime.sglang.serve.)
 
 
 class SpeculatorSpec(ApiModel):

@@ -130,6 +130,12 @@ class Keys:
         """Hash: trainer status fields."""
         return f"{self.prefix}:trainer"
 
+    def restart_slot(self, index: int) -> str:
+        """String (with a TTL): the server restarting its engine into another draft in
+        slot ``index``; SGLang servers take a slot before they restart, so only a few
+        restart at once."""
+        return f"{self.prefix}:restart:{index}"
+
     def all_patterns(self) -> list[str]:
         """SCAN patterns matching every key of this Speculator (and no other's)."""
         return [f"{self.prefix}:*"]

@@ -78,8 +78,8 @@ class Rule:
 
 
 def rules_schema(rules: tuple[Rule, ...]) -> dict[str, Any]:
-    """The `x-kubernetes-validations` of a model (its `json_schema_extra`)."""
-    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]}
+    """The `x-kubernetes-validations` of a model (its `json_schema_extra`); none without rules."""
+    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]} if rules else {}
 
 
 def check_rules(model: BaseModel, rules: tuple[Rule, ...]) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from aurora.runtime.checkpoint import save_checkpoint
 from aurora.runtime.draft import DraftConfig, EagleDraftHead
+from aurora.runtime.sglang import PRIMARY_VERSION
 from aurora.runtime.sglang.weights import load_draft_only
 
 CONFIG = DraftConfig(
@@ -55,22 +56,24 @@ def save_revision(root: Path, revision: str, seed: int = 0, vocab: torch.Tensor 
     )
 
 
-def sglang_source() -> Path:
-    """The pinned SGLang wheel, unpacked (downloaded once into $AURORA_HOME/sglang).
-    Outside CI a failed download skips, loudly; in CI (PyPI reachable) it fails."""
+def sglang_source(version: str = PRIMARY_VERSION) -> Path:
+    """A supported SGLang release's wheel, unpacked (downloaded once into
+    $AURORA_HOME/sglang). Outside CI a failed download skips, loudly; in CI (PyPI
+    reachable) it fails."""
     from aurora.runtime.sglang.source import SourceUnavailable, source_root
 
     try:
-        return source_root()
+        return source_root(version)
     except SourceUnavailable as error:
         if os.environ.get("CI"):
             raise
-        pytest.skip(f"SKIPPED LOUDLY: the pinned SGLang wheel is unavailable: {error}")
+        pytest.skip(f"SKIPPED LOUDLY: the SGLang {version} wheel is unavailable: {error}")
 
 
 # SGLang's HTTP API for weight updates cannot run here (no GPU); FakeSGLang plays it with
-# an httpx MockTransport doing what 0.5.12's scheduler does with update_weights_from_tensor:
-# hand the same tensors to the draft and then the target model via the custom loader.
+# an httpx MockTransport doing what each release's scheduler does with a weight push:
+# 0.5.12 hands the tensors to the draft and then the target model via the custom loader;
+# 0.5.23 loads only the selected runners, and only inside begin/end_weight_update.
 
 
 class LlamaForCausalLMEagle3:
@@ -99,33 +102,82 @@ def serialize(named: list[tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(pickle.dumps(named)).decode()
 
 
+def deserialize(payload: str) -> list[tuple[str, torch.Tensor]]:
+    return pickle.loads(base64.b64decode(payload))
+
+
 class FakeSGLang:
-    def __init__(self, hot_token_id: torch.Tensor | None = VOCAB) -> None:
+    """One SGLang server of ``version`` with ``tp_size`` ranks, over HTTP."""
+
+    def __init__(
+        self,
+        hot_token_id: torch.Tensor | None = VOCAB,
+        *,
+        version: str = PRIMARY_VERSION,
+        tp_size: int = 1,
+    ) -> None:
+        self.version, self.tp_size = version, tp_size
         self.draft, self.target = LlamaForCausalLMEagle3(hot_token_id), LlamaForCausalLM()
         self.calls: list[str] = []
-        self.paused = False
+        self.bodies: list[dict[str, Any]] = []
+        self.paused: str | None = None  # the pause mode while paused
+        self.session: str | None = None  # 0.5.23: the open weight-update session's selector
+        self.flushed = 0
         self.client = httpx.Client(
             base_url="http://sglang", transport=httpx.MockTransport(self.handle)
         )
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content or b"{}")
-        self.calls.append(request.url.path)
-        if request.url.path == "/pause_generation":
-            assert body == {"mode": "in_place"}
-            self.paused = True
-        elif request.url.path == "/continue_generation":
-            self.paused = False
-        elif request.url.path == "/update_weights_from_tensor":
-            assert self.paused and body["flush_cache"] is False
-            named = pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
-            for model in (self.draft, self.target):  # EAGLEWorker.update_weights_from_tensor
-                load_draft_only(model, named)
-        elif request.url.path == "/get_weights_by_name":
+        path = request.url.path
+        self.calls.append(path)
+        self.bodies.append(body)
+        new = self.version != "0.5.12"
+        if path == "/pause_generation":
+            assert body["mode"] == ("retract" if new else "in_place")
+            self.paused = body["mode"]
+        elif path == "/continue_generation":
+            self.paused = None
+        elif path == "/begin_weight_update":
+            assert new, "0.5.12 has no /begin_weight_update"
+            if self.session is not None:
+                return _refuse("a weight-update session is already open")
+            self.session = body.get("selector", "all")
+        elif path == "/end_weight_update":
+            if self.session is None:
+                return _refuse("no weight-update session is open")
+            self.session = None
+        elif path == "/update_weights_from_tensor":
+            return self.update(body, new)
+        elif path == "/get_weights_by_name":
             name = body["name"].removeprefix("draft:")
             if name not in self.draft.params:
-                return httpx.Response(400, json={"success": False, "message": f"no {name}"})
+                return _refuse(f"no {name}")
             return httpx.Response(
                 200, json=self.draft.params[name][: body["truncate_size"]].tolist()
             )
         return httpx.Response(200, json={"success": True, "message": "ok"})
+
+    def update(self, body: dict[str, Any], new: bool) -> httpx.Response:
+        assert self.paused, "the pusher pauses generation first"
+        payloads = body["serialized_named_tensors"]
+        assert len(payloads) == self.tp_size, "one payload per tensor-parallel rank"
+        ranks = [deserialize(p) for p in payloads]  # each rank reads its own entry
+        if new:
+            if self.session is None:
+                return _refuse(
+                    "update_weights_from_tensor must run between begin_weight_update() and "
+                    "end_weight_update()"
+                )
+            assert body["selector"] == "draft" and body["flush_cache"] is True
+            load_draft_only(self.draft, ranks[0])
+            self.flushed += 1
+        else:
+            assert "selector" not in body and body["flush_cache"] is False
+            for model in (self.draft, self.target):  # EAGLEWorker.update_weights_from_tensor
+                load_draft_only(model, ranks[0])
+        return httpx.Response(200, json={"success": True, "message": "ok"})
+
+
+def _refuse(message: str) -> httpx.Response:
+    return httpx.Response(400, json={"success": False, "message": message})

@@ -1,27 +1,34 @@
 """Aurora's SGLang plugin: traces and per-request stats from a running SGLang server.
 
-SGLang (0.5.11+) calls ``register()`` in every server process through the
-``sglang.srt.plugins`` entry point. Without ``AURORA_REDIS_URL`` and
-``AURORA_SPECULATOR`` it does nothing. Otherwise it wraps (HookType.AROUND/AFTER):
+SGLang calls ``register()`` in every server process through the ``sglang.srt.plugins``
+entry point. Without ``AURORA_REDIS_URL`` and ``AURORA_SPECULATOR`` it does nothing;
+with them it refuses (SystemExit) a SGLang release outside ``SUPPORTED_VERSIONS`` and
+otherwise wraps that release's functions (``HOOKS[version]``, HookType.AROUND/AFTER):
 
-- ``EagleVerifyInput.verify`` (V1 worker) and ``EagleVerifyInputV2Mixin.sample``
-  (V2/overlap worker): where the target accepts or rejects the draft tree. The hook
-  clones a few small tensors (draft tokens, tree links, accepted indices and, with
-  ``AURORA_TRACE_TOPK`` > 0, the target's top-k at every tree node) and records a CUDA
-  event: no host sync on the scheduler thread.
-- ``SchedulerOutputProcessorMixin.stream_output_generation``: request completion; the
-  finished request's prompt and output ids are copied.
-- ``SchedulerUpdateWeightsMixin.get_weights_by_name``: names starting ``draft:`` are
-  read from the draft model (SGLang 0.5.12 reads only the target), so the weight
-  pusher can verify a swap.
+- where the target accepts or rejects the draft tree: 0.5.23's
+  ``speculative.eagle_utils.eagle_sample`` (EAGLE-3 and NGRAM workers alike); 0.5.12's
+  ``EagleVerifyInput.verify`` (V1 worker) and ``EagleVerifyInputV2Mixin.sample``
+  (V2/overlap worker). The hook clones a few small tensors (draft tokens, tree links,
+  accepted indices and, with ``AURORA_TRACE_TOPK`` > 0, the target's top-k at every
+  tree node, computed in row chunks within ``AURORA_TRACE_TOPK_MEMORY_MB``) and records
+  a CUDA event: no host sync on the scheduler thread.
+- request completion (0.5.23 ``SchedulerOutputStreamer._stream_output_generation``,
+  0.5.12 ``SchedulerOutputProcessorMixin.stream_output_generation``): the finished
+  request's prompt and output ids are copied.
+- ``get_weights_by_name`` of the scheduler (0.5.23 ``SchedulerWeightUpdaterManager``,
+  0.5.12 ``SchedulerUpdateWeightsMixin``): names starting ``draft:`` are read from the
+  draft model (SGLang reads only the target), so the weight pusher can verify a swap.
 - ``http_server._setup_and_run_http_server``: starts the revision watcher (weights.py)
   in the HTTP server's process.
 
+Every attention data-parallel group emits its own requests: the first rank of each
+(attention tensor- and context-parallel rank 0) traces, the others see the same batch.
 A capture thread turns verify batches into the protocol's verify steps (the tree's
 accepted path plus its first-child continuation, so every step reads as a chain, like
 the torch engine's) and hands finished requests to the torch server's TracePublisher,
 which XADDs them. Both buffers are bounded; what does not fit is dropped and counted.
-Nothing here blocks the scheduler or raises into it.
+A request that was running while the draft was swapped gives neither stats nor a trace
+(its tokens came from two drafts). Nothing here blocks the scheduler or raises into it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aurora.runtime.protocol import Keys
@@ -48,22 +55,44 @@ DRAFT_PREFIX = "draft:"  # get_weights_by_name names read from the draft model
 # -------------------------------------------------------------------- settings
 
 
+def _setting(default: Any, env: str, low: float | None = None, high: float | None = None) -> Any:
+    """A PluginSettings field read from the environment variable ``env``."""
+    return field(default=default, metadata={"env": env, "low": low, "high": high})
+
+
 @dataclass(frozen=True)
 class PluginSettings:
     """What the plugin does in this server, from the AURORA_* environment that the
-    operator sets on SGLang pods (operator/pods.py)."""
+    operator sets on SGLang pods (operator/pods.py) and the launcher adds
+    (launcher.py). Each default is declared here once, with its variable."""
 
     redis_url: str
     keys: Keys
     server: str
-    role: str = "stable"  # stable | canary (the canary Deployment serves the candidate)
-    sample_rate: float = 1.0
-    trace_maxlen: int = 10_000
-    stats_maxlen: int = 100_000
-    topk: int = 8
-    buffer: int = 1024
+    # stable | canary (the canary Deployment serves the candidate)
+    role: str = _setting("stable", "AURORA_SERVER_ROLE")
+    sample_rate: float = _setting(1.0, "AURORA_TRACE_SAMPLE_RATE", 0.0, 1.0)
+    trace_maxlen: int = _setting(10_000, "AURORA_TRACE_MAXLEN", 1, 10**9)
+    stats_maxlen: int = _setting(100_000, "AURORA_STATS_MAXLEN", 1, 10**9)
+    topk: int = _setting(8, "AURORA_TRACE_TOPK", 0, 64)
+    # Working memory of the top-k capture: logits rows are taken in chunks whose fp32
+    # copy fits in this many MiB (see _topk).
+    topk_memory_mb: int = _setting(64, "AURORA_TRACE_TOPK_MEMORY_MB", 1, 65536)
+    buffer: int = _setting(1024, "AURORA_TRACE_BUFFER", 1, 10**6)
     max_pending: int = 8192  # requests with steps but no completion yet
-    watch: bool = True  # run the revision watcher in the HTTP server process
+    watch: bool = _setting(True, "AURORA_SGLANG_WATCH")  # the revision watcher
+    checkpoint_dir: str = _setting("", "AURORA_CHECKPOINT_DIR")
+    push_dtype: str = _setting("bfloat16", "AURORA_SGLANG_PUSH_DTYPE")
+    push_device: str = _setting("cpu", "AURORA_SGLANG_PUSH_DEVICE")
+    # Restart SGLang into a revision it cannot swap in place (from or to no draft or
+    # NGRAM, another draft vocabulary, a failed swap); the launcher turns it on.
+    restart: bool = _setting(False, "AURORA_SGLANG_RESTART")
+    restart_parallel: int = _setting(1, "AURORA_SGLANG_RESTART_PARALLEL", 1, 1024)
+    restart_timeout_s: float = _setting(1800.0, "AURORA_SGLANG_RESTART_TIMEOUT", 60.0, 86400.0)
+    initial: str = _setting("", "AURORA_SGLANG_INITIAL")  # the spec's draft.initial
+    drafts_dir: str = _setting(
+        "", "AURORA_SGLANG_DRAFTS"
+    )  # exports; "": $AURORA_HOME/sglang-drafts
 
     @property
     def arm(self) -> str:
@@ -81,31 +110,34 @@ class PluginSettings:
             raise ValueError(
                 f"AURORA_SPECULATOR={speculator!r}: use NAMESPACE/NAME, e.g. default/llama"
             )
-        role = environ.get("AURORA_SERVER_ROLE", "stable")
-        if role not in ("stable", "canary"):
-            raise ValueError(f"AURORA_SERVER_ROLE={role!r}: use 'stable' or 'canary'")
-
-        def number(variable: str, kind: type, default: Any, low: float, high: float) -> Any:
-            text = environ.get(variable)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            variable, text = f.metadata.get("env"), None
+            if variable is not None:
+                text = environ.get(variable)
+            if variable is None or text in (None, ""):
+                continue
+            kind: Any = type(f.default)
+            if kind is bool:
+                if text not in ("0", "1"):
+                    raise ValueError(f"{variable}={text!r}: use 1 (on) or 0 (off)")
+                values[f.name] = text == "1"
+                continue
             try:
-                value = default if text in (None, "") else kind(text)
+                value = kind(text)
             except ValueError:
                 raise ValueError(f"{variable}={text!r} is not a {kind.__name__}") from None
-            if not low <= value <= high:
+            low, high = f.metadata["low"], f.metadata["high"]
+            if low is not None and not low <= value <= high:
                 raise ValueError(f"{variable}={value} must be in [{low}, {high}]")
-            return value
-
+            values[f.name] = value
+        if values.get("role", "stable") not in ("stable", "canary"):
+            raise ValueError(f"AURORA_SERVER_ROLE={values['role']!r}: use 'stable' or 'canary'")
         return cls(
             redis_url=url,
             keys=Keys(namespace, name),
             server=environ.get("AURORA_SERVER_ID") or environ.get("HOSTNAME") or "sglang",
-            role=role,
-            sample_rate=number("AURORA_TRACE_SAMPLE_RATE", float, 1.0, 0.0, 1.0),
-            trace_maxlen=number("AURORA_TRACE_MAXLEN", int, 10_000, 1, 10**9),
-            stats_maxlen=number("AURORA_STATS_MAXLEN", int, 100_000, 1, 10**9),
-            topk=number("AURORA_TRACE_TOPK", int, 8, 0, 64),
-            buffer=number("AURORA_TRACE_BUFFER", int, 1024, 1, 10**6),
-            watch=environ.get("AURORA_SGLANG_WATCH", "1") != "0",
+            **values,
         )
 
 
@@ -192,6 +224,7 @@ class FinishedRequest:
     first_token_at: float  # monotonic: when the capture first saw it streaming
     finished_at: float  # monotonic
     latency_s: float | None = None  # from SGLang's queue entry, when it recorded one
+    straddled: bool = False  # the draft was swapped while it ran
 
 
 @dataclass
@@ -287,6 +320,10 @@ class TraceCapture:
         from aurora.runtime.protocol import RequestStats
 
         pending = self._pending.pop(request.rid, None) or _Pending()
+        if request.straddled:  # its tokens came from two drafts: neither revision's figure
+            self._drop("stats", "swapped")
+            self._drop("trace", "swapped")
+            return
         steps = _trim(pending.steps, len(request.output_ids))
         decode_s = max(request.finished_at - request.first_token_at, 0.0)
         latency_s = max(request.latency_s or 0.0, decode_s)
@@ -352,17 +389,31 @@ def _accept_length(request: FinishedRequest) -> float:
 _capture: TraceCapture | None = None
 _settings: PluginSettings | None = None
 _emits: bool | None = None
+# Bumped by the draft-only weight loader (weights.py) in this scheduler process each
+# time it loads a new draft: a request first seen under another value straddled a swap.
+_draft_generation = 0
+
+
+def note_draft_loaded() -> None:
+    """Called on the scheduler thread once a pushed draft is in place."""
+    global _draft_generation
+    _draft_generation += 1
 
 
 def _emitting() -> TraceCapture | None:
-    """The capture, when this process emits: only tensor-parallel rank 0 of each replica
-    does (every rank sees the same batch)."""
+    """The capture, when this process emits: the first rank of each attention
+    data-parallel group (attention tensor- and context-parallel rank 0). Without DP
+    attention that is tensor-parallel rank 0 of each replica; every other rank sees the
+    same batch."""
     global _emits
     if _emits is None:
         try:
-            from sglang.srt.distributed import get_tensor_model_parallel_rank
+            from sglang.srt.distributed import parallel_state
 
-            _emits = get_tensor_model_parallel_rank() == 0
+            _emits = (
+                parallel_state.get_attn_tensor_model_parallel_rank() == 0
+                and parallel_state.get_attn_context_model_parallel_rank() == 0
+            )
         except Exception:  # not initialised: a single-process engine
             _emits = True
     return _capture if _emits else None
@@ -372,12 +423,24 @@ def _clone(tensor: Any) -> Any:
     return None if tensor is None else tensor.detach().clone()
 
 
-def _topk(logits: Any, k: int) -> tuple[Any, Any]:
+def topk_chunk_rows(vocab: int, memory_mb: int) -> int:
+    """Logits rows per top-k chunk: their fp32 copy fits in ``memory_mb`` MiB."""
+    return max(1, (memory_mb << 20) // (4 * max(vocab, 1)))
+
+
+def _topk(logits: Any, k: int, memory_mb: int) -> tuple[Any, Any]:
+    """Top-k ids and log-softmax values of every row, taken a chunk of rows at a time so
+    the fp32 working copy stays within ``memory_mb`` (unchunked it is bs x N x V x 4
+    bytes: 512 MiB at batch 256, 4 draft tokens and a 128k vocabulary)."""
     import torch
 
-    values, ids = torch.topk(logits, k, dim=-1)
-    logprobs = values.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    return ids, logprobs
+    rows = topk_chunk_rows(logits.shape[-1], memory_mb)
+    ids, logprobs = [], []
+    for part in torch.split(logits, rows):
+        values, index = torch.topk(part, k, dim=-1)
+        ids.append(index)
+        logprobs.append(values.float() - torch.logsumexp(part.float(), dim=-1, keepdim=True))
+    return torch.cat(ids), torch.cat(logprobs)
 
 
 def _prepare(spec: Any, reqs: Sequence[Any] | None, logits_output: Any) -> dict[str, Any] | None:
@@ -388,13 +451,15 @@ def _prepare(spec: Any, reqs: Sequence[Any] | None, logits_output: Any) -> dict[
     n = int(spec.draft_token_num)
     prepared: dict[str, Any] = {
         "rids": [req.rid for req in reqs],
-        "candidates": _clone(spec.draft_token.reshape(bs, n)),
-        "next_token": _clone(spec.retrieve_next_token.reshape(bs, n)),
+        "candidates": _clone(spec.draft_token[: bs * n].reshape(bs, n)),
+        "next_token": _clone(spec.retrieve_next_token.reshape(-1)[: bs * n].reshape(bs, n)),
     }
     k = _capture.settings.topk
     logits = getattr(logits_output, "next_token_logits", None)
     if k > 0 and logits is not None:
-        prepared["topk_ids"], prepared["topk_logprobs"] = _topk(logits, min(k, logits.shape[-1]))
+        prepared["topk_ids"], prepared["topk_logprobs"] = _topk(
+            logits[: bs * n], min(k, logits.shape[-1]), _capture.settings.topk_memory_mb
+        )
     return prepared
 
 
@@ -455,8 +520,9 @@ def around_verify(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """V1 worker: EagleVerifyInput.verify(batch, logits_output, allocator, page_size,
-    vocab_mask) → EagleVerifyOutput (accept_indices flat, num_correct_drafts_per_req_cpu)."""
+    """0.5.12 V1 worker: EagleVerifyInput.verify(batch, logits_output, allocator,
+    page_size, vocab_mask) → EagleVerifyOutput (accept_indices flat,
+    num_correct_drafts_per_req_cpu)."""
     return _verified(
         "V1 verify",
         lambda out: (_clone(out.accept_indices), [int(c) + 1 for c in out.num_correct_drafts_per_req_cpu]),
@@ -472,10 +538,12 @@ def around_sample(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """V2 worker: EagleVerifyInputV2Mixin.sample(batch, logits_output, vocab_mask) →
-    (predict, accept_lens, accept_index [bs, steps+1], -1 padded)."""
+    """0.5.23 eagle_sample(verify_input, batch, logits_output, grammar_mask, ...) and
+    0.5.12's V2 EagleVerifyInputV2Mixin.sample(batch, logits_output, vocab_mask): both
+    return (predict, accept_lens, accept_index [bs, depth], -1 padded); ``self`` is the
+    verify input (EagleVerifyInput or NgramVerifyInput)."""
     return _verified(
-        "V2 verify",
+        "verify",
         lambda out: (_clone(out[2]), None),
         original,
         self,
@@ -489,11 +557,16 @@ def around_sample(
 def after_stream_output(
     result: Any, self: Any, reqs: Sequence[Any], *args: Any, **kwargs: Any
 ) -> None:
-    """Scheduler.stream_output_generation(reqs, …): stamp each request's first token and
-    hand finished ones to the capture (once)."""
+    """The scheduler's output streaming (reqs, return_logprob, skip_req, …): stamp each
+    request's first token and hand finished ones to the capture (once). ``skip_req``
+    (a prompt still being prefilled in chunks) streams nothing yet."""
     capture = _emitting()
+    skip = kwargs.get("skip_req", args[1] if len(args) > 1 else None)
     if capture is not None:
-        _safely("capturing finished requests", lambda: _observe(capture, reqs))
+        _safely(
+            "capturing finished requests",
+            lambda: _observe(capture, [req for req in reqs if req is not skip]),
+        )
 
 
 def _observe(capture: TraceCapture, reqs: Sequence[Any]) -> None:
@@ -503,6 +576,7 @@ def _observe(capture: TraceCapture, reqs: Sequence[Any]) -> None:
             continue
         if not hasattr(req, "_aurora_first"):
             req._aurora_first = now
+            req._aurora_generation = _draft_generation
         if not req.finished():
             continue
         req._aurora_done = True
@@ -522,6 +596,7 @@ def _observe(capture: TraceCapture, reqs: Sequence[Any]) -> None:
                 first_token_at=req._aurora_first,
                 finished_at=now,
                 latency_s=time.perf_counter() - entered if entered else None,
+                straddled=req._aurora_generation != _draft_generation,
             )
         )
 
@@ -529,24 +604,33 @@ def _observe(capture: TraceCapture, reqs: Sequence[Any]) -> None:
 def around_get_weights_by_name(
     original: Callable[..., Any], self: Any, recv_req: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """Scheduler.get_weights_by_name: ``draft:NAME`` reads NAME from the draft model."""
+    """The scheduler's get_weights_by_name: ``draft:NAME`` reads NAME from the EAGLE-3
+    draft model (``parameter`` None when there is none, e.g. under NGRAM)."""
     name = getattr(recv_req, "name", "")
-    if not name.startswith(DRAFT_PREFIX) or getattr(self, "draft_worker", None) is None:
+    if not name.startswith(DRAFT_PREFIX):
         return original(self, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import GetWeightsByNameReqOutput
 
-    runner = draft_model_runner(self.draft_worker)
-    parameter = runner.get_weights_by_name(name[len(DRAFT_PREFIX) :], recv_req.truncate_size)
-    return GetWeightsByNameReqOutput(parameter)
+    runner = draft_model_runner(getattr(self, "draft_worker", None))
+    parameter = None
+    if runner is not None:
+        reader = getattr(runner, "weight_exporter", runner)  # 0.5.23 moved it there
+        parameter = reader.get_weights_by_name(name[len(DRAFT_PREFIX) :], recv_req.truncate_size)
+    return GetWeightsByNameReqOutput(parameter=parameter)
 
 
 def draft_model_runner(draft_worker: Any) -> Any:
-    """The draft's ModelRunner: V1 EAGLEWorker is itself the draft's TpModelWorker;
-    V2 EAGLEWorkerV2 keeps it at draft_worker.draft_runner."""
-    inner = getattr(draft_worker, "draft_worker", None)
-    if inner is not None and hasattr(inner, "draft_runner"):
-        return inner.draft_runner
-    return draft_worker.model_runner
+    """The EAGLE-3 draft's ModelRunner, or None: the V2 workers (0.5.23 EAGLEWorkerV2,
+    0.5.12 EAGLEWorkerV2) keep it at draft_worker.draft_runner; 0.5.12's V1 EAGLEWorker
+    is itself the draft's TpModelWorker. NGRAM has no draft model."""
+    from aurora.runtime.sglang.export import ARCHITECTURE
+
+    if draft_worker is None:
+        return None
+    inner: Any = getattr(draft_worker, "draft_worker", None)
+    runner = getattr(inner, "draft_runner", None) or getattr(draft_worker, "model_runner", None)
+    model = getattr(runner, "model", None)
+    return runner if type(model).__name__ == ARCHITECTURE else None
 
 
 def around_http_server(
@@ -562,32 +646,47 @@ def around_http_server(
 def _start_watcher(server_args: Any) -> None:
     from aurora.runtime.sglang.weights import start_watcher
 
-    host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    start_watcher(
-        _settings,
-        f"http://{host}:{server_args.port}",
-        server_args.speculative_draft_model_path,
-        int(server_args.tp_size),
-    )
+    assert _settings is not None
+    start_watcher(_settings, server_args)
 
 
-# SGLang dotted path → (hook, HookType name). A contract test checks every target and
-# its signature in the pinned release.
-HOOKS: dict[str, tuple[Callable[..., Any], str]] = {
-    "sglang.srt.speculative.eagle_info.EagleVerifyInput.verify": (around_verify, "AROUND"),
-    "sglang.srt.speculative.eagle_info_v2.EagleVerifyInputV2Mixin.sample": (
-        around_sample,
-        "AROUND",
-    ),
-    "sglang.srt.managers.scheduler_output_processor_mixin.SchedulerOutputProcessorMixin.stream_output_generation": (
-        after_stream_output,
-        "AFTER",
-    ),
-    "sglang.srt.managers.scheduler_update_weights_mixin.SchedulerUpdateWeightsMixin.get_weights_by_name": (
-        around_get_weights_by_name,
-        "AROUND",
-    ),
-    "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (around_http_server, "AROUND"),
+# SGLang release → {dotted path → (hook, HookType name)}. Contract tests check every
+# target and its signature in that release's source.
+HOOKS: dict[str, dict[str, tuple[Callable[..., Any], str]]] = {
+    "0.5.23": {
+        "sglang.srt.speculative.eagle_utils.eagle_sample": (around_sample, "AROUND"),
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer._stream_output_generation": (
+            after_stream_output,
+            "AFTER",
+        ),
+        "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager.get_weights_by_name": (
+            around_get_weights_by_name,
+            "AROUND",
+        ),
+        "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
+            around_http_server,
+            "AROUND",
+        ),
+    },
+    "0.5.12": {
+        "sglang.srt.speculative.eagle_info.EagleVerifyInput.verify": (around_verify, "AROUND"),
+        "sglang.srt.speculative.eagle_info_v2.EagleVerifyInputV2Mixin.sample": (
+            around_sample,
+            "AROUND",
+        ),
+        "sglang.srt.managers.scheduler_output_processor_mixin.SchedulerOutputProcessorMixin.stream_output_generation": (
+            after_stream_output,
+            "AFTER",
+        ),
+        "sglang.srt.managers.scheduler_update_weights_mixin.SchedulerUpdateWeightsMixin.get_weights_by_name": (
+            around_get_weights_by_name,
+            "AROUND",
+        ),
+        "sglang.srt.entrypoints.http_server._setup_and_run_http_server": (
+            around_http_server,
+            "AROUND",
+        ),
+    },
 }
 
 
@@ -615,8 +714,10 @@ def start_capture(settings: PluginSettings) -> TraceCapture:
 
 
 def register() -> None:
-    """The ``sglang.srt.plugins`` entry point: register the hooks when the AURORA_*
-    environment asks for tracing; otherwise do nothing."""
+    """The ``sglang.srt.plugins`` entry point: when the AURORA_* environment asks for
+    tracing, refuse an SGLang release outside SUPPORTED_VERSIONS (SystemExit, so the
+    server does not start half-hooked) and register that release's hooks; otherwise do
+    nothing."""
     global _capture, _settings
     try:
         settings = PluginSettings.from_env(os.environ)
@@ -626,15 +727,23 @@ def register() -> None:
     if settings is None:
         log.info("aurora: SGLang plugin idle (set AURORA_REDIS_URL and AURORA_SPECULATOR to trace)")
         return
+    from aurora.runtime.sglang import UnsupportedVersion, installed_version, require_supported
+
+    try:
+        version = require_supported(installed_version())
+    except UnsupportedVersion as error:
+        log.error("aurora: %s", error)
+        raise SystemExit(f"aurora: {error}") from None
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     _settings = settings
     _capture = start_capture(settings)  # threads start on the first offer
-    for target, (hook, kind) in HOOKS.items():
+    for target, (hook, kind) in HOOKS[version].items():
         HookRegistry.register(target, hook, HookType[kind])
     log.info(
-        "aurora: tracing to %s as server %s (%s)",
+        "aurora: tracing to %s as server %s (%s) on SGLang %s",
         settings.keys.prefix,
         settings.server,
         settings.role,
+        version,
     )

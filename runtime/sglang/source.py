@@ -1,5 +1,5 @@
-"""The pinned SGLang release's source, for contract tests: downloaded once with
-``pip download --no-deps`` into ``$AURORA_HOME/sglang/`` and unpacked (never
+"""The supported SGLang releases' source, for contract tests: each wheel is downloaded
+once with ``pip download --no-deps`` into ``$AURORA_HOME/sglang/`` and unpacked (never
 imported: most of SGLang needs CUDA). Hooks, flags and weight names are checked by
 parsing these files with ``ast``."""
 
@@ -14,17 +14,17 @@ import zipfile
 from pathlib import Path
 
 from aurora.paths import aurora_home
-from aurora.runtime.sglang import SGLANG_VERSION
+from aurora.runtime.sglang import PRIMARY_VERSION
 
-# One wheel for every CI interpreter: 0.5.12 ships cp311 manylinux wheels only.
+# One wheel for every CI interpreter: both releases ship cp311 manylinux wheels.
 _WHEEL_PLATFORM = ("--platform", "manylinux_2_34_x86_64", "--python-version", "3.11")
 
 
 class SourceUnavailable(RuntimeError):
-    """The pinned wheel could not be downloaded (no network, no index)."""
+    """A release's wheel could not be downloaded (no network, no index)."""
 
 
-def source_root(version: str = SGLANG_VERSION) -> Path:
+def source_root(version: str = PRIMARY_VERSION) -> Path:
     """The unpacked wheel of ``sglang==version`` (the folder holding ``sglang/``),
     downloading it on first use. Raises SourceUnavailable with pip's message when the
     package index is unreachable."""
@@ -58,6 +58,6 @@ def source_root(version: str = SGLANG_VERSION) -> Path:
     return root
 
 
-def read(relative: str, version: str = SGLANG_VERSION) -> str:
-    """The text of ``sglang/<relative>`` in the pinned release."""
+def read(relative: str, version: str = PRIMARY_VERSION) -> str:
+    """The text of ``sglang/<relative>`` in that release."""
     return (source_root(version) / "sglang" / relative).read_text()

@@ -1,25 +1,35 @@
 """Draft hot swaps into a running SGLang server, and SGLang's per-request metrics.
 
-The swap, against SGLang 0.5.12's HTTP API (no ``selector`` and no begin/end weight
-update there yet):
+The swap (``DraftPusher.push``), per SGLang release (``SWAP_PROTOCOLS``):
 
 1. load the revision with ``load_checkpoint`` (sha256, names, shapes, NaN checks) and
-   convert it to SGLang's EAGLE-3 names (export.py);
-2. ``POST /pause_generation {"mode": "in_place"}``: the scheduler stops decoding but
-   keeps every running request and its KV cache (this is 0.5.12's "begin");
-3. ``POST /update_weights_from_tensor`` with ``load_format`` = Aurora's draft-only
-   loader and ``flush_cache: false``. 0.5.12 hands the tensors to the draft AND the
-   target model; the loader (``load_draft_only``, registered by the launcher with
-   ``--custom-weight-loader``) loads them into the EAGLE-3 draft and ignores the target.
-   Without it the target's ``lm_head.weight`` would be overwritten;
-4. ``POST /get_weights_by_name`` with ``draft:`` names (served by the plugin's hook)
-   to check that the draft now holds the new weights;
-5. ``POST /continue_generation`` (always, also after a failure: the "end").
+   convert it to SGLang's EAGLE-3 names (export.py); a new draft vocabulary, or
+   data-parallel replicas (SGLang refuses tensor updates with dp_size > 1), raise
+   NeedsRestart before the server is touched;
+2. serialize the tensors once per tensor-parallel rank: torch shares CPU tensors
+   between processes as file descriptors that the first receiver consumes, so one
+   payload shared by every rank fails on rank 1 (SGLang's own Engine does the same);
+3. ``POST /pause_generation``. 0.5.23: ``retract`` (SGLang first finishes the batch in
+   flight under the overlap scheduler, then sends running requests back to the queue,
+   freeing their KV cache so it can be flushed); 0.5.12: ``in_place`` (its flush would
+   assert with queued requests);
+4. 0.5.23: ``POST /begin_weight_update {"selector": "draft"}``;
+5. ``POST /update_weights_from_tensor`` with ``load_format`` = Aurora's draft-only
+   loader, ``weight_version`` = the revision; 0.5.23 adds ``selector: "draft"`` and
+   ``flush_cache: true``: the prefix cache holds the old draft's KV, which would skew
+   the new revision's accept lengths. 0.5.12 hands the tensors to the draft AND the
+   target; the loader (``load_draft_only``) loads only the EAGLE-3 draft, after waiting
+   for in-flight forwards, and 0.5.12 keeps ``flush_cache: false`` (prefix-cache hits
+   keep the old draft's KV until evicted; ``--disable-radix-cache`` avoids that);
+6. 0.5.23: ``POST /end_weight_update`` (always after a begin);
+7. ``POST /get_weights_by_name`` with ``draft:`` names (served by the plugin's hook) to
+   check that the draft now holds the new weights;
+8. ``POST /continue_generation`` (always, also after a failure).
 
-Fallback, when a swap cannot be done in place (the draft vocabulary changed, SGLang
-answers an error, the weights do not verify): ``aurora export --to sglang`` the
-revision and restart the server with ``--speculative-draft-model-path`` pointing at
-it; the watcher reports the error in the LoadedReport so the operator sees it.
+Requests that ran across the swap give no stats or traces (plugin.py). A revision that
+cannot be swapped in place (NeedsRestart, or a failed swap) is served by restarting
+SGLang through serve.py when the watcher may restart; otherwise the
+watcher reports why in the LoadedReport.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from typing import Any
 import redis
 
 from aurora.runtime.protocol import (
-    BUILTIN_REVISIONS,
+    Builtin,
     DesiredState,
     Keys,
     LoadedReport,
@@ -46,7 +56,16 @@ from aurora.runtime.protocol import (
     get_loaded,
     report_loaded,
 )
-from aurora.runtime.server.revisions import RevisionFetcher, RevisionLoader
+from aurora.runtime.sglang import PRIMARY_VERSION
+from aurora.runtime.sglang.launcher import (
+    DRAFT_LOADER,
+    EAGLE3,
+    Launch,
+    initial_launch,
+    is_checkpoint,
+    running_launch,
+)
+from aurora.runtime.sglang.serve import Drafts, Restarter
 
 log = logging.getLogger("aurora.sglang")
 
@@ -59,6 +78,10 @@ class SwapError(RuntimeError):
     """A revision could not be swapped in; the message says why and what to do."""
 
 
+class NeedsRestart(SwapError):
+    """The running server cannot take the revision in place; a restart can serve it."""
+
+
 # ------------------------------------------------------------ in SGLang's process
 
 
@@ -66,15 +89,19 @@ def load_draft_only(model: Any, named_tensors: list[tuple[str, Any]]) -> None:
     """SGLang custom weight loader (``--custom-weight-loader``): load into the EAGLE-3
     draft model only; the target model, which SGLang 0.5.12 also calls, is left alone.
 
-    Refuses (logs, loads nothing) a d2t that differs from the served one: SGLang's
-    worker keeps its own copy of the draft vocabulary map from start-up, so a new
-    vocabulary needs a restart. Never raises: this runs on the scheduler thread."""
+    Waits for the device to finish what is queued before copying: under the overlap
+    scheduler the batch launched before the pause may still be running and reading the
+    old draft. Refuses (logs, loads nothing) a d2t that differs from the served one:
+    SGLang's worker keeps its own copy of the draft vocabulary map from start-up, so a
+    new vocabulary needs a restart. Never raises: this runs on the scheduler thread."""
     from aurora.runtime.sglang.export import ARCHITECTURE, VOCAB_MAPS
 
     if type(model).__name__ != ARCHITECTURE:
         return
     try:
         import torch
+
+        from aurora.runtime.sglang import plugin
 
         tensors = dict(named_tensors)
         d2t, served = tensors.get("d2t"), getattr(model, "hot_token_id", None)
@@ -86,7 +113,12 @@ def load_draft_only(model: Any, named_tensors: list[tuple[str, Any]]) -> None:
                     "the served one; restart with the new --speculative-draft-model-path"
                 )
                 return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # in-flight forwards finish with the old draft
         model.load_weights([(n, t) for n, t in named_tensors if n not in VOCAB_MAPS])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the next forward reads the whole new draft
+        plugin.note_draft_loaded()
     except Exception:
         log.exception("aurora: loading pushed draft weights failed")
 
@@ -100,6 +132,22 @@ def _serialize_for_sglang(named_tensors: list[tuple[str, Any]]) -> str:
     return str(MultiprocessingSerializer.serialize(named_tensors, output_str=True))
 
 
+@dataclass(frozen=True)
+class SwapProtocol:
+    """How one SGLang release takes new draft weights (see the module doc)."""
+
+    pause_mode: str  # /pause_generation mode
+    session: bool  # /begin_weight_update ... /end_weight_update around the load
+    selector: bool  # update_weights_from_tensor takes selector="draft"
+    flush_cache: bool  # flush the prefix cache (old-draft KV) with the load
+
+
+SWAP_PROTOCOLS = {
+    "0.5.23": SwapProtocol(pause_mode="retract", session=True, selector=True, flush_cache=True),
+    "0.5.12": SwapProtocol(pause_mode="in_place", session=False, selector=False, flush_cache=False),
+}
+
+
 @dataclass
 class SwapResult:
     revision: str
@@ -110,22 +158,25 @@ class DraftPusher:
     """Pushes draft revisions into one SGLang server over HTTP (see the module doc).
 
     ``client`` is an httpx.Client on the server's base URL; ``serialize`` turns
-    [(name, tensor)] into what ``serialized_named_tensors`` carries (SGLang's
-    MultiprocessingSerializer by default); ``served_d2t`` is the target-id map of the
-    draft the server started with, when known."""
+    [(name, tensor)] into one entry of ``serialized_named_tensors`` (SGLang's
+    MultiprocessingSerializer by default) and is called once per tensor-parallel rank;
+    ``served_d2t`` is the target-id map of the draft the server runs, when known."""
 
     def __init__(
         self,
         client: Any,
         *,
+        version: str = PRIMARY_VERSION,
         tp_size: int = 1,
+        dp_size: int = 1,
         dtype: str = "bfloat16",
         device: str = "cpu",
         served_d2t: Any = None,
         serialize: Callable[[list[tuple[str, Any]]], Any] = _serialize_for_sglang,
-        loader: str = "aurora.runtime.sglang.weights.load_draft_only",
+        loader: str = DRAFT_LOADER,
     ) -> None:
-        self.client, self.tp_size, self.dtype, self.device = client, tp_size, dtype, device
+        self.client, self.protocol = client, SWAP_PROTOCOLS[version]
+        self.tp_size, self.dp_size, self.dtype, self.device = tp_size, dp_size, dtype, device
         self.served_d2t, self.serialize, self.loader = served_d2t, serialize, loader
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
@@ -141,44 +192,75 @@ class DraftPusher:
             raise SwapError(f"SGLang {path} answered {response.status_code}: {message}")
         return payload
 
+    def _post_after_failure(self, path: str, body: Mapping[str, Any]) -> None:
+        try:
+            self._post(path, body)
+        except Exception as error:  # the first failure is the one to report
+            log.error("aurora: %s after a failed swap also failed: %s", path, error)
+
+    def payloads(self, named: list[tuple[str, Any]]) -> list[Any]:
+        """``serialized_named_tensors``: one serialization per tensor-parallel rank. Each
+        rank deserializes only its own entry, and a CPU tensor travels as a file
+        descriptor handed out once, so ranks must not share a payload."""
+        return [self.serialize(named) for _ in range(self.tp_size)]
+
     def push(self, path: str | Path) -> SwapResult:
-        """Load, convert, push and verify the revision at ``path``; SwapError with the
-        reason and the fallback otherwise. Decoding is paused only around the push."""
+        """Load, convert, push and verify the revision at ``path``; NeedsRestart when the
+        server cannot take it in place, SwapError with the reason otherwise. Decoding
+        is paused only around the load."""
         import torch
 
         from aurora.runtime.checkpoint import load_checkpoint
         from aurora.runtime.sglang.export import DTYPES, draft_config_of, to_sglang
 
+        if self.dp_size > 1:
+            raise NeedsRestart(
+                f"dp_size {self.dp_size}: SGLang refuses update_weights_from_tensor with "
+                "data-parallel replicas"
+            )
         tensors, meta = load_checkpoint(path)
         config = draft_config_of(meta)
         converted = to_sglang(tensors, config, DTYPES[self.dtype])
         target_ids = converted["d2t"] + torch.arange(converted["d2t"].numel())
         if self.served_d2t is not None and not torch.equal(target_ids, self.served_d2t):
-            raise SwapError(
+            raise NeedsRestart(
                 f"revision {meta.revision} has another draft vocabulary (d2t) than the served "
                 "draft, which SGLang cannot swap in place: export it (`aurora export --to "
                 "sglang`) and restart with --speculative-draft-model-path"
             )
-        named = [(n, t.to(self.device)) for n, t in converted.items()]
-        payload = self.serialize(named)
+        payloads = self.payloads([(n, t.to(self.device)) for n, t in converted.items()])
         started = time.perf_counter()
-        self._post("/pause_generation", {"mode": "in_place"})
+        self._post("/pause_generation", {"mode": self.protocol.pause_mode})
         try:
-            self._post(
-                "/update_weights_from_tensor",
-                {
-                    "serialized_named_tensors": [payload] * self.tp_size,
-                    "load_format": self.loader,
-                    "flush_cache": False,  # the target's KV cache stays valid
-                    "abort_all_requests": False,
-                    "weight_version": meta.revision,
-                },
-            )
+            self._load(payloads, meta.revision)
             self.verify(converted, meta.revision)
-        finally:
-            self._post("/continue_generation", {})
+        except BaseException:
+            self._post_after_failure("/continue_generation", {})
+            raise
+        self._post("/continue_generation", {})
         self.served_d2t = target_ids
         return SwapResult(meta.revision, (time.perf_counter() - started) * 1000.0)
+
+    def _load(self, payloads: list[Any], revision: str) -> None:
+        body: dict[str, Any] = {
+            "serialized_named_tensors": payloads,
+            "load_format": self.loader,
+            "flush_cache": self.protocol.flush_cache,
+            "abort_all_requests": False,
+            "weight_version": revision,
+        }
+        if self.protocol.selector:
+            body["selector"] = "draft"
+        if not self.protocol.session:
+            self._post("/update_weights_from_tensor", body)
+            return
+        self._post("/begin_weight_update", {"selector": "draft"})
+        try:
+            self._post("/update_weights_from_tensor", body)
+        except BaseException:
+            self._post_after_failure("/end_weight_update", {})
+            raise
+        self._post("/end_weight_update", {})
 
     def verify(self, converted: Mapping[str, Any], revision: str) -> None:
         """Read probe weights back from the draft (the plugin's ``draft:`` names) and
@@ -199,18 +281,11 @@ class DraftPusher:
                 raise SwapError(
                     f"after pushing revision {revision}, draft weight {name} does not hold the "
                     "pushed values (was the server launched with --custom-weight-loader "
-                    "aurora.runtime.sglang.weights.load_draft_only?)"
+                    f"{DRAFT_LOADER}?)"
                 )
 
 
 # ------------------------------------------------------------------ the watcher
-
-
-def _no_builtin(name: Any) -> Any:
-    raise SwapError(
-        f"{name!r}: SGLang serves the one draft it was launched with or pushed; "
-        "revisions without a checkpoint (ngram, none, scratch) need a restart"
-    )
 
 
 class LoadedRevision:
@@ -245,10 +320,21 @@ def wanted(desired: DesiredState, role: str) -> RevisionRef | None:
     return desired.stable
 
 
+def served_name(ref: RevisionRef) -> str:
+    """The revision name a SGLang server serving ``ref`` reports (scratch is served as
+    no draft: an untrained head is not worth its cost)."""
+    if is_checkpoint(ref):
+        return ref.revision
+    return Builtin.NGRAM if ref.revision == Builtin.NGRAM else Builtin.NONE
+
+
 class SGLangRevisionWatcher:
     """Follows ``desired`` in Redis like the torch server's RevisionWatcher, for a
-    server that holds one draft: pushes the wanted revision and reports what is loaded.
-    A revision that failed is not retried until the desired state names another."""
+    server that holds one draft: hot-swaps the wanted revision when it can, otherwise
+    restarts into it (``restarter``; None: reports why it cannot), and reports what is
+    loaded. With no desired revision for its role the server serves ``initial`` (the
+    spec's draft.initial). A revision that failed is not retried until the desired
+    state names another."""
 
     def __init__(
         self,
@@ -258,7 +344,9 @@ class SGLangRevisionWatcher:
         server: str,
         role: str,
         *,
-        loaded: str | None = None,
+        running: Launch,
+        initial: Launch | None = None,
+        restarter: Restarter | None = None,
         checkpoint_dir: str | None = None,
         poll_interval: float = 2.0,
         ready: Callable[[], bool] = lambda: True,
@@ -270,13 +358,15 @@ class SGLangRevisionWatcher:
             server,
             role,
         )
-        self.loaded, self.checkpoint_dir, self.poll_interval, self.ready = (
-            loaded,
+        self.running, self.initial, self.restarter = running, initial, restarter
+        self.loaded: str | None = running.revision or None
+        self.checkpoint_dir, self.poll_interval, self.ready = (
             checkpoint_dir,
             poll_interval,
             ready,
         )
         self.error: str | None = None
+        self.waiting: str | None = None  # a restart waits for a free slot
         self.pause_ms: float | None = None
         self.swapped: float | None = None  # wall clock of the last swap, for rollout timings
         self.failed: dict[tuple[str, str], str] = {}
@@ -285,48 +375,30 @@ class SGLangRevisionWatcher:
     def path_of(self, ref: RevisionRef) -> Path:
         """Where the checkpoint is, resolved (and fetched when it is on no shared volume)
         as the torch server does it."""
-        fetch = RevisionFetcher(self.client, self.keys)
-        return RevisionLoader(_no_builtin, _no_builtin, self.checkpoint_dir, fetch).resolve(ref)
+        return Drafts("", self.checkpoint_dir, self.client, self.keys).source_of(ref)
+
+    def target(self, desired: DesiredState | None) -> tuple[str | None, RevisionRef | None]:
+        """(the revision name this server should report, its ref); (None, None) when
+        nothing is asked of it."""
+        ref = None if desired is None else wanted(desired, self.role)
+        if ref is not None:
+            return served_name(ref), ref
+        if self.initial is not None and self.restarter is not None:
+            return self.initial.revision or None, None
+        return None, None
 
     def poll(self) -> None:
-        """Read the desired state once, push what this server should serve, report."""
-        desired = get_desired(self.client, self.keys)
-        ref = None if desired is None else wanted(desired, self.role)
-        if (
-            ref is not None
-            and ref.revision in BUILTIN_REVISIONS
-            and not ref.path
-            and self.loaded is None
-        ):
-            self.loaded = ref.revision  # launched that way (e.g. NGRAM): nothing to push
-        if ref is not None and ref.revision != self.loaded:
-            key = (ref.revision, ref.path)
+        """Read the desired state once, swap or restart into what this server should
+        serve, report."""
+        name, ref = self.target(get_desired(self.client, self.keys))
+        if name is not None and name != self.loaded:
+            key = (name, ref.path if ref is not None else "")
             if key in self.failed:
                 self.error = self.failed[key]
             else:
-                try:
-                    if ref.revision in BUILTIN_REVISIONS and not ref.path:
-                        _no_builtin(ref.revision)
-                    result = self.pusher.push(self.path_of(ref))
-                    if result.revision != ref.revision:
-                        raise SwapError(
-                            f"checkpoint {self.path_of(ref)} holds revision {result.revision!r}, the "
-                            f"desired state names {ref.revision!r}: fix the desired state's path"
-                        )
-                    self.loaded, self.pause_ms, self.error = result.revision, result.pause_ms, None
-                    self.swapped = time.time()
-                    log.info(
-                        "aurora: SGLang serves draft %s (paused %.1f ms)",
-                        result.revision,
-                        result.pause_ms,
-                    )
-                except Exception as error:  # keep serving the old draft, say why
-                    self.error = self.failed[key] = (
-                        f"cannot swap in revision {ref.revision!r}: {error}"
-                    )
-                    log.error("aurora: %s", self.error)
-        elif ref is not None:
-            self.error = None
+                self._serve(name, ref, key)
+        elif name is not None:
+            self.error = self.waiting = None
         canary = self.role == "canary"
         report = LoadedReport(
             server=self.server,
@@ -338,9 +410,66 @@ class SGLangRevisionWatcher:
         )
         report_loaded(self.client, self.keys, report)
 
+    def _serve(self, name: str, ref: RevisionRef | None, key: tuple[str, str]) -> None:
+        try:
+            if ref is None or not is_checkpoint(ref) or self.running.algorithm != EAGLE3:
+                raise NeedsRestart(
+                    f"SGLang runs {self.running.algorithm or 'without speculation'}, "
+                    f"{name!r} needs {'EAGLE3' if ref is not None and is_checkpoint(ref) else 'another launch'}"
+                )
+            result = self.pusher.push(self.path_of(ref))
+            if result.revision != ref.revision:
+                raise SwapError(
+                    f"checkpoint {self.path_of(ref)} holds revision {result.revision!r}, the "
+                    f"desired state names {ref.revision!r}: fix the desired state's path"
+                )
+        except NeedsRestart as error:
+            self._restart(name, ref, key, str(error))
+            return
+        except Exception as error:  # keep serving the old draft, or restart into the new
+            if self.restarter is None:
+                self.error = self.failed[key] = f"cannot swap in revision {name!r}: {error}"
+                log.error("aurora: %s", self.error)
+            else:
+                self._restart(name, ref, key, f"the swap failed ({error})")
+            return
+        self.loaded, self.pause_ms, self.error = result.revision, result.pause_ms, None
+        self.swapped = time.time()
+        log.info(
+            "aurora: SGLang serves draft %s (paused %.1f ms)", result.revision, result.pause_ms
+        )
+
+    def _restart(self, name: str, ref: RevisionRef | None, key: tuple[str, str], why: str) -> None:
+        if self.restarter is None:
+            self.error = self.failed[key] = (
+                f"cannot swap in revision {name!r} in place: {why}; start SGLang through "
+                "`python3 -m aurora.runtime.sglang.serve` (the operator does) so it can "
+                "restart into it, or restart it with that draft exported"
+            )
+            log.error("aurora: %s", self.error)
+            return
+        try:
+            self.restarter.prepare(ref)
+        except Exception as error:
+            self.error = self.failed[key] = f"cannot restart into revision {name!r}: {error}"
+            log.error("aurora: %s", self.error)
+            return
+        if not self.restarter.slots.acquire():
+            if self.waiting != name:
+                log.info("aurora: %s waits for a restart slot to serve %s", self.server, name)
+            self.waiting, self.error = name, None
+            return
+        self.stop()
+        self.restarter.exit(f"serving revision {name} needs a restart: {why}")
+
     def run(self) -> None:
         while not self._stop.is_set() and not self.ready():
             self._stop.wait(self.poll_interval)
+        if self.restarter is not None and not self._stop.is_set():
+            try:
+                self.restarter.started(self.running)
+            except Exception as error:
+                log.warning("aurora: could not free the restart slot: %s", error)
         backoff = self.poll_interval
         while not self._stop.is_set():
             try:
@@ -357,25 +486,24 @@ class SGLangRevisionWatcher:
         self._stop.set()
 
 
-def start_watcher(
-    settings: Any, base_url: str, draft_path: str | None, tp_size: int
-) -> SGLangRevisionWatcher:
+def start_watcher(settings: Any, server_args: Any) -> SGLangRevisionWatcher:
     """Start the watcher thread for the plugin (in SGLang's HTTP server process); it
     waits for /health before its first push."""
-    import os
-
     import httpx
 
     from aurora.runtime.protocol import connect
+    from aurora.runtime.sglang import installed_version
     from aurora.runtime.sglang.export import ExportError, load_export
 
+    running = running_launch(server_args)
     served = None
-    if draft_path:
+    if running.draft_path:
         try:
-            served = load_export(draft_path)
+            served = load_export(running.draft_path)
         except ExportError as error:  # e.g. a SpecForge draft: swaps still work, unchecked
-            log.warning("aurora: initial draft %s is not an Aurora export (%s)", draft_path, error)
-    client = httpx.Client(base_url=base_url, timeout=120.0)
+            log.warning("aurora: draft %s is not an Aurora export (%s)", running.draft_path, error)
+    host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    client = httpx.Client(base_url=f"http://{host}:{server_args.port}", timeout=120.0)
 
     def ready() -> bool:
         try:
@@ -383,20 +511,29 @@ def start_watcher(
         except httpx.HTTPError:
             return False
 
+    redis_client = connect(settings.redis_url)
+    initial = initial_launch(settings.initial) if settings.initial else None
+    restarter = None
+    if settings.restart and initial is not None:
+        restarter = Restarter(settings, redis_client, initial=initial)
     watcher = SGLangRevisionWatcher(
         DraftPusher(
             client,
-            tp_size=tp_size,
-            dtype=os.environ.get("AURORA_SGLANG_PUSH_DTYPE", "bfloat16"),
-            device=os.environ.get("AURORA_SGLANG_PUSH_DEVICE", "cpu"),
+            version=installed_version() or PRIMARY_VERSION,
+            tp_size=int(server_args.tp_size),
+            dp_size=int(getattr(server_args, "dp_size", 1) or 1),
+            dtype=settings.push_dtype,
+            device=settings.push_device,
             served_d2t=served.target_ids() if served else None,
         ),
-        connect(settings.redis_url),
+        redis_client,
         settings.keys,
         settings.server,
         settings.role,
-        loaded=served.revision if served else None,
-        checkpoint_dir=os.environ.get("AURORA_CHECKPOINT_DIR"),
+        running=running,
+        initial=initial,
+        restarter=restarter,
+        checkpoint_dir=settings.checkpoint_dir or None,
         ready=ready,
     )
     threading.Thread(target=watcher.run, name="aurora-sglang-watcher", daemon=True).start()

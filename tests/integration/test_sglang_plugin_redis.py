@@ -1,5 +1,5 @@
-"""The SGLang plugin's hooks, driven with objects shaped like SGLang 0.5.12's (tensors
-and namespaces), publish decodable traces and stats to a real Redis."""
+"""The SGLang plugin's hooks, driven with objects shaped like each supported release's
+(tensors and namespaces), publish decodable traces and stats to a real Redis."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import types
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -16,7 +17,7 @@ import torch
 from sglang_support import sglang_source
 
 from aurora.runtime.protocol import Keys, LoadedReport, decode_entries, read_stats, report_loaded
-from aurora.runtime.sglang import plugin
+from aurora.runtime.sglang import SUPPORTED_VERSIONS, plugin
 from aurora.runtime.sglang.plugin import PluginSettings, VerifyBatch
 
 pytestmark = pytest.mark.integration
@@ -129,7 +130,7 @@ def test_v1_and_v2_verify_hooks_publish_the_same_trace_records_as_the_engine(
         req.done = True
     plugin.after_stream_output(None, scheduler, reqs, False)
     plugin.after_stream_output(None, scheduler, reqs, False)  # finished twice: traced once
-    assert capture.flush(10.0)
+    assert capture.flush(30.0)
 
     # then each request has one decodable trace, every step aligned with the output
     good, bad = decode_entries(redis_client.xrange(KEYS.traces))
@@ -174,7 +175,7 @@ def test_a_failing_hook_never_breaks_verification_and_a_full_buffer_drops_and_co
     dropped = capture.metrics.dropped.labels(kind="step", reason="buffer_full")._value.get()
     assert dropped == offered.count(False)
     release.set()
-    assert capture.flush(10.0)
+    assert capture.flush(30.0)
 
 
 def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attributes: object) -> types.ModuleType:
@@ -186,14 +187,137 @@ def _module(monkeypatch: pytest.MonkeyPatch, name: str, **attributes: object) ->
     return module
 
 
-def test_register_with_sglangs_real_hook_registry_patches_the_pinned_targets(
-    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_client: redis.Redis
-) -> None:
-    # given SGLang's real HookRegistry (from the pinned wheel) and modules shaped like its own
-    source = sglang_source() / "sglang"
+class LlamaForCausalLMEagle3:
+    """SGLang's EAGLE-3 draft model class, by name: what draft: reads look for."""
+
+
+def _draft_worker(version: str) -> SimpleNamespace:
+    """A scheduler's draft worker holding an EAGLE-3 draft runner (V2 layout, both
+    releases); the 0.5.23 runner reads weights through its weight_exporter."""
+    read = SimpleNamespace(get_weights_by_name=lambda name, truncate: [name, truncate])
+    runner = SimpleNamespace(model=LlamaForCausalLMEagle3())
+    if version == "0.5.23":
+        runner.weight_exporter = read
+    else:
+        runner.get_weights_by_name = read.get_weights_by_name
+    return SimpleNamespace(draft_worker=SimpleNamespace(draft_runner=runner))
+
+
+def _sglang_modules(monkeypatch: pytest.MonkeyPatch, version: str) -> dict[str, Any]:
+    """Modules shaped like the release's own at the hooked paths, with greedy chain
+    verification; returns the objects a test drives."""
     for package in ("sglang", "sglang.srt", "sglang.srt.plugins", "sglang.srt.speculative",
-                    "sglang.srt.managers", "sglang.srt.entrypoints"):  # fmt: skip
+                    "sglang.srt.managers", "sglang.srt.managers.scheduler_components",
+                    "sglang.srt.entrypoints"):  # fmt: skip
         _module(monkeypatch, package)
+
+    def greedy_sample(verify_input, batch, logits_output):  # type: ignore[no-untyped-def]
+        accept_index, emitted = greedy_chain_verify(
+            verify_input.draft_token.reshape(-1, N), logits_output.next_token_logits
+        )
+        for req, tokens in zip(batch.reqs, emitted, strict=True):
+            req.output_ids += tokens
+        return torch.zeros(1), torch.tensor([len(t) for t in emitted]), accept_index
+
+    class GetWeightsByNameReqOutput:
+        def __init__(self, *, parameter: Any) -> None:  # msgspec kw_only in 0.5.23
+            self.parameter = parameter
+
+    _module(monkeypatch, "sglang.srt.managers.io_struct",
+            GetWeightsByNameReqOutput=GetWeightsByNameReqOutput)  # fmt: skip
+    _module(monkeypatch, "sglang.srt.entrypoints.http_server",
+            _setup_and_run_http_server=lambda server_args, *a: "served")  # fmt: skip
+
+    class VerifyInput:
+        def __init__(self, draft_token: torch.Tensor) -> None:
+            self.draft_token, self.draft_token_num = draft_token, N
+            self.retrieve_next_token = torch.tensor([[1, 2, 3, -1]])
+
+    if version == "0.5.23":
+
+        def eagle_sample(verify_input, batch, logits_output, grammar_mask=None, uno=None):  # type: ignore[no-untyped-def]
+            return greedy_sample(verify_input, batch, logits_output)
+
+        eagle_utils = _module(monkeypatch, "sglang.srt.speculative.eagle_utils",
+                              eagle_sample=eagle_sample)  # fmt: skip
+        # imported `from eagle_utils import eagle_sample` before the hooks are applied,
+        # as SGLang's ngram worker does: HookRegistry must rebind this copy too
+        ngram_worker = _module(monkeypatch, "sglang.srt.speculative.ngram_worker",
+                               eagle_sample=eagle_utils.eagle_sample)  # fmt: skip
+
+        class SchedulerOutputStreamer:
+            def _stream_output_generation(
+                self, reqs, return_logprob, skip_req=None, is_idle_batch=False
+            ):  # type: ignore[no-untyped-def]
+                return "streamed"
+
+        class SchedulerWeightUpdaterManager:
+            draft_worker: Any = None
+
+            def get_weights_by_name(self, recv_req):  # type: ignore[no-untyped-def]
+                return SimpleNamespace(parameter="target")
+
+        _module(monkeypatch, "sglang.srt.managers.scheduler_components.output_streamer",
+                SchedulerOutputStreamer=SchedulerOutputStreamer)  # fmt: skip
+        _module(monkeypatch, "sglang.srt.managers.scheduler_components.weight_updater",
+                SchedulerWeightUpdaterManager=SchedulerWeightUpdaterManager)  # fmt: skip
+        return {
+            "verify": lambda verify_input, batch, output: ngram_worker.eagle_sample(
+                verify_input, batch, output, None
+            ),
+            "stream": lambda reqs: SchedulerOutputStreamer()._stream_output_generation(reqs, False),
+            "weights": SchedulerWeightUpdaterManager(),
+            "VerifyInput": VerifyInput,
+        }
+
+    class EagleVerifyInputV2Mixin:
+        def sample(self, batch, logits_output, vocab_mask=None):  # type: ignore[no-untyped-def]
+            return greedy_sample(self, batch, logits_output)
+
+    class EagleVerifyInput(EagleVerifyInputV2Mixin):
+        def __init__(self, draft_token: torch.Tensor) -> None:
+            self.draft_token, self.draft_token_num = draft_token, N
+            self.retrieve_next_token = torch.tensor([[1, 2, 3, -1]])
+
+        def verify(self, batch, logits_output, allocator, page_size, vocab_mask=None):  # type: ignore[no-untyped-def]
+            raise AssertionError("V1 is not used in this test")
+
+    class SchedulerOutputProcessorMixin:
+        def stream_output_generation(
+            self, reqs, return_logprob, skip_req=None, is_idle_batch=False
+        ):  # type: ignore[no-untyped-def]
+            return "streamed"
+
+    class SchedulerUpdateWeightsMixin:
+        def get_weights_by_name(self, recv_req):  # type: ignore[no-untyped-def]
+            return SimpleNamespace(parameter="target")
+
+    class Scheduler(SchedulerOutputProcessorMixin, SchedulerUpdateWeightsMixin):
+        draft_worker: Any = None
+
+    _module(monkeypatch, "sglang.srt.speculative.eagle_info", EagleVerifyInput=EagleVerifyInput)
+    _module(monkeypatch, "sglang.srt.speculative.eagle_info_v2",
+            EagleVerifyInputV2Mixin=EagleVerifyInputV2Mixin)  # fmt: skip
+    _module(monkeypatch, "sglang.srt.managers.scheduler_output_processor_mixin",
+            SchedulerOutputProcessorMixin=SchedulerOutputProcessorMixin)  # fmt: skip
+    _module(monkeypatch, "sglang.srt.managers.scheduler_update_weights_mixin",
+            SchedulerUpdateWeightsMixin=SchedulerUpdateWeightsMixin)  # fmt: skip
+    scheduler = Scheduler()
+    return {
+        "verify": lambda verify_input, batch, output: verify_input.sample(batch, output, None),
+        "stream": lambda reqs: scheduler.stream_output_generation(reqs, False),
+        "weights": scheduler,
+        "VerifyInput": EagleVerifyInput,
+    }
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_register_with_sglangs_real_hook_registry_patches_the_release_targets(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_client: redis.Redis, version: str
+) -> None:
+    # given SGLang's real HookRegistry (from the release's wheel) and modules shaped like its own
+    source = sglang_source(version) / "sglang"
+    sglang = _sglang_modules(monkeypatch, version)
     spec = importlib.util.spec_from_file_location(
         "sglang.srt.plugins.hook_registry", source / "srt/plugins/hook_registry.py"
     )
@@ -201,96 +325,70 @@ def test_register_with_sglangs_real_hook_registry_patches_the_pinned_targets(
     registry = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", registry)
     spec.loader.exec_module(registry)
-
-    class EagleVerifyInputV2Mixin:
-        def sample(self, batch, logits_output, vocab_mask=None):
-            accept_index, emitted = greedy_chain_verify(
-                self.draft_token.reshape(-1, N), logits_output.next_token_logits
-            )
-            for req, tokens in zip(batch.reqs, emitted, strict=True):
-                req.output_ids += tokens
-            return torch.zeros(1), torch.tensor([len(t) for t in emitted]), accept_index
-
-    class EagleVerifyInput(EagleVerifyInputV2Mixin):
-        def verify(self, batch, logits_output, allocator, page_size, vocab_mask=None):
-            raise AssertionError("V1 is not used in this test")
-
-    class SchedulerOutputProcessorMixin:
-        def stream_output_generation(
-            self, reqs, return_logprob, skip_req=None, is_idle_batch=False
-        ):
-            return "streamed"
-
-    class SchedulerUpdateWeightsMixin:
-        def get_weights_by_name(self, recv_req):
-            return SimpleNamespace(parameter="target")
-
-    class Scheduler(SchedulerOutputProcessorMixin, SchedulerUpdateWeightsMixin):
-        pass
-
-    _module(monkeypatch, "sglang.srt.speculative.eagle_info", EagleVerifyInput=EagleVerifyInput)
-    _module(
-        monkeypatch,
-        "sglang.srt.speculative.eagle_info_v2",
-        EagleVerifyInputV2Mixin=EagleVerifyInputV2Mixin,
-    )
-    _module(monkeypatch, "sglang.srt.managers.scheduler_output_processor_mixin",
-            SchedulerOutputProcessorMixin=SchedulerOutputProcessorMixin)  # fmt: skip
-    _module(monkeypatch, "sglang.srt.managers.scheduler_update_weights_mixin",
-            SchedulerUpdateWeightsMixin=SchedulerUpdateWeightsMixin)  # fmt: skip
-    _module(
-        monkeypatch,
-        "sglang.srt.managers.io_struct",
-        GetWeightsByNameReqOutput=lambda p: SimpleNamespace(parameter=p),
-    )
-    _module(
-        monkeypatch,
-        "sglang.srt.entrypoints.http_server",
-        _setup_and_run_http_server=lambda server_args, *a: "served",
-    )
     for name, value in {"AURORA_REDIS_URL": redis_url, "AURORA_SPECULATOR": "prod/llama",
                         "AURORA_SERVER_ID": "pod-9", "AURORA_SGLANG_WATCH": "0"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr("aurora.runtime.sglang.installed_version", lambda: version)
     monkeypatch.setattr(plugin, "_emits", True)
     registry.HookRegistry.reset()
     try:
         # when SGLang's load_plugins runs our entry point and applies the hooks
         plugin.register()
         registry.HookRegistry.apply_hooks()
-        assert set(registry.HookRegistry._patched) == set(plugin.HOOKS)
-        # then a V2 verification and a completion through the patched classes publish a trace
+        assert set(registry.HookRegistry._patched) == set(plugin.HOOKS[version])
+        # then a verification and a completion through the patched code publish a trace
         req = Req("z", [7, 8], first=9)
-        scheduler = Scheduler()
-        assert scheduler.stream_output_generation([req], False) == "streamed"
-        verify_input = EagleVerifyInput()
-        verify_input.draft_token = torch.tensor([9, 1, 2, 3])
-        verify_input.retrieve_next_token = torch.tensor([[1, 2, 3, -1]])
-        verify_input.draft_token_num = N
+        assert sglang["stream"]([req]) == "streamed"
         logits = torch.zeros(N, VOCAB)
         logits[0, 1] = logits[1, 2] = logits[2, 5] = 10.0  # accepts 1 and 2, corrects to 5
         batch = SimpleNamespace(forward_mode=SimpleNamespace(is_idle=lambda: False), reqs=[req])
-        verify_input.sample(batch, SimpleNamespace(next_token_logits=logits), None)
+        verify_input = sglang["VerifyInput"](torch.tensor([9, 1, 2, 3]))
+        sglang["verify"](verify_input, batch, SimpleNamespace(next_token_logits=logits))
         req.done = True
-        scheduler.stream_output_generation([req], False)
-        assert plugin._capture is not None and plugin._capture.flush(10.0)
+        sglang["stream"]([req])
+        assert plugin._capture is not None and plugin._capture.flush(30.0)
         ((_, record),) = decode_entries(redis_client.xrange(KEYS.traces))[0]
         assert (record.output_ids, record.server) == ([9, 1, 2, 5], "pod-9")
         assert [(s.proposed, s.accepted) for s in record.steps] == [([1, 2, 3], 2)]
-        # and draft: names are read from the draft model, others from the target
-        draft_runner = SimpleNamespace(get_weights_by_name=lambda name, truncate: [name, truncate])
-        scheduler.draft_worker = SimpleNamespace(
-            draft_worker=SimpleNamespace(draft_runner=draft_runner)
-        )
-        answer = scheduler.get_weights_by_name(
-            SimpleNamespace(name="draft:model.fc.weight", truncate_size=2)
-        )
-        assert answer.parameter == ["model.fc.weight", 2]
-        assert (
-            scheduler.get_weights_by_name(
-                SimpleNamespace(name="lm_head.weight", truncate_size=2)
-            ).parameter
-            == "target"
-        )
+        # and draft: names are read from the EAGLE-3 draft model, others from the target
+        weights = sglang["weights"]
+        ask = SimpleNamespace(name="draft:model.fc.weight", truncate_size=2)
+        assert weights.get_weights_by_name(ask).parameter is None  # no draft (e.g. NGRAM)
+        weights.draft_worker = _draft_worker(version)
+        assert weights.get_weights_by_name(ask).parameter == ["model.fc.weight", 2]
+        target = SimpleNamespace(name="lm_head.weight", truncate_size=2)
+        assert weights.get_weights_by_name(target).parameter == "target"
     finally:
         registry.HookRegistry.reset()
         plugin._capture = plugin._settings = None
+
+
+def test_a_request_running_across_a_draft_swap_gives_no_stats_and_no_trace(
+    capture: plugin.TraceCapture, redis_client: redis.Redis
+) -> None:
+    # given one request that streams before the swap and one that starts after it
+    before, after = Req("old", [1, 2], first=3), Req("new", [4, 5], first=6)
+    plugin.after_stream_output(None, object(), [before], False)
+    plugin.note_draft_loaded()  # what load_draft_only does in the scheduler process
+    plugin.after_stream_output(None, object(), [after], False)
+    before.done = after.done = True
+    plugin.after_stream_output(None, object(), [before, after], False)
+    assert capture.flush(30.0)
+    # then only the request served wholly by the new draft is measured and traced
+    good, _ = decode_entries(redis_client.xrange(KEYS.traces))
+    assert [record.prompt_ids for _, record in good] == [[4, 5]]
+    assert len(read_stats(redis_client, KEYS)) == 1
+    swapped = capture.metrics.dropped.labels(kind="stats", reason="swapped")._value.get()
+    assert swapped == 1
+
+
+def test_a_prompt_still_prefilling_in_chunks_is_not_stamped_as_streaming(
+    capture: plugin.TraceCapture,
+) -> None:
+    # SGLang passes the chunked-prefill request as skip_req: it streams nothing yet, so
+    # its first token (the start of its decode time) has not happened
+    chunked, running = Req("chunked", [1, 2], first=3), Req("running", [4], first=5)
+    plugin.after_stream_output(None, object(), [chunked, running], False, chunked)
+    assert not hasattr(chunked, "_aurora_first") and hasattr(running, "_aurora_first")
+    plugin.after_stream_output(None, object(), [chunked], False, skip_req=None)
+    assert hasattr(chunked, "_aurora_first")

@@ -140,27 +140,33 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_sglang_command_uses_the_real_eagle3_flags() -> None:
+def test_sglang_command_runs_aurora_s_launcher_with_the_spec_s_draft_and_flags() -> None:
+    # serve.py picks the revision to serve (aurora.runtime.sglang) and execs
+    # sglang.launch_server with the arguments after "--".
     command = commands.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
-    assert command[:3] == ["python3", "-m", "sglang.launch_server"]
-    flags = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--")}
-    assert flags["--model-path"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert flags["--served-model-name"] == "llama-3.1-8b"
-    assert flags["--speculative-algorithm"] == "EAGLE3"
-    assert flags["--speculative-draft-model-path"] == "/drafts/eagle3-llama3.1-8b"
+    assert command[:3] == ["python3", "-m", "aurora.runtime.sglang.serve"]
+    split = command.index("--")
+    flags = {
+        flag: command[i + 1] for i, flag in enumerate(command[:split]) if flag.startswith("--")
+    }
+    assert flags["--initial"] == "/drafts/eagle3-llama3.1-8b"
     assert (flags["--speculative-num-steps"], flags["--speculative-eagle-topk"]) == ("3", "4")
     assert flags["--speculative-num-draft-tokens"] == "8"
-    assert flags["--tp-size"] == "1" and flags["--port"] == "8000"
-    assert flags["--custom-weight-loader"] == "aurora.runtime.sglang.weights.load_draft_only"
-    assert "--enable-metrics" in command
-    assert command[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs last
+    sglang = command[split + 1 :]
+    args = {flag: sglang[i + 1] for i, flag in enumerate(sglang[:-1]) if flag.startswith("--")}
+    assert args["--model-path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args["--served-model-name"] == "llama-3.1-8b"
+    assert args["--tp-size"] == "1" and args["--port"] == "8000"
+    assert "--enable-metrics" in sglang
+    assert sglang[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs last
 
 
-def test_sglang_with_ngram_draft_uses_sglang_ngram_speculation() -> None:
+@pytest.mark.parametrize("initial", ["ngram", "scratch"])
+def test_sglang_day_0_drafts_go_to_the_launcher(initial: str) -> None:
     body = _body("speculator-sglang-gpu.yaml")
-    body["spec"]["draft"] = {"initial": "ngram"}
+    body["spec"]["draft"] = {"initial": initial}
     command = commands.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
-    assert command[command.index("--speculative-algorithm") + 1] == "NGRAM"
+    assert command[command.index("--initial") + 1] == initial
     assert "--speculative-draft-model-path" not in command
 
 

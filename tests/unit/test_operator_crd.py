@@ -159,6 +159,10 @@ def test_good_values_pass_both() -> None:
     )  # fmt: skip
     assert validate(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, copy.deepcopy(spec))) == []
     assert SpeculatorSpec.model_validate(spec).engine.num_draft_tokens == 5
+    # day 0 on SGLang without a draft: it serves plainly until a learned draft is promoted
+    scratch = _spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1})
+    assert validate(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, copy.deepcopy(scratch))) == []
+    assert SpeculatorSpec.model_validate(scratch).draft.initial == "scratch"
 
 
 @pytest.mark.parametrize(
@@ -170,7 +174,6 @@ def test_good_values_pass_both() -> None:
         (_spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1, "tensorParallel": 2},
                draft={"initial": "ngram"}), "cannot exceed engine.gpus"),
         (_spec(engine={"speculativeSteps": 2, "speculativeNumDraftTokens": 8}), "at most"),
-        (_spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1}), "sglang needs a draft"),
         (_spec(rollout={"canaryShare": "0.6", "baselineShare": "0.4"}), "must be below 1"),
         (_spec(rollout={"canaryShare": "0"}), "above 0 and below 1"),
         (_spec(rollout={"minSpeedup": "0.9", "regressionThreshold": "0.8"}), "at least 1.0"),

@@ -329,11 +329,13 @@ def test_dockerfile_copies_only_what_exists_and_installs_real_extras() -> None:
     assert "torch" not in operator_deps
     sglang = re.search(r"^ARG SGLANG_IMAGE=(\S+)", DOCKERFILE, re.MULTILINE)
     assert sglang and re.match(r"lmsysorg/sglang:v\d", sglang.group(1)), "pin the SGLang image"
-    # The image's SGLang is the release the plugin's hooks were checked against.
-    from aurora.runtime.sglang import SGLANG_VERSION
+    # The image's SGLang is the primary release the plugin's hooks were checked against,
+    # the one the sglang extra installs; the build refuses any unsupported one.
+    from aurora.runtime.sglang import PRIMARY_VERSION
 
-    assert re.match(rf"lmsysorg/sglang:v{re.escape(SGLANG_VERSION)}(-|$)", sglang.group(1))
-    assert f"sglang=={SGLANG_VERSION}" in " ".join(extras["sglang"])
+    assert re.match(rf"lmsysorg/sglang:v{re.escape(PRIMARY_VERSION)}(-|$)", sglang.group(1))
+    assert f"sglang=={PRIMARY_VERSION}" in " ".join(extras["sglang"])
+    assert "a.require_supported(a.installed_version())" in stages()["runtime-sglang"]
     assert ".venv" in (ROOT / ".dockerignore").read_text().split()
 
 

@@ -1,12 +1,30 @@
-"""The SGLang plugin's pure parts: settings, tree → chain verify steps, meta_info stats."""
+"""The SGLang plugin's pure parts: settings, tree → chain verify steps, the bounded top-k
+capture, which ranks emit, the version check, meta_info stats."""
 
 from __future__ import annotations
+
+import sys
+import types
+from typing import Any
 
 import pytest
 import torch
 
 from aurora.runtime.engine import StepRecord
-from aurora.runtime.sglang.plugin import PluginSettings, VerifyBatch, _trim, verify_steps
+from aurora.runtime.sglang import (
+    SUPPORTED_VERSIONS,
+    UnsupportedVersion,
+    plugin,
+    require_supported,
+)
+from aurora.runtime.sglang.plugin import (
+    PluginSettings,
+    VerifyBatch,
+    _topk,
+    _trim,
+    topk_chunk_rows,
+    verify_steps,
+)
 from aurora.runtime.sglang.weights import request_stats
 
 pytestmark = pytest.mark.unit
@@ -35,6 +53,88 @@ def test_settings_are_off_without_redis_and_name_a_bad_variable() -> None:
         PluginSettings.from_env({**ENV, "AURORA_TRACE_SAMPLE_RATE": "2"})
     with pytest.raises(ValueError, match="AURORA_SPECULATOR='llama'"):
         PluginSettings.from_env({**ENV, "AURORA_SPECULATOR": "llama"})
+    with pytest.raises(ValueError, match="AURORA_SGLANG_RESTART='yes': use 1"):
+        PluginSettings.from_env({**ENV, "AURORA_SGLANG_RESTART": "yes"})
+    with pytest.raises(ValueError, match="AURORA_SERVER_ROLE='primary'"):
+        PluginSettings.from_env({**ENV, "AURORA_SERVER_ROLE": "primary"})
+
+
+def test_only_the_tested_releases_are_supported_and_the_error_lists_them() -> None:
+    assert SUPPORTED_VERSIONS == ("0.5.12", "0.5.23")
+    assert require_supported("0.5.23") == "0.5.23"
+    for other in ("0.5.14", "0.5.11", None):
+        with pytest.raises(UnsupportedVersion, match=r"tested against 0\.5\.12, 0\.5\.23 only"):
+            require_supported(other)
+
+
+def test_an_unsupported_sglang_stops_a_tracing_server_but_not_an_idle_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("aurora.runtime.sglang.installed_version", lambda: "0.5.19")
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AURORA_SPECULATOR", raising=False)
+    plugin.register()  # idle: SGLang runs as if Aurora were not installed
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r"SGLang 0\.5\.19 installed.*0\.5\.12, 0\.5\.23"):
+        plugin.register()
+    assert plugin._capture is None
+
+
+def test_top_k_is_taken_in_chunks_within_the_memory_budget_and_equals_the_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1 MiB of fp32 working memory over a 20k vocabulary: 13 rows per chunk
+    assert topk_chunk_rows(20_000, 1) == 13
+    assert topk_chunk_rows(10**9, 1) == 1  # never zero rows
+    torch.manual_seed(0)
+    logits = torch.randn(40, 20_000, dtype=torch.bfloat16)
+    seen: list[int] = []
+    logsumexp = torch.logsumexp
+
+    def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(tensor.numel() * tensor.element_size())
+        return logsumexp(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "logsumexp", recording)
+    ids, logprobs = _topk(logits, 4, memory_mb=1)
+    assert max(seen) <= 1 << 20 and len(seen) == 4  # 13 + 13 + 13 + 1 rows
+    monkeypatch.setattr(torch, "logsumexp", logsumexp)
+    whole = torch.log_softmax(logits.float(), dim=-1)
+    expected_values, expected_ids = torch.topk(whole, 4, dim=-1)
+    assert torch.equal(ids, expected_ids)
+    assert torch.allclose(logprobs, expected_values, atol=1e-5)
+
+
+def _parallel_state(monkeypatch: pytest.MonkeyPatch, attn_tp: int, attn_cp: int) -> None:
+    state = types.ModuleType("sglang.srt.distributed.parallel_state")
+    state.get_attn_tensor_model_parallel_rank = lambda: attn_tp  # type: ignore[attr-defined]
+    state.get_attn_context_model_parallel_rank = lambda: attn_cp  # type: ignore[attr-defined]
+    package = types.ModuleType("sglang.srt.distributed")
+    package.parallel_state = state  # type: ignore[attr-defined]
+    for name, module in (("sglang", types.ModuleType("sglang")),
+                         ("sglang.srt", types.ModuleType("sglang.srt")),
+                         ("sglang.srt.distributed", package),
+                         ("sglang.srt.distributed.parallel_state", state)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize(
+    ("attn_tp", "attn_cp", "emits"),
+    [(0, 0, True), (1, 0, False), (0, 1, False)],
+    ids=["group-leader", "other-tp-rank", "other-cp-rank"],
+)
+def test_the_first_rank_of_every_attention_data_parallel_group_emits(
+    monkeypatch: pytest.MonkeyPatch, attn_tp: int, attn_cp: int, emits: bool
+) -> None:
+    # With DP attention every group has its own attention-TP rank 0 (its global TP rank
+    # differs): each group's requests are traced by that rank, once.
+    _parallel_state(monkeypatch, attn_tp, attn_cp)
+    capture = object()
+    monkeypatch.setattr(plugin, "_capture", capture)
+    monkeypatch.setattr(plugin, "_emits", None)
+    assert (plugin._emitting() is capture) == emits
 
 
 def _batch(candidates, next_token, accepted, counts=None, topk=None) -> VerifyBatch:
