@@ -32,6 +32,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
+from aurora.runtime.cost import VerifyCost
+from aurora.runtime.draft import EagleProposer, EagleSession, Proposal
+from aurora.runtime.protocol import Builtin, hybrid_revision
+
 MAX_TOKEN_ID = 2**31 - 1  # tokens are stored as C ints
 _POS_BITS = 32
 _POS_MASK = (1 << _POS_BITS) - 1
@@ -284,7 +291,7 @@ class SuffixTree:
                 draft.tokens.append(token)
                 draft.probs.append(prob)
                 if type(child) is int:
-                    at = (child >> _POS_BITS, child & _POS_MASK)  # type: ignore[assignment]
+                    at = (child >> _POS_BITS, child & _POS_MASK)
                     break
                 node = child  # type: ignore[assignment]
             if at is None:
@@ -404,3 +411,117 @@ class SuffixCache:
             if draft.source is not None and draft.source in self._order:
                 self._order.move_to_end(draft.source)
             return draft
+
+
+# ---------------------------------------------------------------------------- proposers
+
+
+@dataclass(frozen=True)
+class SuffixConfig:
+    """How suffix drafts are read (the defaults of vLLM's suffix method, depth aside):
+    a match of m tokens drafts at most ``m * factor + offset`` tokens, and a draft stops
+    where its running probability falls below ``min_prob``. A request's own tree holds
+    its last ``max_prompt_tokens`` prompt tokens and everything it generates."""
+
+    max_depth: int = 32
+    factor: float = 1.0
+    offset: float = 0.0
+    min_prob: float = 0.1
+    max_prompt_tokens: int = 8192
+
+
+class SuffixProposer:
+    """Suffix decoding: per verify step, the better-scored draft of the request's own
+    tree and the server's global cache. Model-free and deterministic. With ``cost``,
+    the draft is cut where the expected rate peaks (``VerifyCost.best_length``)."""
+
+    needs_features = False
+
+    def __init__(
+        self,
+        cache: SuffixCache | None = None,
+        *,
+        revision: str = Builtin.SUFFIX,
+        cost: VerifyCost | None = None,
+        config: SuffixConfig | None = None,
+    ) -> None:
+        self.cache, self.revision, self.cost = cache, revision, cost
+        self.config = config or SuffixConfig(max_depth=cache.max_depth if cache else 32)
+
+    def start(self, prompt_ids: list[int]) -> SuffixSession:
+        return SuffixSession(self, prompt_ids)
+
+
+class SuffixSession:
+    def __init__(self, proposer: SuffixProposer, prompt_ids: Sequence[int]) -> None:
+        self.proposer, config = proposer, proposer.config
+        self.own = SuffixTree(config.max_depth)
+        self.own.extend(0, prompt_ids[-config.max_prompt_tokens :])
+        self.taken = len(prompt_ids)  # tokens of the request in its own tree
+
+    def draft(self, tokens: Sequence[int], k: int) -> Draft:
+        """The better of the request's own and the global draft for ``tokens`` (the
+        whole committed sequence), at most k tokens."""
+        if len(tokens) > self.taken:
+            self.own.extend(0, tokens[self.taken :])
+            self.taken = len(tokens)
+        config = self.proposer.config
+        options = {"factor": config.factor, "offset": config.offset, "min_prob": config.min_prob}
+        context = tokens[-(config.max_depth - 1) :]
+        best = self.own.speculate(context, k, exclude_self=True, **options)
+        cache = self.proposer.cache
+        if cache is not None:
+            shared = cache.speculate(context, k, **options)
+            if shared.score > best.score:
+                best = shared
+        return best
+
+    def propose(
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        rows: int = 1,
+    ) -> Proposal:
+        draft = self.draft(tokens, k)
+        cost = self.proposer.cost
+        n = len(draft.tokens) if cost is None else cost.best_length(draft.probs, rows)
+        return Proposal(draft.tokens[:n], None, draft.probs[:n])
+
+
+class HybridProposer:
+    """Suffix decoding and a learned head (``hybrid:<revision>``): per verify step the
+    suffix draft when its score (expected accepted tokens) is at least the head's
+    expected accepted tokens, else the head's adaptive draft (EagleSession's rule)."""
+
+    needs_features = True
+
+    def __init__(self, suffix: SuffixProposer, learned: EagleProposer) -> None:
+        if learned.adaptive is None:
+            raise ValueError("a hybrid's head must be adaptive: pass EagleProposer(adaptive=...)")
+        self.suffix, self.learned = suffix, learned
+        self.head = learned.head  # the engine fuses the target's features through it
+        self.revision = hybrid_revision(learned.revision)
+
+    def start(self, prompt_ids: list[int]) -> HybridSession:
+        return HybridSession(self.suffix.start(prompt_ids), self.learned.start(prompt_ids))
+
+
+@dataclass
+class HybridSession:
+    suffix: SuffixSession
+    learned: EagleSession
+
+    def propose(
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        rows: int = 1,
+    ) -> Proposal:
+        rival = self.suffix.draft(tokens, k)
+        return self.learned.propose(tokens, features, k, temperature, generator, rows, rival)
