@@ -31,14 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aurora import __version__
 from aurora.runtime.checkpoint import load_checkpoint
-from aurora.runtime.draft import (
-    DraftConfig,
-    EagleDraftHead,
-    EagleProposer,
-    NgramProposer,
-    load_draft_head,
-)
+from aurora.runtime.cost import VerifyCost
+from aurora.runtime.draft import DraftConfig, EagleDraftHead, load_draft_head
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import hybrid_head
 from aurora.runtime.server.api import (
     APIError,
     ChatCompletionRequest,
@@ -51,8 +47,6 @@ from aurora.runtime.server.api import (
 from aurora.runtime.server.config import ServerConfig, connect_redis
 from aurora.runtime.server.metrics import ServerMetrics
 from aurora.runtime.server.revisions import (
-    NGRAM,
-    NONE,
     SCRATCH,
     Revision,
     RevisionLoader,
@@ -60,6 +54,7 @@ from aurora.runtime.server.revisions import (
     RevisionWatcher,
     Router,
     Served,
+    Speculation,
     SwapEvent,
 )
 from aurora.runtime.server.tracing import TracePublisher
@@ -72,6 +67,7 @@ from aurora.runtime.server.worker import (
     QueueFull,
     RequestError,
 )
+from aurora.runtime.suffix import SuffixCache
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +100,9 @@ class ServerRuntime:
         self._loader_thread: threading.Thread | None = None
         self._stopped = False
         self._initial: Revision | None = None
+        self.speculation = Speculation(
+            SuffixCache(int(config.suffix_cache_mb * 2**20)), VerifyCost(), config.adaptive
+        )
         if target is not None:
             # Fail in create_app, not in the background, when the initial draft is unusable.
             self._initial = self.build_revision(config.draft)
@@ -112,18 +111,19 @@ class ServerRuntime:
     # -- revisions -----------------------------------------------------------------
 
     def build_revision(self, draft: str) -> Revision:
-        """A built-in draft (scratch, ngram, none) or a checkpoint directory's revision."""
-        if draft == NGRAM:
-            return Revision(NGRAM, NgramProposer(revision=NGRAM))
-        if draft == NONE:
-            return Revision(NONE, None)
+        """A built-in draft (scratch, ngram, suffix, none), hybrid:HEAD, or a checkpoint
+        directory's revision."""
+        if (inner := hybrid_head(draft)) is not None:
+            return self.speculation.hybrid(self.build_revision(inner))
+        if (builtin := self.speculation.builtin(draft)) is not None:
+            return builtin
         if draft == SCRATCH:
             config = DraftConfig.for_target(self.target.config, self.config.model)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 head = EagleDraftHead(config, self.target.get_input_embeddings())
             head = head.to(device=self.device, dtype=self.target.dtype).eval().requires_grad_(False)
-            return Revision(SCRATCH, EagleProposer(head, SCRATCH))
+            return self.speculation.head(head, SCRATCH)
         return self.load_checkpoint_revision(Path(draft))
 
     def load_checkpoint_revision(self, path: Path) -> Revision:
@@ -152,7 +152,7 @@ class ServerRuntime:
             )
         head = load_draft_head(tensors, config, self.target.get_input_embeddings(), self.device)
         head = head.to(dtype=self.target.dtype)
-        return Revision(meta.revision, EagleProposer(head, meta.revision), str(path))
+        return self.speculation.head(head, meta.revision, str(path))
 
     @property
     def device(self) -> torch.device:
@@ -227,11 +227,15 @@ class ServerRuntime:
             trace_topk=config.trace_topk,
             seed=config.seed,
             max_batch=config.max_batch,
+            speculation=self.speculation,
         )
         self.worker.start()
         if self.redis is not None:
             loader = RevisionLoader(
-                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir
+                self.build_revision,
+                self.load_checkpoint_revision,
+                config.checkpoint_dir,
+                self.speculation.hybrid,
             )
             self.watcher = RevisionWatcher(
                 self.revisions,
