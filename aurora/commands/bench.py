@@ -12,11 +12,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     d = sub.add_parser(
         "decode",
-        help="our engine (plain, n-gram, trained drafts) against transformers, same prompts",
+        help="our engine (plain, n-gram, suffix, trained drafts) against transformers, same prompts",
         description="Runs transformers' generate, transformers' prompt lookup, our engine plain, with "
         "the n-gram proposer and with each --draft checkpoint on the same prompts (interleaved), at "
         "temperature 0. Prints tokens/s, mean accepted length, speedups, output identity and achieved "
-        "weight-read bandwidth against the measured memory copy bandwidth.",
+        "weight-read bandwidth against the measured memory copy bandwidth. With --unseen: every "
+        "proposer (n-gram, suffix, the head with a fixed k and adaptive, the hybrid) per domain, on "
+        "prompts neither the head nor the suffix tree has seen, optionally after --warmup requests "
+        "of the domain's other prompts; JSON domains.<domain>.methods.<method> and "
+        "min_speedup_vs_plain for the adaptive head and the hybrid.",
     )
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument(
@@ -27,7 +31,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a draft checkpoint directory (repeatable); n-gram is always included",
     )
     d.add_argument(
-        "--domain", default="code", help="built-in workload domain or file:PATH (default: code)"
+        "--domain",
+        action="append",
+        default=None,
+        help="built-in workload domain or file:PATH (default: code; with --unseen repeatable, "
+        "default: code, prose, math and chat)",
+    )
+    d.add_argument(
+        "--unseen",
+        action="store_true",
+        help="every proposer per domain on prompts disjoint from the head's fitting prompts and "
+        "from what the suffix tree saw (at most one --draft; without one, a head is fitted on "
+        "the code domain's training half and cached in --workdir)",
+    )
+    d.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --unseen: the suffix tree first learns N requests of the domain's other "
+        "prompts (default: 0)",
+    )
+    d.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("aurora-bench-unseen"),
+        help="with --unseen: the fitted head and cached warm-up outputs "
+        "(default: ./aurora-bench-unseen)",
     )
     d.add_argument("--prompts", type=int, default=8, help="number of prompts (default: 8)")
     d.add_argument(
@@ -160,8 +190,14 @@ def _decode(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from aurora.errors import UsageError
     from aurora.runtime.bench import decode_benchmark, default_prompts, write_json
 
+    if args.unseen:
+        return _unseen(args)
+    if args.domain and len(args.domain) > 1:
+        raise UsageError(f"--domain given {len(args.domain)} times: give one (or use --unseen)")
+    args.domain = args.domain[0] if args.domain else "code"
     train, held = default_prompts(args.domain, args.prompts, args.seed)
     prompts = held if args.heldout else train
     console = Console()
@@ -206,6 +242,61 @@ def _decode(args: argparse.Namespace) -> int:
     )
     if args.json:
         write_json(args.json, result)
+    return 0
+
+
+def _unseen(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aurora.errors import UsageError
+    from aurora.runtime.bench import write_json
+    from aurora.runtime.bench_unseen import DOMAINS, UnseenConfig, run_unseen
+
+    if len(args.draft) > 1 or args.prompts < 1 or args.warmup < 0:
+        raise UsageError(
+            f"--unseen takes at most one --draft (got {len(args.draft)}), --prompts >= 1 "
+            f"(got {args.prompts}) and --warmup >= 0 (got {args.warmup})"
+        )
+    config = UnseenConfig(
+        model=args.model,
+        draft=args.draft[0] if args.draft else None,
+        domains=tuple(args.domain or DOMAINS),
+        prompts=args.prompts,
+        warmup=args.warmup,
+        k=args.spec_tokens,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        threads=args.threads or None,
+        workdir=args.workdir,
+    )
+    console = Console()
+    with console.status("benchmarking") as status:
+        result = run_unseen(config, lambda *info: status.update(" ".join(map(str, info))))
+    for domain, data in result["domains"].items():
+        table = Table(
+            title=f"{domain}: {len(data['prompts'])} unseen prompts, warm-up "
+            f"{data['warmup']['requests']} requests, {config.max_new_tokens} new tokens, "
+            f"k={config.k}, greedy"
+        )
+        for col in ("method", "tok/s", "vs plain", "accept len", "identical"):
+            table.add_column(col)
+        for name, row in data["methods"].items():
+            table.add_row(
+                name,
+                f"{row['tokens_per_s']:.1f}",
+                f"{row['speedup_vs_plain']:.2f}x",
+                "-" if row["accept_length"] is None else f"{row['accept_length']:.2f}",
+                "yes" if row["identical"] else "NO",
+            )
+        console.print(table)
+    console.print(
+        "min speedup vs plain over the domains: "
+        + ", ".join(f"{m} {v:.2f}x" for m, v in result["min_speedup_vs_plain"].items())
+    )
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"json: {args.json}")
     return 0
 
 

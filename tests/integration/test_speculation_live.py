@@ -184,3 +184,51 @@ def test_the_server_learns_every_finished_request_and_serves_a_hybrid_revision(
         "the refused hybrid reported",
     )
     assert "hybrid:ngram" in report.error and report.stable == hybrid
+
+
+def test_bench_decode_unseen_reports_every_method_on_prompts_nobody_saw(
+    model: tuple[Any, Any], tmp_path: Path
+) -> None:
+    from aurora.runtime.bench import default_prompts
+    from aurora.runtime.bench_unseen import METHODS, UnseenConfig, run_unseen
+
+    # given a head whose checkpoint says it was fitted on the first held-out code prompt
+    target, _ = model
+    _, held = default_prompts("code", 10**6, 0)
+    head = scratch_head(target, seed=5)
+    path = save_checkpoint(
+        tmp_path / "drafts",
+        "r-unseen",
+        head.state_dict(),
+        parent=None,
+        step=1,
+        traces_seen=1,
+        evaluation={"prompts": [held[0].id]},
+        draft_config=head.config.to_dict(),
+    )
+    # when the benchmark runs on code and math, after a warm-up of 3 requests
+    config = UnseenConfig(
+        draft=str(path),
+        domains=("code", "math"),
+        prompts=2,
+        warmup=3,
+        max_new_tokens=8,
+        threads=1,
+        workdir=tmp_path,
+    )
+    result = run_unseen(config)
+    # then every method decoded every prompt exactly as plain decoding did
+    code = result["domains"]["code"]
+    assert code["prompts"] == [p.id for p in held[1:3]]  # the head's prompt left out
+    assert code["warmup"] == {"requests": 3, "distinct_prompts": 3}
+    for domain in ("code", "math"):
+        methods = result["domains"][domain]["methods"]
+        assert list(methods) == list(METHODS)
+        assert all(row["identical"] for row in methods.values()), domain
+        assert methods["plain"]["speedup_vs_plain"] == 1.0
+    assert set(result["min_speedup_vs_plain"]) == {"draft_adaptive", "hybrid"}
+    assert result["min_speedup_vs_plain"]["hybrid"] == min(
+        result["domains"][d]["methods"]["hybrid"]["speedup_vs_plain"] for d in ("code", "math")
+    )
+    # and the warm-up outputs are cached: a second run does not decode them again
+    assert (tmp_path / "warmup").is_dir()
