@@ -1,6 +1,7 @@
-"""The kopf handlers: thin glue from Kubernetes events to the planning functions
-(`aurora.operator.planning`), the cluster (`aurora.operator.kube`) and Redis
-(`aurora.operator.driver`). Importing this module registers them with kopf.
+"""The kopf handlers: thin glue from Kubernetes events to plain functions (children,
+validation, status, events in `aurora.operator`), the cluster (`aurora.operator.kube`)
+and the rollout loop (`aurora.runtime.rollout.loop`, Redis). Importing this module
+registers them with kopf.
 
 - create / update of spec / resume: validate; an invalid spec gets Ready=False
   (InvalidSpec), a Warning Event and no change to children, and is not retried until
@@ -26,12 +27,13 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from aurora.operator import driver, planning
+from aurora.operator import children, events, validation
 from aurora.operator.kube import ApiException, Cluster, api_message, transient
 from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, SpeculatorSpec
+from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
-from aurora.runtime.rollout import Override, RolloutState, measure
+from aurora.runtime.rollout import Override, RolloutState, loop, measure
 
 FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
@@ -57,13 +59,6 @@ KOPF_PERMISSIONS = frozenset(
     }
 )
 
-_EVENT_TYPES = {
-    "Rollback": "Warning",
-    "Reject": "Warning",
-    "Hold": "Warning",
-    "Fallback": "Warning",
-}
-
 
 def _plain(value: Any) -> Any:
     """kopf's read-only views as plain dicts and lists."""
@@ -74,12 +69,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_status(
-    patch: kopf.Patch, status: Mapping[str, Any], observation: planning.Observation
-) -> None:
+def _write_status(patch: kopf.Patch, status: Mapping[str, Any], observation: Observation) -> None:
     before = _plain(status)
-    after = planning.build_status(observation, before, datetime.now(UTC))
-    for key, value in planning.merge_patch(before, after).items():
+    after = build_status(observation, before, datetime.now(UTC))
+    for key, value in merge_patch(before, after).items():
         patch.status[key] = value
 
 
@@ -111,7 +104,7 @@ def _reconcile_children(
     cluster: Cluster = memo.cluster
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = body["metadata"].get("generation")
-    desired = planning.desired_children(body, memo.images)
+    desired = children.desired_children(body, memo.images)
     expected = {
         child["metadata"]["name"]: child["spec"]["replicas"]
         for child in desired
@@ -133,7 +126,7 @@ def _reconcile_children(
             if transient(error):
                 raise
             problems.append(f"{child['kind']} {child['metadata']['name']}: {api_message(error)}")
-    for kind, stale in planning.stale_children(cluster.children(namespace, name), desired):
+    for kind, stale in children.stale_children(cluster.children(namespace, name), desired):
         log.info("deleting %s %s/%s: the spec no longer wants it", kind, namespace, stale)
         cluster.delete(namespace, kind, stale)
     memo.last_apply, memo.applied_generation = now, generation
@@ -153,11 +146,11 @@ def reconcile(
 ) -> None:
     """Follow the spec: children applied, status for this generation."""
     generation = int(meta.get("generation") or 0)
-    errors = planning.validate_semantics(body)
+    errors = validation.validate_semantics(body)
     if errors:
         if status.get("observedGeneration") != generation:  # one Event per bad generation
             kopf.warn(body, reason="InvalidSpec", message="; ".join(errors)[:1024])
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+        _write_status(patch, status, Observation(generation, spec_errors=errors))
         return  # not raised: a bad spec is not retried until it changes
     try:
         servers, expected, apply_error = _reconcile_children(body, memo, force=True)
@@ -166,7 +159,7 @@ def reconcile(
     if apply_error:
         kopf.warn(body, reason="ApplyFailed", message=apply_error[:1024])
     enabled = SpeculatorSpec.model_validate(body["spec"]).rollout.enabled
-    observation = planning.Observation(
+    observation = Observation(
         generation,
         expected_servers=expected,
         servers=servers,
@@ -185,7 +178,7 @@ def _redis(memo: kopf.Memo, spec: SpeculatorSpec, namespace: str) -> Any:
     key = (spec.traces.redis_url, password)
     clients = memo.redis_clients
     if key not in clients:
-        clients[key] = driver.connect(spec.traces.redis_url, password)
+        clients[key] = loop.connect(spec.traces.redis_url, password)
     return clients[key]
 
 
@@ -203,11 +196,10 @@ def rollout(
         return  # being deleted: nothing to re-apply or roll out
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     generation = int(meta.get("generation") or 0)
-    errors = planning.validate_semantics(body)
-    if errors:
-        _write_status(patch, status, planning.Observation(generation, spec_errors=errors))
+    spec, errors = validation.checked_spec(body)  # the one parse of the spec this tick
+    if spec is None or errors:
+        _write_status(patch, status, Observation(generation, spec_errors=errors))
         return
-    spec = SpeculatorSpec.model_validate(body["spec"])
     now = time.time()
     if now - memo.get("last_round", 0.0) < spec.rollout.interval_seconds:
         return
@@ -221,45 +213,45 @@ def rollout(
         )
         return  # the next round tries again; nothing was changed
 
-    observation = planning.Observation(
+    observation = Observation(
         generation, expected_servers=expected, servers=servers, apply_error=apply_error,
         rollout_enabled=spec.rollout.enabled,
     )  # fmt: skip
-    override, override_error = planning.parse_override(meta.get("annotations") or {})
+    override, override_error = events.parse_override(meta.get("annotations") or {})
     if override_error:
         kopf.warn(body, reason="InvalidOverride", message=override_error)
-        patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None
+        patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None
     try:
         client = _redis(memo, spec, namespace)
         observation = _rollout_round(
             body, status, memo, client, spec, observation, pods, override, now
         )
-    except (*driver.REDIS_ERRORS, LookupError, ApiException) as error:
+    except (*loop.REDIS_ERRORS, LookupError, ApiException) as error:
         if isinstance(error, LookupError):
             problem = f"cannot read the Redis password: {error}"
         elif isinstance(error, ApiException):
             problem = f"cannot read the Redis password Secret: {api_message(error)}"
         else:
-            problem = driver.redis_problem(spec.traces.redis_url, error)
+            problem = loop.redis_problem(spec.traces.redis_url, error)
         memo.metrics.redis_errors.labels(namespace, name).inc()
         observation = replace(observation, redis_error=problem)
     else:
         if override is not None:
-            patch.metadata.annotations[planning.OVERRIDE_ANNOTATION] = None  # a one-shot command
+            patch.metadata.annotations[events.OVERRIDE_ANNOTATION] = None  # a one-shot command
     _write_status(patch, status, observation)
 
 
 def _rollout_round(
     body: kopf.Body, status: kopf.Status, memo: kopf.Memo, client: Any, spec: SpeculatorSpec,
-    observation: planning.Observation, pods: list[str], override: Override | None, now: float,
-) -> planning.Observation:  # fmt: skip
+    observation: Observation, pods: list[str], override: Override | None, now: float,
+) -> Observation:  # fmt: skip
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    keys, policy = Keys(namespace, name), spec.rollout.policy()
+    keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
     window = memo.get("window")
     if window is None or window.size != policy.max_canary_samples:
-        window = memo.window = driver.SampleWindow(size=policy.max_canary_samples)
+        window = memo.window = loop.SampleWindow(size=policy.max_canary_samples)
     state = _rollout_state(status, body)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
@@ -267,13 +259,13 @@ def _rollout_round(
         return replace(
             observation, measurement=measured, trace_lag=protocol.trace_lag(client, keys)
         )
-    result = driver.run_round(
+    result = loop.run_round(
         client, keys, policy, state, window, now, live_pods=pods, override=override
     )
     for event in result.decision.events:
         kopf.event(
             body,
-            type=_EVENT_TYPES.get(event.action, "Normal"),
+            type=events.event_type(event.action),
             reason=event.action,
             message=event.reason[:1024],
         )
@@ -350,8 +342,8 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         )
     try:
         spec = SpeculatorSpec.model_validate(body["spec"])
-        deleted = driver.delete_speculator_keys(_redis(memo, spec, namespace), keys)
-    except (*driver.REDIS_ERRORS, LookupError, ValidationError) as error:
+        deleted = loop.delete_speculator_keys(_redis(memo, spec, namespace), keys)
+    except (*loop.REDIS_ERRORS, LookupError, ValidationError) as error:
         if retry + 1 < WRITER_WAIT_ATTEMPTS + DELETE_ATTEMPTS:
             raise kopf.TemporaryError(
                 f"cannot delete Redis keys {keys.prefix}:*: {error}", delay=10

@@ -1,6 +1,6 @@
 """The Kubernetes edge of the operator: server-side apply of children, listing what
 exists, reading a Secret. Objects travel as plain dicts, exactly as the API server
-sends them (no client models), so planning stays pure dict-in, dict-out.
+sends them (no client models), so the planning modules stay pure dict-in, dict-out.
 
 Every write is a server-side apply with one field manager and `force`: applying the
 same desired object twice changes nothing, and a field someone edited by hand
@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from aurora.operator.planning import FIELD_MANAGER, SPECULATOR_LABEL
+from aurora.operator.names import FIELD_MANAGER, SPECULATOR_LABEL
 
 APPLY = "application/apply-patch+yaml"
 

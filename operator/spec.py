@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -32,7 +30,11 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from aurora.runtime.rollout import RolloutPolicy
+from aurora.runtime.protocol import Builtin
+from aurora.runtime.rollout.policy import RolloutPolicy
+from aurora.runtime.schema import FRACTION_PATTERN, Rule
+from aurora.runtime.schema import check_rules as _check_rules
+from aurora.runtime.schema import rules_schema as _rules_schema
 
 GROUP: Final = "aurora.dev"
 VERSION: Final = "v1alpha1"
@@ -46,9 +48,7 @@ API_VERSION: Final = "aurora.dev/v1alpha1"
 # (at most 63 characters), which leaves 49 for the Speculator's own name.
 MAX_NAME_LENGTH = 49
 
-# Decimal strings. A fraction is a share of traffic: 0 to 1 inclusive.
-FRACTION_PATTERN = r"^(0(\.[0-9]{1,6})?|1(\.0{1,6})?)$"
-RATIO_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,6})?$"
+# Decimal strings: FRACTION_PATTERN (a share, 0 to 1) comes from aurora.runtime.schema.
 POSITIVE_REAL_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 # Kubernetes resource.Quantity, as controller-gen writes it for int-or-string fields.
 QUANTITY_PATTERN = (
@@ -59,7 +59,6 @@ QUANTITY_PATTERN = (
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 Fraction = Annotated[str, StringConstraints(pattern=FRACTION_PATTERN, max_length=16)]
-Ratio = Annotated[str, StringConstraints(pattern=RATIO_PATTERN, max_length=16)]
 PositiveReal = Annotated[str, StringConstraints(pattern=POSITIVE_REAL_PATTERN, max_length=24)]
 
 
@@ -102,28 +101,6 @@ def decimal(value: str) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """A cross-field rule, written once: `cel` for the API server, `check` for Python."""
-
-    cel: str
-    message: str
-    check: Callable[[Any], bool]
-
-    def as_schema(self) -> dict[str, str]:
-        return {"rule": self.cel, "message": self.message}
-
-
-def _rules_schema(rules: tuple[Rule, ...]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": [rule.as_schema() for rule in rules]}
-
-
-def _check_rules(model: BaseModel, rules: tuple[Rule, ...]) -> None:
-    failed = [rule.message for rule in rules if not rule.check(model)]
-    if failed:
-        raise ValueError("; ".join(failed))
-
-
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -154,11 +131,6 @@ class ApiModel(BaseModel):
 class EngineKind(StrEnum):
     TORCH = "torch"
     SGLANG = "sglang"
-
-
-class OnInconclusive(StrEnum):
-    HOLD = "Hold"
-    ROLLBACK = "Rollback"
 
 
 class DeletionPolicy(StrEnum):
@@ -279,14 +251,15 @@ class EngineSpec(ApiModel):
 
 
 class DraftSpec(ApiModel):
-    initial: Annotated[str, StringConstraints(pattern=r"^(scratch|ngram|/.+)$", max_length=512)] = (
-        Field(
-            "scratch",
-            description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-            "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-            "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
-            "directory written by `aurora export --to sglang`).",
-        )
+    initial: Annotated[
+        str,
+        StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
+    ] = Field(
+        Builtin.SCRATCH,
+        description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
+        "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
+        "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
+        "directory written by `aurora export --to sglang`).",
     )
 
 
@@ -328,107 +301,13 @@ class TrainingSpec(ApiModel):
     )
 
 
-_POLICY = RolloutPolicy.model_validate(
-    {}
-)  # the rollout policy's own defaults are the CRD's defaults
-
-
-def _text(value: object) -> str:
-    return format(value, "f") if isinstance(value, Decimal) else repr(value)
-
-
-ROLLOUT_RULES = (
-    Rule(
-        "double(self.canaryShare) > 0.0 && double(self.canaryShare) < 1.0",
-        "rollout.canaryShare must be above 0 and below 1, e.g. '0.5'",
-        lambda r: 0.0 < decimal(r.canary_share) < 1.0,
-    ),
-    Rule(
-        "double(self.canaryShare) + double(self.baselineShare) < 1.0",
-        "rollout.canaryShare + rollout.baselineShare must be below 1 (the stable revision "
-        "needs traffic)",
-        lambda r: decimal(r.canary_share) + decimal(r.baseline_share) < 1.0,
-    ),
-    Rule(
-        "double(self.minSpeedup) >= 1.0",
-        "rollout.minSpeedup must be at least 1.0 (a candidate must not be slower than stable)",
-        lambda r: decimal(r.min_speedup) >= 1.0,
-    ),
-    Rule(
-        "double(self.regressionThreshold) <= double(self.minSpeedup)",
-        "rollout.regressionThreshold must not exceed rollout.minSpeedup, e.g. '0.97' with '1.05'",
-        lambda r: decimal(r.regression_threshold) <= decimal(r.min_speedup),
-    ),
-    Rule(
-        "double(self.confidence) > 0.5 && double(self.confidence) < 1.0",
-        "rollout.confidence must be above 0.5 and below 1, e.g. '0.9'",
-        lambda r: 0.5 < decimal(r.confidence) < 1.0,
-    ),
-    Rule(
-        "self.maxCanarySamples >= self.minSamples",
-        "rollout.maxCanarySamples must be at least rollout.minSamples",
-        lambda r: r.max_canary_samples >= r.min_samples,
-    ),
-)
-
-
-class RolloutSpec(ApiModel):
-    """`aurora.runtime.rollout.RolloutPolicy` as the API carries it (decimal strings),
-    plus how often the operator runs it."""
-
-    model_config = ConfigDict(json_schema_extra=_rules_schema(ROLLOUT_RULES))
+class RolloutSpec(RolloutPolicy):
+    """`spec.rollout`: the rollout policy itself (`aurora.runtime.rollout.RolloutPolicy`,
+    whose fields, defaults and rules the CRD carries), plus whether and how often the
+    operator runs it."""
 
     enabled: bool = Field(True, description="false: candidates are recorded but never served.")
-    min_speedup: Ratio = Field(
-        _text(_POLICY.min_speedup),
-        description="Promote when the lower confidence bound of the measured decode speedup "
-        "over stable reaches this.",
-    )
-    regression_threshold: Ratio = Field(
-        _text(_POLICY.regression_threshold),
-        description="Roll back when the upper confidence bound falls below this.",
-    )
-    min_samples: int = Field(
-        _POLICY.min_samples, ge=2, le=10_000_000, description="Requests per arm before deciding."
-    )
-    max_canary_samples: int = Field(
-        _POLICY.max_canary_samples,
-        ge=2,
-        le=10_000_000,
-        description="Still inconclusive with this many candidate requests: follow onInconclusive.",
-    )
-    canary_share: Fraction = Field(
-        _text(_POLICY.canary_share),
-        description="Share of requests (torch) or of replicas (sglang) on the candidate.",
-    )
-    baseline_share: Fraction = Field(
-        _text(_POLICY.baseline_share),
-        description="Share of requests served without speculation (the live baseline).",
-    )
-    confidence: Fraction = Field(
-        _text(_POLICY.confidence), description="One-sided confidence of the speedup bounds."
-    )
-    on_inconclusive: OnInconclusive = OnInconclusive(_POLICY.on_inconclusive)
-    replace_canary_with_newer: bool = Field(
-        _POLICY.replace_canary_with_newer,
-        description="A candidate trained from the canary replaces it at once.",
-    )
-    fallback_on_regression: bool = Field(
-        _POLICY.fallback_on_regression,
-        description="When stable measures slower than no speculation, serve without a draft "
-        "until a candidate beats plain decoding.",
-    )
     interval_seconds: int = Field(10, ge=1, le=3600, description="How often the policy runs.")
-
-    @model_validator(mode="after")
-    def _rules(self) -> RolloutSpec:
-        _check_rules(self, ROLLOUT_RULES)
-        return self
-
-    def policy(self) -> RolloutPolicy:
-        """The rollout policy this section describes (the policy re-validates it)."""
-        fields = self.model_dump(exclude={"enabled", "interval_seconds"})
-        return RolloutPolicy.model_validate(fields)
 
 
 class StorageSpec(ApiModel):
@@ -449,10 +328,10 @@ class StorageSpec(ApiModel):
 
 SPEC_RULES = (
     Rule(
-        "self.engine.kind != 'sglang' || self.draft.initial != 'scratch'",
-        "engine.kind sglang needs a draft to load at start: set draft.initial to 'ngram' "
-        "or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != "scratch",
+        f"self.engine.kind != 'sglang' || self.draft.initial != '{Builtin.SCRATCH}'",
+        f"engine.kind sglang needs a draft to load at start: set draft.initial to "
+        f"'{Builtin.NGRAM}' or to the path of an EAGLE-3 draft checkpoint",
+        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != Builtin.SCRATCH,
     ),
 )
 

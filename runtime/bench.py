@@ -24,16 +24,13 @@ from typing import Any
 
 import torch
 
-from aurora.runtime.checkpoint import load_checkpoint, new_revision_id, save_checkpoint
-from aurora.runtime.draft import (
-    DraftConfig,
-    EagleDraftHead,
-    EagleProposer,
-    NgramProposer,
-    load_draft_head,
-)
+from aurora.runtime.bench_config import DecodeBenchConfig
+from aurora.runtime.checkpoint import load_draft, new_revision_id, save_checkpoint
+from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
+from aurora.runtime.trainer.config import FitConfig
 from aurora.runtime.workloads import Prompt, load_domain, split_prompts
 
 log = logging.getLogger(__name__)
@@ -83,37 +80,50 @@ def _hf(model: Any, ids: list[int], max_new: int, eos: int | None, lookup: int =
     return [int(t) for t in out[0, len(ids) :]]
 
 
-def decode_benchmark(
-    model_spec: str,
-    drafts: Sequence[str],
-    prompts: Sequence[Prompt],
-    *,
-    k: int = 4,
-    max_new_tokens: int = 96,
-    threads: int | None = None,
-    progress: Any = None,
-) -> dict[str, Any]:
+@dataclass
+class BenchSetup:
+    """What every decode benchmark starts from: the target, its EOS id and the prompts
+    tokenised."""
+
+    model: Any
+    eos_id: int | None
+    prompt_ids: list[list[int]]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.eos_id] if self.eos_id is not None else []
+
+
+def bench_setup(model_spec: str, prompts: Sequence[str], threads: int | None) -> BenchSetup:
+    """Set torch's threads (None: its default), load the target and tokenise `prompts`."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_target(model_spec)
-    eos = tokenizer.eos_token_id
+    prompt_ids = [list(tokenizer(text).input_ids) for text in prompts]
+    return BenchSetup(model, tokenizer.eos_token_id, prompt_ids)
+
+
+def decode_benchmark(
+    config: DecodeBenchConfig, prompts: Sequence[Prompt], progress: Any = None
+) -> dict[str, Any]:
+    """transformers' generate and prompt lookup, our engine plain, with the n-gram proposer
+    and with each of `config.draft`, on the same prompts (interleaved), greedy."""
+    model_spec, k, max_new_tokens = config.model, config.spec_tokens, config.max_new_tokens
+    drafts = [Builtin.NGRAM, *config.draft]
+    setup = bench_setup(model_spec, [prompt.text for prompt in prompts], config.threads or None)
+    model, eos = setup.model, setup.eos_id
     proposers: dict[str, Any] = {}
     for spec in drafts:
-        if spec == "ngram":
-            proposers["ngram"] = NgramProposer()
+        if spec == Builtin.NGRAM:
+            proposers[Builtin.NGRAM] = NgramProposer()
         else:
-            tensors, meta = load_checkpoint(spec)
-            head = load_draft_head(
-                tensors, DraftConfig.from_dict(meta.draft_config), model.get_input_embeddings()
-            )
+            head, meta = load_draft(spec, model)
             proposers[f"draft:{meta.revision}"] = EagleProposer(head, meta.revision)
     methods = ["hf_generate", "hf_prompt_lookup", "plain", *proposers]
     results = {m: MethodResult(m) for m in methods}
-    ids0 = tokenizer(prompts[0].text).input_ids
-    generate(model, ids0, max_new_tokens=8)  # warm-up
-    _hf(model, ids0, 8, eos)
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt.text).input_ids
+    generate(model, setup.prompt_ids[0], max_new_tokens=8)  # warm-up
+    _hf(model, setup.prompt_ids[0], 8, eos)
+    for i, ids in enumerate(setup.prompt_ids):
         order = methods[:]
         random.Random(i).shuffle(order)  # no method always runs first (cache warmth)
         for method in order:
@@ -131,7 +141,7 @@ def decode_benchmark(
                     proposer=proposers.get(method),
                     k=0 if method == "plain" else k,
                     max_new_tokens=max_new_tokens,
-                    eos_ids=[eos] if eos is not None else [],
+                    eos_ids=setup.eos_ids,
                 )
                 out = g.output_ids
                 r.forwards += 1 + (len(g.steps) if g.steps else len(out) - 1)
@@ -171,37 +181,35 @@ def decode_benchmark(
 
 
 def fit_draft(
-    model_spec: str,
+    config: FitConfig,
     prompts: Sequence[Prompt],
-    out: Path,
     *,
-    epochs: int = 8,
-    max_new_tokens: int = 96,
-    k: int = 4,
-    lambda_discard: float = 0.5,
-    draft_vocab: int = 4096,
-    lr: float = 1e-3,
     heldout: Sequence[Prompt] = (),
     progress: Any = None,
     vocabulary_streams: Sequence[Sequence[int]] = (),
     target: tuple[Any, Any] | None = None,
 ) -> Path:
     """Train a draft head offline on the target's greedy continuations of ``prompts``
-    and save it as a checkpoint (a regular revision directory under ``out``).
-    ``vocabulary_streams`` are extra token streams counted when choosing the draft
-    vocabulary; ``target`` is an already loaded (model, tokenizer)."""
+    and save it as a checkpoint (a regular revision directory under ``config.out``),
+    one trace per optimizer step (`trainer.step.optimizer_step`, the online trainer's
+    step). ``vocabulary_streams`` are extra token streams counted when choosing the
+    draft vocabulary; ``target`` is an already loaded (model, tokenizer)."""
     from types import SimpleNamespace
 
     from aurora.runtime.trainer.objective import (
-        aurora_loss,
+        Objective,
         build_example,
         build_vocabulary,
         evaluate,
     )
+    from aurora.runtime.trainer.step import make_optimizer, optimizer_step
 
-    model, tokenizer = target or load_target(model_spec)
-    config = DraftConfig.for_target(model.config, model_spec, draft_vocab_size=draft_vocab)
-    head = EagleDraftHead(config, model.get_input_embeddings())
+    model, tokenizer = target or load_target(config.model)
+    draft_config = DraftConfig.for_target(
+        model.config, config.model, draft_vocab_size=config.draft_vocab
+    )
+    head = EagleDraftHead(draft_config, model.get_input_embeddings())
+    k = config.spec_tokens
 
     def traces(items: Sequence[Prompt]) -> list[Any]:
         records = []
@@ -212,7 +220,7 @@ def fit_draft(
                 ids,
                 proposer=NgramProposer(),
                 k=k,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=config.max_new_tokens,
                 trace_topk=8,
                 eos_ids=[tokenizer.eos_token_id],
             )
@@ -232,25 +240,21 @@ def fit_draft(
     train, held = traces(prompts), traces(heldout)
     vocab = build_vocabulary(
         [*([*r.prompt_ids, *r.output_ids] for r in train), *vocabulary_streams],
-        draft_vocab,
-        config.target_vocab_size,
+        config.draft_vocab,
+        draft_config.target_vocab_size,
     )
     head.set_vocabulary(vocab)
     examples = [build_example(model, head, r) for r in train]
     held_examples = [build_example(model, head, r) for r in held]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+    optimizer = make_optimizer(head, config.lr, weight_decay=0.01)  # torch's AdamW default
+    objective = Objective(lambda_discard=config.lambda_discard)
     t2d = head.target_to_draft()
     history = []
+    epochs = config.epochs
     for epoch in range(epochs):
         random.Random(epoch).shuffle(examples)
-        head.train()
         for ex in examples:
-            loss = aurora_loss(head, ex, lambda_discard=lambda_discard, t2d=t2d).total
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            optimizer.step()
-        head.eval()
+            optimizer_step(head, optimizer, [ex], objective, lr=config.lr, clip=1.0, t2d=t2d)
         scores = {"epoch": epoch + 1, "train": evaluate(examples[:8], k, head)["accept_length"]}
         if held_examples:
             scores["heldout"] = evaluate(held_examples, k, head)["accept_length"]
@@ -259,14 +263,14 @@ def fit_draft(
             progress("epoch", epoch + 1, epochs, scores)
     revision = new_revision_id(epochs * len(examples))
     return save_checkpoint(
-        out,
+        config.out,
         revision,
         {k_: v.detach().cpu() for k_, v in head.state_dict().items()},
         parent=None,
         step=epochs * len(examples),
         traces_seen=len(examples),
         evaluation={"offline": history, "prompts": [p.id for p in prompts]},
-        draft_config=config.to_dict(),
+        draft_config=draft_config.to_dict(),
     )
 
 

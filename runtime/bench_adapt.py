@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora.errors import UsageError
+from aurora.runtime.options import knob
 from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_domain, split_prompts
 
 log = logging.getLogger(__name__)
@@ -51,26 +52,47 @@ NAMESPACE = "bench"
 
 @dataclass
 class AdaptConfig:
-    model: str = "smollm2-135m"
-    schedule: str = "prose:8,code:40"
-    seed: int = 0
-    distinct_prompts: int = 16  # recurring traffic per domain, as in local mode; 0: all prompts
-    max_new_tokens: int = 32
-    k: int = 3
-    block: int = 8  # requests served between two training slices
-    steps_per_block: int = 16  # optimizer steps each online trainer runs per slice (at most)
-    fit_prompts: int = 16
-    fit_epochs: int = 6
-    lambda_discard: float = 0.5
-    lr: float = 1e-3
-    publish_margin: float = 0.05  # the trainer's gate: beat stable offline by this much
+    """Everything `aurora bench adapt` takes; each knob's flag is generated from its field."""
+
+    model: str = knob("smollm2-135m", "target model: alias, path or Hugging Face id")
+    schedule: str = ""  # the request stream; "" is prose:REQUESTS_BEFORE,code:REQUESTS_AFTER
+    requests_before: int = knob(8, "requests before the shift (default schedule)", metavar="N")
+    requests_after: int = knob(40, "requests after the shift (default schedule)", metavar="N")
+    seed: int = knob(0, "seed of the request stream and the trainers")
+    distinct_prompts: int = knob(
+        16,
+        "recurring traffic: each domain draws from this many distinct prompts, as in "
+        "`aurora local` (0 = all prompts)",
+        metavar="N",
+    )
+    max_new_tokens: int = knob(32, "tokens generated per request")
+    k: int = knob(3, "k for every arm", flag="--spec-tokens")
+    block: int = knob(8, "requests served between training slices")
+    steps_per_block: int = knob(
+        16, "optimizer steps each online trainer runs per slice, at most (2 per trace at block 8)"
+    )
+    fit_prompts: int = knob(16, "prompts the static draft is fitted on")
+    fit_epochs: int = knob(6, "epochs of the static draft's fit")
+    lambda_discard: float = knob(0.5, "for the online arm")
+    lr: float = knob(1e-3, "learning rate of the fit and the trainers")
+    publish_margin: float = knob(
+        0.05,
+        "a candidate is published when its offline accept length beats the served "
+        "revision's by this fraction (the trainer's default: 0.05)",
+    )
     trace_topk: int = 8
-    window: int = 16  # last requests after the shift over which throughput is compared
-    rolling: int = 8  # rolling window for accept-length curves and recovery
-    recover_fraction: float = 0.9
-    target_accept_length: float = 1.5  # for the traces-needed figure
-    threads: int = 1  # one torch thread: robust on a shared machine (OpenMP spin-waits)
-    workdir: Path = Path("aurora-bench-adapt")
+    window: int = knob(16, "last requests after the shift over which throughput is compared")
+    rolling: int = knob(8, "rolling window for accept length")
+    recover_fraction: float = knob(
+        0.9,
+        "recovered: rolling accept length stays at or above this fraction of the static "
+        "draft's pre-shift level",
+    )
+    target_accept_length: float = knob(1.5, "accept length for the traces-needed figure")
+    threads: int = knob(1, "torch threads (1 is robust on a shared machine; 0 = all cores)")
+    workdir: Path = knob(
+        Path("aurora-bench-adapt"), "cached static draft, trainer checkpoints and the plot"
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "k", "block", "steps_per_block", "window", "rolling"):
@@ -289,6 +311,7 @@ def static_draft(
     a key of everything that shapes it."""
     from aurora.runtime.bench import fit_draft
     from aurora.runtime.checkpoint import CheckpointStore
+    from aurora.runtime.trainer.config import FitConfig
     from aurora.runtime.workloads import BUILTIN_DOMAINS
 
     prompts = list(fit[: config.fit_prompts])
@@ -315,15 +338,18 @@ def static_draft(
     # The vocabulary rule of the trainer's day 0: the first traces plus the built-in
     # domains' prompts, so the other domains' tokens exist in the draft vocabulary.
     streams = [tokenizer(p.text).input_ids for d in BUILTIN_DOMAINS for p in load_domain(d)[:200]]
-    return fit_draft(
-        config.model,
-        prompts,
-        root,
+    fit_config = FitConfig(
+        model=config.model,
         epochs=config.fit_epochs,
         max_new_tokens=config.max_new_tokens,
-        k=config.k,
+        spec_tokens=config.k,
         lambda_discard=config.lambda_discard,
         lr=config.lr,
+        out=root,
+    )
+    return fit_draft(
+        fit_config,
+        prompts,
         progress=progress,
         vocabulary_streams=streams,
         target=target,
@@ -332,14 +358,10 @@ def static_draft(
 
 def _proposer(path: Path, model: Any) -> tuple[Any, str, int]:
     """Load a checkpoint as a server does (verified, in the target's dtype)."""
-    from aurora.runtime.checkpoint import load_checkpoint
-    from aurora.runtime.draft import DraftConfig, EagleProposer, load_draft_head
+    from aurora.runtime.checkpoint import load_draft
+    from aurora.runtime.draft import EagleProposer
 
-    tensors, meta = load_checkpoint(path)
-    head = load_draft_head(
-        tensors, DraftConfig.from_dict(meta.draft_config), model.get_input_embeddings()
-    )
-    head = head.to(dtype=model.dtype)
+    head, meta = load_draft(path, model, dtype=model.dtype)
     return EagleProposer(head, meta.revision), meta.revision, meta.traces_seen
 
 
@@ -355,11 +377,14 @@ def run_adapt(
     from aurora.runtime.embedded_redis import EmbeddedRedis
     from aurora.runtime.engine import generate
     from aurora.runtime.models import load_target
-    from aurora.runtime.server.tracing import build_trace
-    from aurora.runtime.trainer.trainer import Trainer, TrainerConfig
+    from aurora.runtime.protocol import build_trace
+    from aurora.runtime.trainer.config import TrainerConfig
+    from aurora.runtime.trainer.trainer import Trainer
 
     report = progress or (lambda event, info: None)
-    schedule = Schedule.from_string(config.schedule)
+    schedule = Schedule.from_string(
+        config.schedule or f"prose:{config.requests_before},code:{config.requests_after}"
+    )
     shift = shift_index(schedule)
     requests, fit = stream(schedule, config.seed, config.distinct_prompts)
     if config.threads:
@@ -387,8 +412,7 @@ def run_adapt(
             if name != "static":
                 trainer_config = TrainerConfig(
                     model=config.model,
-                    namespace=NAMESPACE,
-                    name=f"adapt-{name}",
+                    speculator=f"{NAMESPACE}/adapt-{name}",
                     redis_url=redis_server.url,
                     checkpoint_dir=run_dir / name,
                     consumer=f"bench-{name}",

@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from aurora.runtime.bench import bench_setup
+from aurora.runtime.bench_config import BatchBenchConfig
 from aurora.runtime.draft import NgramProposer, Proposer
 from aurora.runtime.engine import BatchDecoder
 from aurora.runtime.llama import Llama
-from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 
-DRAFTS = ("none", "ngram")
+DRAFTS = (Builtin.NONE, Builtin.NGRAM)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class BatchRun:
             "speedup_vs_batch1": tokens_per_s / base if base else None,
             "mean_latency_s": sum(self.latencies) / len(self.latencies),
             "accept_length": sum(self.accept_lengths) / len(self.accept_lengths)
-            if self.draft != "none"
+            if self.draft != Builtin.NONE
             else None,
             "mean_rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
             "identical_to_batch1": self.outputs == batch1.outputs,
@@ -63,23 +65,16 @@ class BatchRun:
 
 
 def batch_benchmark(
-    model_spec: str,
-    prompts: Sequence[str],
-    *,
-    batches: Sequence[int] = (1, 2, 4),
-    k: int = 4,
-    max_new_tokens: int = 64,
-    repeats: int = 1,
-    threads: int | None = None,
-    progress: Any = None,
+    config: BatchBenchConfig, prompts: Sequence[str], progress: Any = None
 ) -> dict[str, Any]:
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = load_target(model_spec)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [list(tokenizer(text).input_ids) for text in prompts]
-    llama = Llama(model, rows=max(batches))
-    proposers: dict[str, Proposer | None] = {"none": None, "ngram": NgramProposer()}
+    """The same requests, all at once, through the batched decoder at each of
+    `config.batch`, with no draft and with the n-gram draft (greedy)."""
+    model_spec, batches, k = config.model, config.batch, config.spec_tokens
+    max_new_tokens, repeats = config.max_new_tokens, config.repeats
+    setup = bench_setup(model_spec, prompts, config.threads or None)
+    ids, eos = setup.prompt_ids, setup.eos_ids
+    llama = Llama(setup.model, rows=max(batches))
+    proposers: dict[str, Proposer | None] = {Builtin.NONE: None, Builtin.NGRAM: NgramProposer()}
     runs = {(d, b): BatchRun(d, b) for d in DRAFTS for b in batches}
     warm_up = dict(prompt_ids=ids[0], max_new_tokens=8)  # allocations, a full-size cache
     BatchDecoder(llama, eos_ids=eos).decode_all([warm_up] * max(batches))

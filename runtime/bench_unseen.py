@@ -29,42 +29,28 @@ from typing import Any
 import torch
 
 from aurora.runtime.bench import _hf, default_prompts, fit_draft
-from aurora.runtime.checkpoint import CheckpointStore, load_checkpoint
+from aurora.runtime.bench_config import DecodeBenchConfig
+from aurora.runtime.checkpoint import CheckpointStore, load_draft
 from aurora.runtime.cost import Adaptive, VerifyCost, measure_draft_step, measure_generate_cost
-from aurora.runtime.draft import DraftConfig, EagleProposer, NgramProposer, load_draft_head
+from aurora.runtime.draft import EagleProposer, NgramProposer
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
+from aurora.runtime.trainer.config import FitConfig
 from aurora.runtime.workloads import BUILTIN_DOMAINS, Prompt, load_domain
 
-DOMAINS = ("code", "prose", "math", "chat")
-METHODS = (
+METHODS: tuple[str, ...] = (
     "hf_generate",
     "hf_prompt_lookup",
     "plain",
-    "ngram",
-    "suffix",
+    Builtin.NGRAM,
+    Builtin.SUFFIX,
     "draft_fixed",
     "draft_adaptive",
     "hybrid",
 )
 GOAL_METHODS = ("draft_adaptive", "hybrid")  # min_speedup_vs_plain is reported for these
-
-
-@dataclass
-class UnseenConfig:
-    model: str = "smollm2-135m"
-    draft: str | None = None  # a checkpoint directory; None: fit one on code (cached)
-    domains: tuple[str, ...] = DOMAINS
-    prompts: int = 8
-    warmup: int = 0
-    k: int = 4
-    max_new_tokens: int = 96
-    seed: int = 0
-    threads: int | None = None
-    fit_prompts: int = 48
-    fit_epochs: int = 10
-    workdir: Path = Path("aurora-bench-unseen")
 
 
 @dataclass
@@ -90,11 +76,11 @@ def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def fitted_draft(config: UnseenConfig, target: tuple[Any, Any], progress: Any) -> Path:
+def fitted_draft(config: DecodeBenchConfig, target: tuple[Any, Any], progress: Any) -> Path:
     """``config.draft``, or a draft fitted on the code domain's training half, cached in the
     workdir under a key of what shapes it."""
     if config.draft:
-        return Path(config.draft)
+        return Path(config.draft[0])
     train, _ = default_prompts("code", config.fit_prompts, config.seed)
     key = hashlib.sha256(
         json.dumps(
@@ -103,7 +89,7 @@ def fitted_draft(config: UnseenConfig, target: tuple[Any, Any], progress: Any) -
                 [p.id for p in train],
                 config.fit_epochs,
                 config.max_new_tokens,
-                config.k,
+                config.spec_tokens,
             ]
         ).encode()
     ).hexdigest()[:12]
@@ -113,17 +99,14 @@ def fitted_draft(config: UnseenConfig, target: tuple[Any, Any], progress: Any) -
         return root / cached.revision
     _, tokenizer = target
     streams = [tokenizer(p.text).input_ids for d in BUILTIN_DOMAINS for p in load_domain(d)[:200]]
-    return fit_draft(
-        config.model,
-        train,
-        root,
+    fit = FitConfig(
+        model=config.model,
         epochs=config.fit_epochs,
         max_new_tokens=config.max_new_tokens,
-        k=config.k,
-        progress=progress,
-        vocabulary_streams=streams,
-        target=target,
+        spec_tokens=config.spec_tokens,
+        out=root,
     )
+    return fit_draft(fit, train, progress=progress, vocabulary_streams=streams, target=target)
 
 
 def fitted_texts(meta_prompts: Sequence[str]) -> set[str]:
@@ -136,7 +119,7 @@ def fitted_texts(meta_prompts: Sequence[str]) -> set[str]:
 
 
 def warm_outputs(
-    config: UnseenConfig,
+    config: DecodeBenchConfig,
     target: tuple[Any, Any],
     prompts: Sequence[Prompt],
     progress: Callable[[str, int, int], None] | None,
@@ -157,7 +140,7 @@ def warm_outputs(
                 model,
                 encode(tokenizer, prompt),
                 proposer=proposer,
-                k=config.k,
+                k=config.spec_tokens,
                 max_new_tokens=config.max_new_tokens,
                 eos_ids=[tokenizer.eos_token_id],
             )
@@ -172,18 +155,17 @@ def warm_outputs(
     return outputs
 
 
-def run_unseen(config: UnseenConfig, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+def run_unseen(
+    config: DecodeBenchConfig, progress: Callable[..., None] | None = None
+) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = target = load_target(config.model)
     eos = [tokenizer.eos_token_id]
     draft_path = fitted_draft(config, target, progress)
-    tensors, meta = load_checkpoint(draft_path)
-    head = load_draft_head(
-        tensors, DraftConfig.from_dict(meta.draft_config), model.get_input_embeddings()
-    ).to(dtype=model.dtype)
+    head, meta = load_draft(draft_path, model, dtype=model.dtype)
     seen_by_draft = fitted_texts(meta.evaluation.get("prompts", []))
-    cost = VerifyCost(measure_generate_cost(model, config.k + 1))
+    cost = VerifyCost(measure_generate_cost(model, config.spec_tokens + 1))
     adaptive = Adaptive(cost, draft_step_s=measure_draft_step(head))
     fixed = EagleProposer(head, meta.revision)
     learned = EagleProposer(head, meta.revision, adaptive)
@@ -210,8 +192,8 @@ def run_unseen(config: UnseenConfig, progress: Callable[..., None] | None = None
         assert not measured_texts & ({p.text for p in warm} | seen_by_draft)
         proposers: dict[str, Any] = {
             "plain": None,
-            "ngram": NgramProposer(),
-            "suffix": SuffixProposer(cache, cost=cost),
+            Builtin.NGRAM: NgramProposer(),
+            Builtin.SUFFIX: SuffixProposer(cache, cost=cost),
             "draft_fixed": fixed,
             "draft_adaptive": learned,
             "hybrid": HybridProposer(SuffixProposer(cache, cost=cost), learned),
@@ -225,14 +207,14 @@ def run_unseen(config: UnseenConfig, progress: Callable[..., None] | None = None
                 t = totals[method]
                 start = time.perf_counter()
                 if method.startswith("hf_"):
-                    lookup = config.k if method == "hf_prompt_lookup" else 0
+                    lookup = config.spec_tokens if method == "hf_prompt_lookup" else 0
                     out = _hf(model, ids, config.max_new_tokens, eos[0], lookup=lookup)
                 else:
                     g = generate(
                         model,
                         ids,
                         proposer=proposers[method],
-                        k=0 if method == "plain" else config.k,
+                        k=0 if method == "plain" else config.spec_tokens,
                         max_new_tokens=config.max_new_tokens,
                         eos_ids=eos,
                     )
@@ -258,7 +240,7 @@ def run_unseen(config: UnseenConfig, progress: Callable[..., None] | None = None
             "revision": meta.revision,
             "fitted_on": len(seen_by_draft),
         },
-        "k": config.k,
+        "k": config.spec_tokens,
         "max_new_tokens": config.max_new_tokens,
         "prompts_per_domain": config.prompts,
         "warmup": config.warmup,

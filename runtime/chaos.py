@@ -37,7 +37,9 @@ import redis
 from aurora.runtime import protocol
 from aurora.runtime.checkpoint import CheckpointStore, save_checkpoint
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
-from aurora.runtime.protocol import DesiredState, Keys, RevisionRef
+from aurora.runtime.options import add_options, from_args, knob, option_args, to_args
+from aurora.runtime.protocol import Builtin, DesiredState, Keys, RevisionRef
+from aurora.runtime.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +58,20 @@ PROMPTS = (
 
 @dataclass
 class ChaosConfig:
-    """One chaos run. Faults are spread evenly over ``duration_s``, swaps first."""
+    """One chaos run. Faults are spread evenly over ``duration_s``, swaps first. The
+    defaults are the long run (`make chaos`); each knob is a flag of the command line."""
 
-    workdir: Path
-    duration_s: float = 60.0
-    clients: int = 4
-    swaps: int = 3
-    redis_kills: int = 1
+    workdir: Path = knob(Path("out/chaos"), "logs, checkpoints, Redis data")
+    duration_s: float = knob(300.0, "seconds of load", flag="--duration")
+    clients: int = knob(8, "concurrent HTTP clients")
+    swaps: int = knob(6, "hot swaps under load")
+    redis_kills: int = knob(2, "Redis SIGKILL + restart")
     redis_down_s: float = 3.0
-    max_new_tokens: int = 4
-    trainer_kills: int = 0  # 0: no trainer phase
-    trainer_traces: int = 48
+    max_new_tokens: int = knob(8, "tokens per request")
+    trainer_kills: int = knob(6, "trainer SIGKILLs (0 skips the trainer phase)")
+    trainer_traces: int = knob(48, "traces the trainer must incorporate")
     model: str = "smollm2-135m"
-    seed: int = 0
+    seed: int = knob(0, "seed of the swap schedule and the revisions' random heads")
     confirm_timeout_s: float = 90.0
 
     def __post_init__(self) -> None:
@@ -219,13 +222,23 @@ class ServeProcess:
     def __init__(self, config: ChaosConfig, redis_url: str, checkpoints: Path) -> None:
         self.port = free_port()
         self.log_path = config.workdir / "serve.log"
+        server = ServerConfig(
+            model=config.model,
+            port=self.port,
+            threads=1,
+            draft=Builtin.NGRAM,
+            redis_url=redis_url,
+            speculator=f"{KEYS.namespace}/{KEYS.name}",
+            server_id=SERVER_ID,
+            checkpoint_dir=str(checkpoints),
+            baseline_share=0.0,
+            poll_interval=0.2,
+            seed=config.seed,
+        )
         self.command = [
-            sys.executable, "-P", "-m", "aurora", "--log-level", "INFO", "serve",
-            "--model", config.model, "--port", str(self.port), "--threads", "1",
-            "--draft", "ngram", "--redis-url", redis_url, "--speculator", f"{KEYS.namespace}/{KEYS.name}",
-            "--server-id", SERVER_ID, "--checkpoint-dir", str(checkpoints),
-            "--baseline-share", "0", "--poll-interval", "0.2", "--seed", str(config.seed),
-        ]  # fmt: skip
+            *(sys.executable, "-P", "-m", "aurora", "--log-level", "INFO", "serve"),
+            *to_args(server),
+        ]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -401,13 +414,22 @@ def incorporated(checkpoints: Path) -> set[str]:
 
 
 def trainer_command(config: ChaosConfig, redis_url: str, checkpoints: Path) -> list[str]:
+    # `aurora train`'s flags by field name, until TrainerConfig declares its knobs (issue 14)
+    trainer = {
+        "model": config.model,
+        "speculator": f"{TRAINER_KEYS.namespace}/{TRAINER_KEYS.name}",
+        "redis_url": redis_url,
+        "checkpoint_dir": checkpoints,
+        "draft_vocab": 512,
+        "checkpoint_every": 2,
+        "keep": 1000000,
+        "threads": 1,
+        "first_candidate_after": 1000000,
+    }
     return [
-        sys.executable, "-P", "-m", "aurora", "--log-level", "WARNING", "train",
-        "--model", config.model, "--speculator", f"{TRAINER_KEYS.namespace}/{TRAINER_KEYS.name}",
-        "--redis-url", redis_url, "--checkpoint-dir", str(checkpoints), "--draft-vocab", "512",
-        "--checkpoint-every", "2", "--keep", "1000000", "--threads", "1",
-        "--first-candidate-after", "1000000",
-    ]  # fmt: skip
+        *(sys.executable, "-P", "-m", "aurora", "--log-level", "WARNING", "train"),
+        *option_args(trainer),
+    ]
 
 
 def run_trainer_kills(config: ChaosConfig, store: EmbeddedRedis, report: ChaosReport) -> None:
@@ -477,43 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aurora.runtime.chaos", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("out/chaos"),
-        help="logs, checkpoints, Redis data (default: out/chaos)",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=300.0, help="seconds of load (default: 300)"
-    )
-    parser.add_argument(
-        "--clients", type=int, default=8, help="concurrent HTTP clients (default: 8)"
-    )
-    parser.add_argument("--swaps", type=int, default=6, help="hot swaps under load (default: 6)")
-    parser.add_argument(
-        "--redis-kills", type=int, default=2, help="Redis SIGKILL + restart (default: 2)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=8, help="tokens per request (default: 8)"
-    )
-    parser.add_argument(
-        "--trainer-kills", type=int, default=6, help="trainer SIGKILLs (default: 6; 0 skips)"
-    )
-    parser.add_argument(
-        "--trainer-traces", type=int, default=48, help="traces the trainer must incorporate"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_options(parser, ChaosConfig)
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per request
-    config = ChaosConfig(
-        workdir=args.workdir, duration_s=args.duration, clients=args.clients, swaps=args.swaps,
-        redis_kills=args.redis_kills, max_new_tokens=args.max_new_tokens,
-        trainer_kills=args.trainer_kills, trainer_traces=args.trainer_traces, seed=args.seed,
-    )  # fmt: skip
+    config = from_args(ChaosConfig, args)
     report = run(config)
     print(report.to_json())
     if args.report:

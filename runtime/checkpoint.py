@@ -34,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
+from aurora.runtime.draft import DraftConfig, EagleDraftHead
 from aurora.runtime.protocol import CandidateRecord
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,62 @@ def load_checkpoint(
                 f"checkpoint was trained for another target or draft architecture in {path}"
             )
     return tensors, meta
+
+
+def load_draft(
+    path: str | Path,
+    target: Any,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    trainable: bool = False,
+) -> tuple[EagleDraftHead, CheckpointMeta]:
+    """The one way to turn a checkpoint into a draft head for ``target`` (a loaded Hugging
+    Face causal LM): `load_checkpoint`'s checks, plus that the draft was shaped for this
+    target (hidden size, vocabulary, fused layers that exist, a ``d2t`` inside the
+    vocabulary); every weight must be present. The head uses the target's embedding and
+    sits on ``device`` (default: the target's) in ``dtype`` (default: float32, as
+    trained); it is in eval mode without gradients unless ``trainable``. Raises
+    CheckpointError naming what is wrong and the path."""
+    target_config = target.config
+    tensors, meta = load_checkpoint(
+        path,
+        expect_config={
+            "hidden_size": int(target_config.hidden_size),
+            "target_vocab_size": int(target_config.vocab_size),
+        },
+    )
+    try:
+        config = DraftConfig.from_dict(meta.draft_config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"draft_config in meta.json is unusable ({error}) in {path}"
+        ) from None
+    layers = int(target_config.num_hidden_layers)
+    if not all(0 <= i < layers for i in config.fuse_layers):
+        raise CheckpointError(
+            f"draft fuse_layers {config.fuse_layers} do not exist in the target's {layers} "
+            f"layers in {path}"
+        )
+    d2t = tensors.get("d2t")
+    vocab = int(target_config.vocab_size)
+    if d2t is not None and d2t.numel() and (int(d2t.min()) < 0 or int(d2t.max()) >= vocab):
+        # Would pass every other check and then fail inside a verify step.
+        raise CheckpointError(
+            f"the draft vocabulary map d2t holds ids outside the target's vocabulary "
+            f"(0..{vocab - 1}) in {path}"
+        )
+    head = EagleDraftHead(config, target.get_input_embeddings())
+    try:
+        head.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"the weights do not fit the draft_config ({error}) in {path}"
+        ) from None
+    head = head.to(device=device or next(target.parameters()).device, dtype=dtype)
+    if not trainable:
+        head = head.eval().requires_grad_(False)
+    return head, meta
 
 
 class CheckpointStore:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurora.runtime.cost import Adaptive, Throttle, VerifyCost
+from aurora.runtime.llama import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, rope_theta
 from aurora.runtime.protocol import Builtin
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class DraftConfig:
             head_dim=int(getattr(target_config, "head_dim", None) or hidden // heads),
             intermediate_size=int(target_config.intermediate_size),
             rms_eps=float(getattr(target_config, "rms_norm_eps", 1e-5)),
-            rope_theta=float(_rope_theta(target_config)),
+            rope_theta=rope_theta(target_config),
             draft_vocab_size=min(draft_vocab_size, int(target_config.vocab_size)),
         )
 
@@ -115,35 +116,27 @@ class DraftConfig:
         return cls(**values)
 
 
-def _rope_theta(config: Any) -> float:
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        params = getattr(config, "rope_parameters", None) or {}
-        theta = params.get("rope_theta", 10000.0)
-    return float(theta)
-
-
 # ---------------------------------------------------------------------------- head
 
 
 class RMSNorm(nn.Module):
+    """The target's RMSNorm (`aurora.runtime.llama.rms_norm`) with its own weight."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary position embedding for x [N, heads, head_dim] at integer positions [N]."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
-    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """The target's rotary position embedding (`aurora.runtime.llama`) for
+    x [N, heads, head_dim] at integer positions [N]."""
+    inv_freq = rope_frequencies(theta, x.shape[-1], x.device)
+    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+    return apply_rope(x, cos[:, None, :], sin[:, None, :])
 
 
 class EagleDraftHead(nn.Module):
@@ -570,15 +563,3 @@ def _rival_proposal(rival: Draft | None, adaptive: Adaptive, rows: int) -> Propo
         return Proposal([])
     n = adaptive.cost.best_length(rival.probs, rows)
     return Proposal(rival.tokens[:n], None, rival.probs[:n])
-
-
-def load_draft_head(
-    tensors: dict[str, Tensor],
-    config: DraftConfig,
-    target_embedding: nn.Embedding,
-    device: torch.device | str = "cpu",
-) -> EagleDraftHead:
-    """Build a head from checkpoint tensors (strict: every weight must be present)."""
-    head = EagleDraftHead(config, target_embedding)
-    head.load_state_dict(tensors, strict=True)
-    return head.to(device).eval().requires_grad_(False)

@@ -79,9 +79,42 @@ def check_supported(config: Any) -> None:
             )
 
 
-def _rope_theta(config: Any) -> float:
+def rope_theta(config: Any) -> float:
+    """The rope base of a Hugging Face config: ``rope_parameters["rope_theta"]`` (where
+    transformers 5 keeps it, and what its rotary embedding reads) before the older
+    top-level ``rope_theta``, else Llama's 10000."""
     rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+def rope_frequencies(theta: float, head_dim: int, device: Any = None) -> Tensor:
+    """Inverse frequencies [head_dim / 2] of the default rope, in float32, computed as
+    Hugging Face computes them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [*positions.shape, head_dim] for integer ``positions``: the angles in
+    float32, then cast to ``dtype``."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the halves of the last dimension of ``x`` by the angles of ``cos``/``sin``
+    (broadcast against ``x``): Llama's rotary position embedding."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Hugging Face's LlamaRMSNorm: the statistics in float32, the result cast
+    back to the input's dtype, then scaled by ``weight``."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 class Llama:
@@ -105,12 +138,7 @@ class Llama:
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
         self.device, self.dtype = self.embed.device, self.embed.dtype
-        half = self.head_dim // 2
-        # The same inverse frequencies as Hugging Face's default rope, in float32.
-        self.inv_freq = 1.0 / (
-            _rope_theta(config)
-            ** (torch.arange(0, half, dtype=torch.float32, device=self.device) * 2 / self.head_dim)
-        )
+        self.inv_freq = rope_frequencies(rope_theta(config), self.head_dim, self.device)
         self.max_len = 0
         shape = (self.n_layers, rows, self.n_kv, 0, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -147,9 +175,8 @@ class Llama:
         span = int(starts.max()) + t  # the longest row's length after this forward
         self.reserve(span)
         positions = starts[:, None] + torch.arange(t, device=self.device)  # [B, T]
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [B, T, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd], broadcast over heads
         visible = torch.arange(span, device=self.device) <= positions[:, :, None]  # [B, T, S]
         mask = visible[:, None]
         wanted = set(hidden_layers)
@@ -184,7 +211,7 @@ class Llama:
         q = _linear(attn.q_proj, h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = _linear(attn.k_proj, h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = _linear(attn.v_proj, h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache_k, cache_v = self.k[index], self.v[index]  # [rows, kv, max_len, hd]
         cache_k[rows[:, None], :, positions] = k.transpose(1, 2)
         cache_v[rows[:, None], :, positions] = v.transpose(1, 2)
@@ -201,12 +228,4 @@ def _linear(module: Any, x: Tensor) -> Tensor:
 
 
 def _rms_norm(norm: Any, x: Tensor) -> Tensor:
-    # As Hugging Face's LlamaRMSNorm: the statistics in float32, the weight in the model dtype.
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return rms_norm(x, norm.weight, norm.variance_epsilon)

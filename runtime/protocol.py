@@ -17,10 +17,11 @@ import os
 import re
 import struct
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -268,6 +269,56 @@ class TraceRecord(BaseModel):
     def topk_width(self) -> int:
         """K of the top-k the steps carry, 0 when none do."""
         return max((s.topk_width for s in self.steps), default=0)
+
+
+class EngineStep(Protocol):
+    """One verify step as an engine records it (the torch engine's StepRecord)."""
+
+    @property
+    def proposed(self) -> list[int]: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def topk_ids(self) -> list[list[int]] | None: ...
+    @property
+    def topk_logprobs(self) -> list[list[float]] | None: ...
+
+
+class EngineGeneration(Protocol):
+    """A finished generation as an engine records it (the torch engine's Generation)."""
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+    @property
+    def output_ids(self) -> list[int]: ...
+    @property
+    def steps(self) -> Sequence[EngineStep]: ...
+
+
+def build_trace(
+    generation: EngineGeneration, *, revision: str, server: str, domain: str, temperature: float
+) -> TraceRecord:
+    """The TraceRecord of a finished generation, whichever engine decoded it: prompt,
+    output, and every verify step with what the draft proposed, how many were accepted
+    and, when the engine recorded it, the target's top-k at the proposed positions."""
+    return TraceRecord(
+        trace_id=uuid.uuid4().hex,
+        revision=revision,
+        server=server,
+        domain=domain,
+        prompt_ids=generation.prompt_ids,
+        output_ids=generation.output_ids,
+        steps=[
+            VerifyStep(
+                proposed=step.proposed,
+                accepted=step.accepted,
+                topk_ids=step.topk_ids,
+                topk_logprobs=step.topk_logprobs,
+            )
+            for step in generation.steps
+        ],
+        temperature=temperature,
+    )
 
 
 # -------------------------------------------------------------------- trace codec
@@ -600,6 +651,27 @@ class CandidateRecord(BaseModel):
     traces_seen: int = Field(ge=0)
     evaluation: dict[str, Any] = Field(default_factory=dict)
 
+    def _evaluated(self, key: str) -> float | None:
+        value = self.evaluation.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    @property
+    def offline_accept_length(self) -> float | None:
+        """The candidate's accept length in the trainer's offline evaluation."""
+        return self._evaluated("candidate")
+
+    @property
+    def stable_offline_accept_length(self) -> float | None:
+        """The stable revision's accept length in the same evaluation."""
+        return self._evaluated("stable")
+
+    @property
+    def loadable(self) -> bool:
+        """False when the trainer knows the checkpoint to be broken ("loadable": false)."""
+        return self.evaluation.get("loadable", True) is not False
+
 
 class RevisionRef(BaseModel):
     """A draft revision and where its checkpoint lives."""
@@ -648,6 +720,9 @@ class LoadedReport(BaseModel):
     stable: str | None = None
     candidate: str | None = None
     error: str | None = None
+    # the revision `error` is about; absent, it counts against any desired revision the
+    # server has not loaded
+    error_revision: str | None = None
     pause_ms: float | None = Field(None, ge=0.0)
     swapped: float | None = Field(None, ge=0.0)
     updated: float = Field(default_factory=time.time)

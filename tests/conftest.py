@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# Before torch loads (here and in every server the tests spawn): OpenMP threads that
+# spin while waiting make torch crawl when more processes than cores compete, as when
+# several test runs share a small machine; passive waiting costs little when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import redis

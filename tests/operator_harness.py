@@ -18,7 +18,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from aurora.operator.metrics import OperatorMetrics
-from aurora.operator.planning import SPECULATOR_LABEL, Images
+from aurora.operator.names import SPECULATOR_LABEL
+from aurora.operator.settings import Images
 
 
 def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

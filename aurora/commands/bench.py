@@ -12,68 +12,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     d = sub.add_parser(
         "decode",
-        help="our engine (plain, n-gram, suffix, trained drafts) against transformers, same prompts",
+        help="our engine (plain, n-gram, trained drafts) against transformers, same prompts",
         description="Runs transformers' generate, transformers' prompt lookup, our engine plain, with "
         "the n-gram proposer and with each --draft checkpoint on the same prompts (interleaved), at "
         "temperature 0. Prints tokens/s, mean accepted length, speedups, output identity and achieved "
         "weight-read bandwidth against the measured memory copy bandwidth. With --unseen: every "
-        "proposer (n-gram, suffix, the head with a fixed k and adaptive, the hybrid) per domain, on "
-        "prompts neither the head nor the suffix tree has seen, optionally after --warmup requests "
-        "of the domain's other prompts; JSON domains.<domain>.methods.<method> and "
-        "min_speedup_vs_plain for the adaptive head and the hybrid.",
+        "proposer (n-gram, suffix, the head with a fixed k and adaptive, the hybrid) in each of "
+        "--domains, on prompts neither the head nor the suffix tree has seen, optionally after "
+        "--warmup requests of the domain's other prompts; JSON domains.<domain>.methods.<method> "
+        "and min_speedup_vs_plain for the adaptive head and the hybrid.",
     )
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument(
-        "--draft",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="a draft checkpoint directory (repeatable); n-gram is always included",
-    )
-    d.add_argument(
-        "--domain",
-        action="append",
-        default=None,
-        help="built-in workload domain or file:PATH (default: code; with --unseen repeatable, "
-        "default: code, prose, math and chat)",
-    )
-    d.add_argument(
-        "--unseen",
-        action="store_true",
-        help="every proposer per domain on prompts disjoint from the head's fitting prompts and "
-        "from what the suffix tree saw (at most one --draft; without one, a head is fitted on "
-        "the code domain's training half and cached in --workdir)",
-    )
-    d.add_argument(
-        "--warmup",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --unseen: the suffix tree first learns N requests of the domain's other "
-        "prompts (default: 0)",
-    )
-    d.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("aurora-bench-unseen"),
-        help="with --unseen: the fitted head and cached warm-up outputs "
-        "(default: ./aurora-bench-unseen)",
-    )
-    d.add_argument("--prompts", type=int, default=8, help="number of prompts (default: 8)")
-    d.add_argument(
-        "--heldout",
-        action="store_true",
-        help="use the held-out half of the domain (the half `aurora draft fit` does not train on)",
-    )
-    d.add_argument("--max-new-tokens", type=int, default=96)
-    d.add_argument("--spec-tokens", type=int, default=4, help="k for every speculative method")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    d.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
-    )
+    from aurora.runtime.bench_config import BatchBenchConfig, DecodeBenchConfig
+    from aurora.runtime.options import add_options
+
+    add_options(d, DecodeBenchConfig)
     d.set_defaults(handler=_decode)
-    _register_batch(sub)
+    b = sub.add_parser(
+        "batch",
+        help="continuous batching: the same requests at max batch 1, 2, 4, with and without a draft",
+        description="Sends the same requests, all arriving at once, through the engine's batched "
+        "decoder with each --batch size, with no draft and with the n-gram draft (greedy). Each "
+        "request joins as soon as a row is free, as in `aurora serve --max-batch`. Prints total "
+        "tokens/s (all generated tokens over the wall time, prefills included), the ratio to the "
+        "smallest batch with the same draft, mean per-request latency, accepted length, rows per "
+        "verify step, and whether every output equals the smallest batch's.",
+    )
+    add_options(b, BatchBenchConfig)
+    b.set_defaults(handler=_batch)
     _register_adapt(sub)
 
 
@@ -93,7 +58,9 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
         "reports the throughput ratio online/static after the shift and the requests needed "
         "to recover.",
     )
-    a.add_argument("--model", default="smollm2-135m")
+    from aurora.runtime.bench_adapt import AdaptConfig
+    from aurora.runtime.options import add_options
+
     source = a.add_mutually_exclusive_group()
     source.add_argument(
         "--schedule",
@@ -109,76 +76,7 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
         '{"messages": [...]} per line): once, it is the traffic after the shift (prose before); '
         "twice, the first is before the shift and the second after",
     )
-    a.add_argument("--requests-before", type=int, default=8, metavar="N")
-    a.add_argument("--requests-after", type=int, default=40, metavar="N")
-    a.add_argument(
-        "--distinct-prompts",
-        type=int,
-        default=16,
-        metavar="N",
-        help="recurring traffic: each domain draws from this many distinct prompts, as in "
-        "`aurora local` (default: 16; 0 = all prompts)",
-    )
-    a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--spec-tokens", type=int, default=3, help="k for every arm (default: 3)")
-    a.add_argument(
-        "--block", type=int, default=8, help="requests served between training slices (default: 8)"
-    )
-    a.add_argument(
-        "--steps-per-block",
-        type=int,
-        default=16,
-        help="optimizer steps each online trainer runs per slice, at most (default: 16, "
-        "2 per trace at the default block)",
-    )
-    a.add_argument(
-        "--fit-prompts", type=int, default=16, help="prompts the static draft is fitted on"
-    )
-    a.add_argument("--fit-epochs", type=int, default=6)
-    a.add_argument("--lambda-discard", type=float, default=0.5, help="for the online arm")
-    a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument(
-        "--publish-margin",
-        type=float,
-        default=0.05,
-        help="a candidate is published when its offline accept length beats the served "
-        "revision's by this fraction (the trainer's default: 0.05)",
-    )
-    a.add_argument(
-        "--window",
-        type=int,
-        default=16,
-        help="last requests after the shift over which throughput is compared (default: 16)",
-    )
-    a.add_argument(
-        "--rolling", type=int, default=8, help="rolling window for accept length (default: 8)"
-    )
-    a.add_argument(
-        "--recover-fraction",
-        type=float,
-        default=0.9,
-        help="recovered: rolling accept length stays at or above this fraction of the static "
-        "draft's pre-shift level (default: 0.9)",
-    )
-    a.add_argument(
-        "--target-accept-length",
-        type=float,
-        default=1.5,
-        help="accept length for the traces-needed figure (default: 1.5)",
-    )
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default: 1, robust on a shared machine; 0 = all cores)",
-    )
-    a.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("aurora-bench-adapt"),
-        help="cached static draft, trainer checkpoints and the plot (default: ./aurora-bench-adapt)",
-    )
+    add_options(a, AdaptConfig)
     a.add_argument("--plot", type=Path, default=None, help="PNG path (default: WORKDIR/adapt.png)")
     a.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
@@ -190,30 +88,23 @@ def _decode(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from aurora.errors import UsageError
     from aurora.runtime.bench import decode_benchmark, default_prompts, write_json
+    from aurora.runtime.bench_config import DecodeBenchConfig
+    from aurora.runtime.options import from_args
 
-    if args.unseen:
-        return _unseen(args)
-    if args.domain and len(args.domain) > 1:
-        raise UsageError(f"--domain given {len(args.domain)} times: give one (or use --unseen)")
-    args.domain = args.domain[0] if args.domain else "code"
-    train, held = default_prompts(args.domain, args.prompts, args.seed)
-    prompts = held if args.heldout else train
+    config = from_args(DecodeBenchConfig, args)
+    if config.unseen:
+        return _unseen(config)
+    train, held = default_prompts(config.domain, config.prompts, config.seed)
+    prompts = held if config.heldout else train
     console = Console()
     with console.status("benchmarking") as status:
         result = decode_benchmark(
-            args.model,
-            ["ngram", *args.draft],
-            prompts,
-            k=args.spec_tokens,
-            max_new_tokens=args.max_new_tokens,
-            threads=args.threads or None,
-            progress=lambda i, n: status.update(f"prompt {i}/{n}"),
+            config, prompts, progress=lambda i, n: status.update(f"prompt {i}/{n}")
         )
     table = Table(
-        title=f"decode: {args.model}, {len(prompts)} {args.domain} prompts, "
-        f"{args.max_new_tokens} new tokens, k={args.spec_tokens}, greedy"
+        title=f"decode: {config.model}, {len(prompts)} {config.domain} prompts, "
+        f"{config.max_new_tokens} new tokens, k={config.spec_tokens}, greedy"
     )
     for col in (
         "method",
@@ -240,36 +131,18 @@ def _decode(args: argparse.Namespace) -> int:
         f"memory copy bandwidth {result['memory_copy_bandwidth_gbs']:.1f} GB/s; "
         f"weights {result['weight_bytes'] / 1e6:.0f} MB; threads {result['threads']}"
     )
-    if args.json:
-        write_json(args.json, result)
+    if config.json:
+        write_json(config.json, result)
     return 0
 
 
-def _unseen(args: argparse.Namespace) -> int:
+def _unseen(config: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from aurora.errors import UsageError
     from aurora.runtime.bench import write_json
-    from aurora.runtime.bench_unseen import DOMAINS, UnseenConfig, run_unseen
+    from aurora.runtime.bench_unseen import run_unseen
 
-    if len(args.draft) > 1 or args.prompts < 1 or args.warmup < 0:
-        raise UsageError(
-            f"--unseen takes at most one --draft (got {len(args.draft)}), --prompts >= 1 "
-            f"(got {args.prompts}) and --warmup >= 0 (got {args.warmup})"
-        )
-    config = UnseenConfig(
-        model=args.model,
-        draft=args.draft[0] if args.draft else None,
-        domains=tuple(args.domain or DOMAINS),
-        prompts=args.prompts,
-        warmup=args.warmup,
-        k=args.spec_tokens,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        threads=args.threads or None,
-        workdir=args.workdir,
-    )
     console = Console()
     with console.status("benchmarking") as status:
         result = run_unseen(config, lambda *info: status.update(" ".join(map(str, info))))
@@ -277,7 +150,7 @@ def _unseen(args: argparse.Namespace) -> int:
         table = Table(
             title=f"{domain}: {len(data['prompts'])} unseen prompts, warm-up "
             f"{data['warmup']['requests']} requests, {config.max_new_tokens} new tokens, "
-            f"k={config.k}, greedy"
+            f"k={config.spec_tokens}, greedy"
         )
         for col in ("method", "tok/s", "vs plain", "accept len", "identical"):
             table.add_column(col)
@@ -294,9 +167,9 @@ def _unseen(args: argparse.Namespace) -> int:
         "min speedup vs plain over the domains: "
         + ", ".join(f"{m} {v:.2f}x" for m, v in result["min_speedup_vs_plain"].items())
     )
-    if args.json:
-        write_json(args.json, result)
-        console.print(f"json: {args.json}")
+    if config.json:
+        write_json(config.json, result)
+        console.print(f"json: {config.json}")
     return 0
 
 
@@ -331,28 +204,9 @@ def _adapt(args: argparse.Namespace) -> int:
 
     from aurora.runtime.bench import write_json
     from aurora.runtime.bench_adapt import AdaptConfig, plot, rolling_mean, run_adapt
+    from aurora.runtime.options import from_args
 
-    config = AdaptConfig(
-        model=args.model,
-        schedule=adapt_schedule(args),
-        seed=args.seed,
-        distinct_prompts=args.distinct_prompts,
-        max_new_tokens=args.max_new_tokens,
-        k=args.spec_tokens,
-        block=args.block,
-        steps_per_block=args.steps_per_block,
-        fit_prompts=args.fit_prompts,
-        fit_epochs=args.fit_epochs,
-        lambda_discard=args.lambda_discard,
-        lr=args.lr,
-        publish_margin=args.publish_margin,
-        window=args.window,
-        rolling=args.rolling,
-        recover_fraction=args.recover_fraction,
-        target_accept_length=args.target_accept_length,
-        threads=args.threads,
-        workdir=args.workdir,
-    )
+    config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
     console = Console()
     columns = (
         TextColumn("{task.description}"),
@@ -455,71 +309,27 @@ def _print_adapt(console: Any, result: dict) -> None:
         )
 
 
-def _register_batch(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser(
-        "batch",
-        help="continuous batching: the same requests at max batch 1, 2, 4, with and without a draft",
-        description="Sends the same requests, all arriving at once, through the engine's batched "
-        "decoder with each --batch size, with no draft and with the n-gram draft (greedy). Each "
-        "request joins as soon as a row is free, as in `aurora serve --max-batch`. Prints total "
-        "tokens/s (all generated tokens over the wall time, prefills included), the ratio to the "
-        "smallest batch with the same draft, mean per-request latency, accepted length, rows per "
-        "verify step, and whether every output equals the smallest batch's.",
-    )
-    b.add_argument("--model", default="smollm2-135m")
-    b.add_argument(
-        "--domain", default="code", help="built-in workload domain or file:PATH (default: code)"
-    )
-    b.add_argument("--prompts", type=int, default=8, help="number of requests (default: 8)")
-    b.add_argument(
-        "--batch",
-        type=int,
-        action="append",
-        default=None,
-        metavar="N",
-        help="a max batch size to measure (repeatable; default: 1, 2 and 4)",
-    )
-    b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--spec-tokens", type=int, default=4, help="k for the n-gram draft")
-    b.add_argument("--repeats", type=int, default=1, help="runs of every configuration")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    b.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
-    )
-    b.set_defaults(handler=_batch)
-
-
 def _batch(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from aurora.errors import UsageError
     from aurora.runtime.bench import default_prompts, write_json
     from aurora.runtime.bench_batch import batch_benchmark
+    from aurora.runtime.bench_config import BatchBenchConfig
+    from aurora.runtime.options import from_args
 
-    batches = sorted(set(args.batch or [1, 2, 4]))
-    if batches[0] < 1 or args.prompts < 1 or args.repeats < 1:
-        raise UsageError(
-            f"--batch {batches}, --prompts {args.prompts}, --repeats {args.repeats}: "
-            "each must be at least 1"
-        )
-    prompts, _ = default_prompts(args.domain, args.prompts, args.seed)
+    config = from_args(BatchBenchConfig, args)
+    prompts, _ = default_prompts(config.domain, config.prompts, config.seed)
     console = Console()
     with console.status("benchmarking") as status:
         result = batch_benchmark(
-            args.model,
+            config,
             [p.text for p in prompts],
-            batches=batches,
-            k=args.spec_tokens,
-            max_new_tokens=args.max_new_tokens,
-            repeats=args.repeats,
-            threads=args.threads or None,
             progress=lambda i, n: status.update(f"configuration {i}/{n}"),
         )
     table = Table(
-        title=f"batch: {args.model}, {len(prompts)} {args.domain} requests at once, "
-        f"{args.max_new_tokens} new tokens, k={args.spec_tokens}, greedy"
+        title=f"batch: {config.model}, {len(prompts)} {config.domain} requests at once, "
+        f"{config.max_new_tokens} new tokens, k={config.spec_tokens}, greedy"
     )
     for col in ("draft", "batch", "tok/s", "vs batch 1", "latency s", "accept", "rows", "same"):
         table.add_column(col)
@@ -536,6 +346,6 @@ def _batch(args: argparse.Namespace) -> int:
         )
     console.print(table)
     console.print(f"threads {result['threads']}; ratios are against max batch {result['batch1']}")
-    if args.json:
-        write_json(args.json, result)
+    if config.json:
+        write_json(config.json, result)
     return 0

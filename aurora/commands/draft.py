@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,20 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "online trainer's loss) and writes a checkpoint that servers load as a revision. Reports "
         "the offline accept length on the held-out half after every epoch.",
     )
-    f.add_argument("--model", default="smollm2-135m")
-    f.add_argument("--domain", default="code", help="built-in workload domain or file:PATH")
-    f.add_argument("--prompts", type=int, default=40, help="training prompts (default: 40)")
-    f.add_argument("--heldout", type=int, default=8, help="held-out prompts to evaluate on")
-    f.add_argument("--epochs", type=int, default=8)
-    f.add_argument("--max-new-tokens", type=int, default=96)
-    f.add_argument("--spec-tokens", type=int, default=4)
-    f.add_argument("--lambda-discard", type=float, default=0.5)
-    f.add_argument("--draft-vocab", type=int, default=4096)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument(
-        "--out", type=Path, default=Path("drafts"), help="checkpoint root (default: ./drafts)"
-    )
+    from aurora.runtime.options import add_options
+    from aurora.runtime.trainer.config import FitConfig
+
+    add_options(f, FitConfig)
     f.set_defaults(handler=_fit)
 
 
@@ -38,26 +27,16 @@ def _fit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from aurora.runtime.bench import default_prompts, fit_draft
+    from aurora.runtime.options import from_args
+    from aurora.runtime.trainer.config import FitConfig
 
+    config = from_args(FitConfig, args)
     console = Console()
-    train, held = default_prompts(args.domain, args.prompts, args.seed)
-    held = held[: args.heldout]
+    train, held = default_prompts(config.domain, config.prompts, config.seed)
 
     def progress(stage: str, i: int, n: int, scores: dict | None = None) -> None:
         console.log(f"{stage} {i}/{n}" + (f": {scores}" if scores else ""))
 
-    path = fit_draft(
-        args.model,
-        train,
-        args.out,
-        epochs=args.epochs,
-        max_new_tokens=args.max_new_tokens,
-        k=args.spec_tokens,
-        lambda_discard=args.lambda_discard,
-        draft_vocab=args.draft_vocab,
-        lr=args.lr,
-        heldout=held,
-        progress=progress,
-    )
+    path = fit_draft(config, train, heldout=held[: config.heldout], progress=progress)
     console.print(f"draft checkpoint: {path}")
     return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aurora.runtime.local.config import LocalConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,97 +18,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "schedule; shows live progress and writes a report folder (JSON, Markdown, PNG) at the end "
         "or after --minutes. Ctrl-C stops every process cleanly and still writes the report.",
     )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="target model: alias, path or Hugging Face id"
-    )
-    p.add_argument(
-        "--schedule",
-        default="code:60,prose:400",
-        help="traffic schedule (default 'code:60,prose:400': day-0 code traffic, then a shift "
-        "to prose; see `aurora workload show`)",
-    )
-    p.add_argument(
-        "--shift-after-promotions",
-        type=int,
-        default=2,
-        metavar="K",
-        help="hold the schedule's first phase (at least its count, at most 3x) until 16 "
-        "requests after the K-th promotion, so the domain shift lands on a draft that has "
-        "proven itself (default: 2); 0 follows the phase counts as written",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=1,
-        help="rows per batch on each server (default 1: the live A/B stays unbiased, since "
-        "batches never mix arms and a busier arm would batch more)",
-    )
-    p.add_argument(
-        "--distinct-prompts",
-        type=int,
-        default=40,
-        help="recurring traffic: each domain cycles through this many distinct prompts, as a "
-        "service with recurring requests does (default: 40; 0 = all prompts of the domain)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="traffic and routing seed")
-    p.add_argument("--minutes", type=float, default=14.0, help="stop after this long (default: 14)")
-    p.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
-    p.add_argument("--servers", type=int, default=1, help="inference server processes (default: 1)")
-    p.add_argument("--clients", type=int, default=2, help="concurrent traffic clients (default: 2)")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=32, help="tokens generated per request (default: 32)"
-    )
-    p.add_argument(
-        "--spec-tokens", type=int, default=3, help="draft tokens per verify step (k; default 3)"
-    )
-    p.add_argument(
-        "--initial-draft",
-        default="none",
-        choices=["none", "ngram", "scratch"],
-        help="day-0 stable draft: none (serve without speculation until a trained draft "
-        "proves faster; default), ngram (model-free prompt lookup) or scratch (untrained head)",
-    )
-    p.add_argument(
-        "--min-speedup", default="1.05", help="rollout.minSpeedup: candidate over stable"
-    )
-    p.add_argument("--min-samples", type=int, default=12, help="requests per arm before deciding")
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("aurora-local"),
-        help="checkpoints, logs and the report go here (default: ./aurora-local); an earlier "
-        "run's checkpoints there are removed at start, since every run begins at day 0",
-    )
-    p.add_argument(
-        "--report-dir", type=Path, default=None, help="report folder (default: WORKDIR/report)"
-    )
-    p.add_argument("--no-live", action="store_true", help="no live terminal view (log lines only)")
+    from aurora.runtime.local.config import LOCAL_ROLLOUT, LocalConfig
+    from aurora.runtime.options import add_options
+    from aurora.runtime.rollout.policy import RolloutPolicy
+
+    add_options(p, LocalConfig)
+    rollout = p.add_argument_group("rollout policy (the Speculator's spec.rollout)")
+    add_options(rollout, RolloutPolicy, defaults=LOCAL_ROLLOUT)
     p.set_defaults(handler=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from aurora.runtime.local import LocalConfig, LocalMode
+def local_config(args: argparse.Namespace) -> LocalConfig:
+    """The run's configuration from the parsed flags; a refused rollout policy is a usage
+    error naming the flags."""
+    from aurora.errors import UsageError
+    from aurora.runtime.local.config import LocalConfig
+    from aurora.runtime.options import OptionError, from_args
+    from aurora.runtime.rollout.policy import RolloutPolicy
 
-    config = LocalConfig(
-        model=args.model,
-        schedule=args.schedule,
-        shift_after_promotions=max(0, args.shift_after_promotions),
-        server_max_batch=args.max_batch,
-        distinct_prompts=args.distinct_prompts or None,
-        seed=args.seed,
-        minutes=args.minutes,
-        redis_url=args.redis_url,
-        servers=args.servers,
-        clients=args.clients,
-        max_new_tokens=args.max_new_tokens,
-        spec_tokens=args.spec_tokens,
-        initial_draft=args.initial_draft,
-        min_speedup=args.min_speedup,
-        min_samples=args.min_samples,
-        workdir=args.workdir,
-        report_dir=args.report_dir,
-        live=not args.no_live,
-    )
+    try:
+        rollout = from_args(RolloutPolicy, args)
+    except OptionError as error:
+        raise UsageError(f"rollout policy: {error}") from None
+    config: LocalConfig = from_args(LocalConfig, args, rollout=rollout)
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aurora.runtime.local.run import LocalMode
+
+    config = local_config(args)
     import logging
     import signal
 

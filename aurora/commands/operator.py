@@ -57,7 +57,7 @@ def _operator(args: argparse.Namespace) -> int:
 
     from aurora.operator import handlers  # noqa: F401  (registers the handlers)
     from aurora.operator.metrics import OperatorMetrics
-    from aurora.operator.planning import Images
+    from aurora.operator.settings import Images
 
     metrics = OperatorMetrics()
     if args.metrics_port:

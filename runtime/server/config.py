@@ -15,10 +15,7 @@ import redis
 from aurora.errors import UsageError
 from aurora.runtime import protocol
 from aurora.runtime.options import knob
-from aurora.runtime.protocol import Keys
-
-# Draft options that name no checkpoint.
-BUILTIN_DRAFTS: tuple[str, ...] = protocol.BUILTIN_REVISIONS
+from aurora.runtime.protocol import BUILTIN_REVISIONS, Builtin, Keys
 
 
 def default_server_id() -> str:
@@ -33,7 +30,7 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind")
     port: int = knob(8000, "TCP port")
     draft: str = knob(
-        "ngram",
+        Builtin.NGRAM,
         "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), suffix "
         "(suffix decoding over the prompt and every output served), none (no speculation), "
         "a checkpoint directory, or hybrid:HEAD (suffix decoding and the head HEAD, scratch "
@@ -163,14 +160,14 @@ class ServerConfig:
             if not ok:
                 raise UsageError(f"{flag}={value} is out of range: use {fix}")
         head = protocol.hybrid_head(self.draft)
-        if head is not None and head != protocol.Builtin.SCRATCH and not Path(head).is_dir():
+        if head is not None and head != Builtin.SCRATCH and not Path(head).is_dir():
             raise UsageError(
                 f"--draft={self.draft!r}: a hybrid's head must be scratch or a checkpoint "
                 "directory, e.g. hybrid:scratch or hybrid:/checkpoints/REVISION"
             )
-        if head is None and self.draft not in BUILTIN_DRAFTS and not Path(self.draft).is_dir():
+        if head is None and self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
             raise UsageError(
-                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_DRAFTS)} nor a "
+                f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_REVISIONS)} nor a "
                 "checkpoint directory nor hybrid:HEAD: pass a built-in draft, the path of a "
                 "revision's directory, or hybrid:scratch"
             )

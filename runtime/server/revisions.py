@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 
 Arm = Literal["stable", "candidate", "baseline"]
 
-# Revisions that need no checkpoint.
-NGRAM, NONE, SCRATCH, SUFFIX = Builtin.NGRAM, Builtin.NONE, Builtin.SCRATCH, Builtin.SUFFIX
-
 
 class RoutingError(ValueError):
     """A request asked for an arm or revision this server does not serve now."""
@@ -52,7 +49,7 @@ class RoutingError(ValueError):
 
 @dataclass(frozen=True)
 class Revision:
-    """A loaded draft revision; ``proposer`` None means no speculation ("none")."""
+    """A loaded draft revision; ``proposer`` None means no speculation (Builtin.NONE)."""
 
     name: str
     proposer: Any | None
@@ -165,12 +162,12 @@ class Speculation:
 
     def builtin(self, name: str) -> Revision | None:
         """ngram, suffix or none (scratch needs the target: the caller builds its head)."""
-        if name == NGRAM:
-            return Revision(NGRAM, NgramProposer(revision=NGRAM))
-        if name == SUFFIX:
-            return Revision(SUFFIX, SuffixProposer(self.cache, cost=self.cost))
-        if name == NONE:
-            return Revision(NONE, None)
+        if name == Builtin.NGRAM:
+            return Revision(Builtin.NGRAM, NgramProposer(revision=Builtin.NGRAM))
+        if name == Builtin.SUFFIX:
+            return Revision(Builtin.SUFFIX, SuffixProposer(self.cache, cost=self.cost))
+        if name == Builtin.NONE:
+            return Revision(Builtin.NONE, None)
         return None
 
     def head(

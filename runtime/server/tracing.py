@@ -14,51 +14,24 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 from pydantic import ValidationError
 
-from aurora.runtime.engine import Generation
 from aurora.runtime.protocol import (
+    EngineGeneration,
     Keys,
     RequestStats,
     TraceRecord,
-    VerifyStep,
+    build_trace,
     publish_stats,
     publish_trace,
 )
 from aurora.runtime.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-
-
-def build_trace(
-    generation: Generation, *, revision: str, server: str, domain: str, temperature: float
-) -> TraceRecord:
-    """The protocol's TraceRecord of a finished generation: prompt, output, and every
-    verify step with what the draft proposed, how many were accepted and, when the
-    engine recorded it, the target's top-k at the proposed positions."""
-    return TraceRecord(
-        trace_id=uuid.uuid4().hex,
-        revision=revision,
-        server=server,
-        domain=domain,
-        prompt_ids=generation.prompt_ids,
-        output_ids=generation.output_ids,
-        steps=[
-            VerifyStep(
-                proposed=step.proposed,
-                accepted=step.accepted,
-                topk_ids=step.topk_ids,
-                topk_logprobs=step.topk_logprobs,
-            )
-            for step in generation.steps
-        ],
-        temperature=temperature,
-    )
 
 
 @dataclass(frozen=True)
@@ -108,7 +81,7 @@ class TracePublisher:
         return self._backoff == 0.0
 
     def offer_trace(
-        self, generation: Generation, *, revision: str, domain: str, temperature: float
+        self, generation: EngineGeneration, *, revision: str, domain: str, temperature: float
     ) -> bool:
         """Queue the trace of a finished generation; False when it was dropped."""
         return self._offer(

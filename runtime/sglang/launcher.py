@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aurora.runtime.protocol import Builtin
+
 # Registered with --custom-weight-loader so the weight pusher can name it as
 # load_format: in SGLang 0.5.12 update_weights_from_tensor hands the same tensors to
 # the draft AND the target model; this loader loads only into the draft.
@@ -42,7 +44,7 @@ def server_command(
         "--enable-metrics",
     ]  # fmt: skip
     draft = draft_path or spec.draft.initial
-    if draft == "ngram":
+    if draft == Builtin.NGRAM:
         command += [
             "--speculative-algorithm", "NGRAM",
             "--speculative-num-draft-tokens", str(engine.num_draft_tokens),
@@ -58,7 +60,7 @@ def server_command(
         ]  # fmt: skip
     else:
         raise ValueError(
-            f"draft {draft!r}: SGLang needs a draft to load at start; use 'ngram' or the "
+            f"draft {draft!r}: SGLang needs a draft to load at start; use '{Builtin.NGRAM}' or the "
             "absolute path of a draft exported with `aurora export --to sglang`"
         )
     return command + list(engine.extra_args)

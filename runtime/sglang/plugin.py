@@ -51,7 +51,7 @@ DRAFT_PREFIX = "draft:"  # get_weights_by_name names read from the draft model
 @dataclass(frozen=True)
 class PluginSettings:
     """What the plugin does in this server, from the AURORA_* environment that the
-    operator sets on SGLang pods (operator/planning.py)."""
+    operator sets on SGLang pods (operator/pods.py)."""
 
     redis_url: str
     keys: Keys

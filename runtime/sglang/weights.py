@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from aurora.runtime.protocol import (
+    BUILTIN_REVISIONS,
     DesiredState,
     Keys,
     LoadedReport,
@@ -45,11 +46,9 @@ from aurora.runtime.protocol import (
     get_loaded,
     report_loaded,
 )
-from aurora.runtime.server.revisions import NGRAM, NONE, SCRATCH, RevisionLoader
+from aurora.runtime.server.revisions import RevisionLoader
 
 log = logging.getLogger("aurora.sglang")
-
-BUILTINS = (NGRAM, NONE, SCRATCH)  # revisions without a checkpoint
 
 # Probes read back after a push: (SGLang parameter name, rows compared).
 VERIFY_PROBES = (("model.norm.weight", 1), ("model.fc.weight", 1), ("lm_head.weight", 1))
@@ -291,7 +290,12 @@ class SGLangRevisionWatcher:
         """Read the desired state once, push what this server should serve, report."""
         desired = get_desired(self.client, self.keys)
         ref = None if desired is None else wanted(desired, self.role)
-        if ref is not None and ref.revision in BUILTINS and not ref.path and self.loaded is None:
+        if (
+            ref is not None
+            and ref.revision in BUILTIN_REVISIONS
+            and not ref.path
+            and self.loaded is None
+        ):
             self.loaded = ref.revision  # launched that way (e.g. NGRAM): nothing to push
         if ref is not None and ref.revision != self.loaded:
             key = (ref.revision, ref.path)
@@ -299,7 +303,7 @@ class SGLangRevisionWatcher:
                 self.error = self.failed[key]
             else:
                 try:
-                    if ref.revision in BUILTINS and not ref.path:
+                    if ref.revision in BUILTIN_REVISIONS and not ref.path:
                         _no_builtin(ref.revision)
                     result = self.pusher.push(self.path_of(ref))
                     if result.revision != ref.revision:

@@ -127,6 +127,15 @@ def _kl(
     return kl * valid, valid
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The objective's terms and weights (see the module docstring)."""
+
+    ttt_steps: int = 3  # training-time-test steps unrolled along the served continuation
+    step_decay: float = 0.8  # weight of step s: step_decay ** (s - 1)
+    lambda_discard: float = 0.5  # weight of the off-path KL; 0 trains on the served path only
+
+
 @dataclass
 class LossParts:
     total: Tensor
@@ -138,13 +147,13 @@ class LossParts:
 def aurora_loss(
     head: EagleDraftHead,
     ex: TraceExample,
+    objective: Objective = Objective(),
     *,
-    ttt_steps: int = 3,
-    decay: float = 0.8,
-    lambda_discard: float = 0.5,
     t2d: Tensor | None = None,
 ) -> LossParts:
     """The Aurora objective for one trace (see the module docstring)."""
+    ttt_steps, decay = objective.ttt_steps, objective.step_decay
+    lambda_discard = objective.lambda_discard
     device = head.d2t.device
     t2d = head.target_to_draft() if t2d is None else t2d
     x = ex.tokens.to(device)

@@ -15,7 +15,9 @@ import pytest
 import redis
 
 from aurora.runtime import protocol
-from aurora.runtime.local import LocalConfig, LocalMode
+from aurora.runtime.local.config import LocalConfig
+from aurora.runtime.local.run import LocalMode
+from aurora.runtime.rollout import RolloutPolicy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,10 +36,13 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
         first_candidate_after=6,
         publish_every=6,
         min_accept_length=1.0,
-        min_samples=4,
-        max_canary_samples=12,
-        baseline_share="0.25",
-        canary_share="0.5",
+        rollout=RolloutPolicy(
+            min_samples=4,
+            max_canary_samples=12,
+            baseline_share="0.25",
+            canary_share="0.5",
+            on_inconclusive="Rollback",
+        ),
         steps_per_trace=6,
         live=False,
         stop_after_decision=True,

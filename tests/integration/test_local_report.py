@@ -12,7 +12,9 @@ import pytest
 import redis
 
 from aurora.runtime import protocol
-from aurora.runtime.local import LocalConfig, LocalMode, LocalRun, Sample, write_report
+from aurora.runtime.local.config import LocalConfig
+from aurora.runtime.local.report import LocalRun, Sample, write_report
+from aurora.runtime.local.run import LocalMode
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +168,7 @@ def test_a_run_starts_at_day_0_without_an_earlier_runs_checkpoints(
 
 def test_the_report_counts_only_speedups_backed_by_enough_requests(tmp_path: Path) -> None:
     # Given a timeline whose highest rolling figure rests on 3 requests, and two promotions
-    run = LocalRun(LocalConfig(min_samples=12, workdir=tmp_path))
+    run = LocalRun(LocalConfig(workdir=tmp_path))  # local mode's minSamples: 12
 
     def sample(t: float, speedup: float, samples: int) -> Sample:
         return Sample(t, 10, 0, "r1", None, 2.0, speedup, samples, None, "code")

@@ -11,7 +11,8 @@ import pytest
 import redis
 from operator_harness import Events, RecordingCluster, call, operator_memo, speculator
 
-from aurora.operator import handlers, planning
+from aurora.operator import handlers
+from aurora.operator.events import OVERRIDE_ANNOTATION
 from aurora.runtime import protocol
 from aurora.runtime.protocol import CandidateRecord, Keys, LoadedReport, RequestStats
 
@@ -102,11 +103,11 @@ def test_a_person_rolls_back_a_canary_with_the_override_annotation(
     )
     offer(redis_client, "r1", created=100.0)
     obj = tick(obj, memo)
-    obj["metadata"]["annotations"] = {planning.OVERRIDE_ANNOTATION: "Rollback:r1"}
+    obj["metadata"]["annotations"] = {OVERRIDE_ANNOTATION: "Rollback:r1"}
     obj = tick(obj, memo)
     assert obj["status"]["phase"] == "Idle" and "r1" in obj["status"]["rollout"]["rejected"]
     assert ("Warning", "Rollback") in [(t, r) for t, r, _ in events.posted]
-    assert planning.OVERRIDE_ANNOTATION not in obj["metadata"]["annotations"]  # consumed
+    assert OVERRIDE_ANNOTATION not in obj["metadata"]["annotations"]  # consumed
     desired = protocol.get_desired(redis_client, KEYS)
     assert desired is not None and desired.candidate is None
 

@@ -190,7 +190,8 @@ def test_bench_decode_unseen_reports_every_method_on_prompts_nobody_saw(
     model: tuple[Any, Any], tmp_path: Path
 ) -> None:
     from aurora.runtime.bench import default_prompts
-    from aurora.runtime.bench_unseen import METHODS, UnseenConfig, run_unseen
+    from aurora.runtime.bench_config import DecodeBenchConfig
+    from aurora.runtime.bench_unseen import METHODS, run_unseen
 
     # given a head whose checkpoint says it was fitted on the first held-out code prompt
     target, _ = model
@@ -207,8 +208,9 @@ def test_bench_decode_unseen_reports_every_method_on_prompts_nobody_saw(
         draft_config=head.config.to_dict(),
     )
     # when the benchmark runs on code and math, after a warm-up of 3 requests
-    config = UnseenConfig(
-        draft=str(path),
+    config = DecodeBenchConfig(
+        unseen=True,
+        draft=(str(path),),
         domains=("code", "math"),
         prompts=2,
         warmup=3,

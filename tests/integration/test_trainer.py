@@ -26,7 +26,9 @@ from aurora.runtime.checkpoint import CheckpointStore, load_checkpoint
 from aurora.runtime.draft import NgramProposer
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
-from aurora.runtime.trainer.trainer import GROUP, Trainer, TrainerConfig
+from aurora.runtime.trainer.config import TrainerConfig
+from aurora.runtime.trainer.delivery import GROUP
+from aurora.runtime.trainer.trainer import Trainer
 from aurora.runtime.workloads import code_prompts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -98,8 +100,7 @@ def test_day0_trainer_learns_publishes_and_acks_everything(
     _publish(redis_client, keys, _records(generations, copies=5))
     redis_client.xadd(keys.traces, {"schema": b"1", "trace_id": b"broken"})
     config = TrainerConfig(
-        namespace="default",
-        name="day0",
+        speculator="default/day0",
         redis_url=redis_url,
         checkpoint_dir=tmp_path,
         first_candidate_after=8,
@@ -199,8 +200,11 @@ def test_no_trace_is_lost_when_the_trainer_is_killed(
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         groups = redis_client.xinfo_groups(keys.traces)
+        if not groups:  # no trainer got as far as consuming yet (a slow, loaded machine)
+            time.sleep(2)
+            continue
         pending = redis_client.xpending(keys.traces, GROUP)["pending"]
-        delivered = groups[0]["last-delivered-id"] if groups else b"0-0"
+        delivered = groups[0]["last-delivered-id"]
         undelivered = redis_client.xrange(keys.traces, b"(" + delivered, "+")
         if pending == 0 and not undelivered:
             break

@@ -14,8 +14,7 @@ from reliability_support import FaultyVolume
 from aurora.runtime.draft import NgramProposer
 from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
-from aurora.runtime.protocol import TraceRecord
-from aurora.runtime.server.tracing import build_trace
+from aurora.runtime.protocol import TraceRecord, build_trace
 from aurora.runtime.workloads import code_prompts
 
 

@@ -32,7 +32,15 @@ def test_serving_fails_no_request_through_swaps_and_a_redis_outage(
     model: tuple[Any, Any], tmp_path: Path
 ) -> None:
     # Given a server under load from four clients
-    config = ChaosConfig(workdir=tmp_path, duration_s=45, clients=4, swaps=3, redis_kills=1)
+    config = ChaosConfig(
+        workdir=tmp_path,
+        duration_s=45,
+        clients=4,
+        swaps=3,
+        redis_kills=1,
+        max_new_tokens=4,
+        trainer_kills=0,
+    )
     # When the desired revisions change three times and Redis dies and comes back
     report = run(config, target=model[0])
     log.warning("chaos report: %s", report.to_json())

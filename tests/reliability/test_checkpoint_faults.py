@@ -15,7 +15,9 @@ from reliability_support import FaultyVolume, fresh_copies
 from aurora.runtime import protocol
 from aurora.runtime.checkpoint import TMP_PREFIX, CheckpointStore, load_checkpoint
 from aurora.runtime.protocol import TraceRecord
-from aurora.runtime.trainer.trainer import GROUP, Trainer, TrainerConfig
+from aurora.runtime.trainer.config import TrainerConfig
+from aurora.runtime.trainer.delivery import GROUP
+from aurora.runtime.trainer.trainer import Trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,7 +35,7 @@ def trained_trainer(
     for record in records:
         protocol.publish_trace(client, KEYS, record, maxlen=10_000)
     config = TrainerConfig(
-        namespace=KEYS.namespace, name=KEYS.name, redis_url=url, checkpoint_dir=root,
+        speculator=f"{KEYS.namespace}/{KEYS.name}", redis_url=url, checkpoint_dir=root,
         draft_vocab=512, batch_size=4, first_candidate_after=10**6, checkpoint_every=10**6,
         holdout_every=0, block_ms=10,
     )  # fmt: skip

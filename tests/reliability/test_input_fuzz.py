@@ -20,11 +20,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from reliability_support import fresh_copies
 
-from aurora.operator.planning import desired_children, validate_semantics
+from aurora.operator.children import desired_children
 from aurora.operator.spec import SpeculatorSpec
+from aurora.operator.validation import validate_semantics
 from aurora.runtime import protocol
 from aurora.runtime.protocol import TraceDecodeError, TraceRecord, decode_trace, encode_trace
-from aurora.runtime.trainer.trainer import GROUP, Trainer, TrainerConfig
+from aurora.runtime.trainer.config import TrainerConfig
+from aurora.runtime.trainer.delivery import GROUP
+from aurora.runtime.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = sorted(
@@ -155,7 +158,7 @@ def test_poison_entries_land_in_the_dead_letter_stream_and_training_goes_on(
     learnable = len(good) - len(foreign)  # real traces, and flips that left a valid one
     # When the trainer reads the stream
     config = TrainerConfig(
-        namespace="default", name="poison", redis_url=redis_url, checkpoint_dir=tmp_path,
+        speculator="default/poison", redis_url=redis_url, checkpoint_dir=tmp_path,
         draft_vocab=512, first_candidate_after=10**6, holdout_every=0, block_ms=10,
         steps_per_trace=1,
     )  # fmt: skip

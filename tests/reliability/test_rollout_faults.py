@@ -1,9 +1,9 @@
-"""A broken draft never ships, and a restarted rollout driver carries on where it was.
+"""A broken draft never ships, and a restarted rollout loop carries on where it was.
 
 A corrupt or NaN checkpoint offered as a candidate: the real server (the default model
 behind uvicorn) refuses it before any swap and reports why; the rollout round
-(operator/driver.py + runtime/rollout.py, through a real Redis) marks it Rejected and
-stable keeps serving. The driver restarted mid-rollout (its memory lost, its state
+(runtime/rollout/loop.py and decision.py, through a real Redis) marks it Rejected and
+stable keeps serving. The loop restarted mid-rollout (its memory lost, its state
 re-read from Redis as `aurora local` keeps it) resumes without a second canary or
 promotion. The operator's own restart against a real API server is in tests/e2e."""
 
@@ -22,12 +22,11 @@ from live_server import LiveServer, wait_for
 from reliability_support import server_config
 from safetensors.torch import load_file, save_file
 
-from aurora.operator import driver
 from aurora.runtime import protocol
 from aurora.runtime.chaos import write_revision
 from aurora.runtime.checkpoint import DRAFT_FILE, META_FILE
 from aurora.runtime.protocol import CandidateRecord, Keys, LoadedReport, RequestStats
-from aurora.runtime.rollout import RolloutPolicy, RolloutState
+from aurora.runtime.rollout import RolloutPolicy, RolloutState, loop
 
 pytestmark = pytest.mark.integration
 
@@ -79,15 +78,15 @@ def test_a_broken_candidate_is_refused_before_any_swap_rejected_and_stable_keeps
     bad = write_revision(model[0], tmp_path, "r-bad", 2)
     offer(redis_client, good, created=100.0)
     state = RolloutState(stable_revision="r-good", tried_through=100.0)
-    window = driver.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=POLICY.max_canary_samples)
     with LiveServer(server_config(redis_url=redis_url), model) as server:
-        first = driver.run_round(redis_client, KEYS, POLICY, state, window, now=1000.0)
+        first = loop.run_round(redis_client, KEYS, POLICY, state, window, now=1000.0)
         assert first.published is not None and first.published.stable is not None
         wait_for(lambda: (r := loaded(redis_client)) and r.stable == "r-good", "r-good loaded")
         # When the trainer offers a candidate whose checkpoint is corrupt (or holds NaN)
         why = damage(bad)
         offer(redis_client, bad, created=200.0)
-        canary = driver.run_round(
+        canary = loop.run_round(
             redis_client, KEYS, POLICY, first.decision.new_state, window, now=1010.0
         )
         assert canary.decision.action == "StartCanary" and canary.published is not None
@@ -97,7 +96,7 @@ def test_a_broken_candidate_is_refused_before_any_swap_rejected_and_stable_keeps
         assert why in report.error and "r-bad" in report.error
         assert (report.stable, report.candidate) == ("r-good", None)
         # and the next rollout round rejects it for good, with the server's reason
-        rejected = driver.run_round(
+        rejected = loop.run_round(
             redis_client, KEYS, POLICY, canary.decision.new_state, window, now=1020.0
         )
         assert rejected.decision.action == "Reject" and why in rejected.decision.reason
@@ -107,7 +106,7 @@ def test_a_broken_candidate_is_refused_before_any_swap_rejected_and_stable_keeps
         assert desired is not None and desired.candidate is None
         assert desired.stable is not None and desired.stable.revision == "r-good"
         # and it is never tried again
-        later = driver.run_round(
+        later = loop.run_round(
             redis_client, KEYS, POLICY, rejected.decision.new_state, window, now=1030.0
         )
         assert later.decision.action == "None" and not later.changed
@@ -140,19 +139,19 @@ class Driver:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.window = driver.SampleWindow(size=POLICY.max_canary_samples)
+        self.window = loop.SampleWindow(size=POLICY.max_canary_samples)
         stored = client.get(KEYS.rollout)
         self.state = RolloutState.model_validate_json(stored) if stored else RolloutState()
 
-    def round(self, now: float, *, persist: bool = True) -> driver.Round:
-        result = driver.run_round(self.client, KEYS, POLICY, self.state, self.window, now)
+    def round(self, now: float, *, persist: bool = True) -> loop.Round:
+        result = loop.run_round(self.client, KEYS, POLICY, self.state, self.window, now)
         if persist:
             self.state = result.decision.new_state
             self.client.set(KEYS.rollout, self.state.model_dump_json(by_alias=True))
         return result
 
 
-def test_a_restarted_driver_resumes_mid_rollout_without_a_second_canary_or_promotion(
+def test_a_restarted_loop_resumes_mid_rollout_without_a_second_canary_or_promotion(
     redis_client: redis.Redis,
 ) -> None:
     # Given a canary of r1 against stable r0, half-way through its samples
@@ -171,7 +170,7 @@ def test_a_restarted_driver_resumes_mid_rollout_without_a_second_canary_or_promo
     publish_stats(redis_client, "r0", "stable", 15, 20.0)
     publish_stats(redis_client, "r1", "candidate", 15, 30.0)
     assert first.round(now=110.0).decision.action == "Wait"
-    # When the driver dies between publishing a round's outcome and saving its state,
+    # When the loop dies between publishing a round's outcome and saving its state,
     # and a new one starts with no memory
     crashed = Driver(redis_client)
     crashed.round(now=115.0, persist=False)

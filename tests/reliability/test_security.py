@@ -2,7 +2,7 @@
 locked down in every plan, RBAC without wildcards, the Redis password only ever from a
 Secret, prompt text never in logs or in Redis outside the trace stream, and trace
 retention bounded as configured. Extends tests/unit/test_operator_manifests.py and
-tests/unit/test_operator_planning.py (which check the base manifests and the two
+tests/unit/test_operator_children.py (which check the base manifests and the two
 examples) to every manifest and every engine variant."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import yaml
 from live_server import LiveServer, wait_for
 from reliability_support import server_config
 
-from aurora.operator.planning import desired_children, validate_semantics
+from aurora.operator.children import desired_children
+from aurora.operator.validation import validate_semantics
 from aurora.runtime import protocol
 from aurora.runtime.embedded_redis import EmbeddedRedis, free_port
 

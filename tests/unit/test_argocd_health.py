@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aurora.operator.planning import Observation, build_status
+from aurora.operator.status import Observation, build_status
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,10 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import random_head, tiny_config, tiny_llama
+from transformers import LlamaForCausalLM
 
-from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer
+from aurora.runtime.draft import EagleProposer, NgramProposer
 from aurora.runtime.engine import BatchDecoder, Generation, generate
 from aurora.runtime.llama import Llama, UnsupportedModel
 
@@ -19,37 +20,13 @@ pytestmark = pytest.mark.unit
 VOCAB = 16
 
 
-def tiny_config(**overrides: object) -> LlamaConfig:
-    options: dict[str, object] = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaConfig(**{**options, **overrides})
-
-
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config()).eval().requires_grad_(False)
-    with torch.no_grad():  # sharper distributions than the random init gives
-        model.lm_head.weight.mul_(8)
-    return model
+    return tiny_llama(VOCAB, sharpen=8)
 
 
 def eagle(model: LlamaForCausalLM, seed: int) -> EagleProposer:
-    torch.manual_seed(seed)
-    config = DraftConfig.for_target(
-        model.config, "tiny", fuse_layers=(0, 1, 3), draft_vocab_size=VOCAB
-    )
-    head = EagleDraftHead(config, model.get_input_embeddings())
-    for p in head.parameters():  # a random head that is not a pass-through
-        torch.nn.init.normal_(p, std=0.3)
-    return EagleProposer(head.eval(), f"eagle-{seed}")
+    return EagleProposer(random_head(model, seed, fuse_layers=(0, 1, 3)), f"eagle-{seed}")
 
 
 def prompt(rng: random.Random, n: int) -> list[int]:
@@ -107,7 +84,7 @@ def test_rejected_positions_are_overwritten_not_cropped(tiny: LlamaForCausalLM) 
 def test_unsupported_configs_are_refused_naming_the_field(
     overrides: dict[str, object], field: str
 ) -> None:
-    model = LlamaForCausalLM(tiny_config(**overrides))
+    model = LlamaForCausalLM(tiny_config(VOCAB, **overrides))
     with pytest.raises(UnsupportedModel, match=field) as error:
         Llama(model, rows=1)
     assert "--max-batch 1" in str(error.value)

@@ -1,5 +1,7 @@
+import argparse
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 
@@ -29,3 +31,85 @@ def test_help_does_not_import_torch() -> None:
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def _options(*command: str) -> set[str]:
+    parser = build_parser()
+    for name in command:
+        parser = next(
+            a.choices[name]
+            for a in parser._actions
+            if isinstance(a, argparse._SubParsersAction)  # type: ignore[attr-defined]
+        )
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def test_generated_flags_keep_their_names() -> None:
+    assert {
+        *("--model", "--schedule", "--shift-after-promotions", "--max-batch", "--seed"),
+        *("--distinct-prompts", "--minutes", "--redis-url", "--servers", "--clients"),
+        *("--max-new-tokens", "--spec-tokens", "--initial-draft", "--min-speedup"),
+        *("--min-samples", "--workdir", "--report-dir", "--no-live"),
+    } <= _options("local")
+    shared = {"--model", "--domain", "--prompts", "--max-new-tokens", "--spec-tokens"}
+    assert shared | {"--seed", "--threads", "--json", "--draft", "--heldout"} <= _options(
+        "bench", "decode"
+    )
+    assert shared | {"--seed", "--threads", "--json", "--batch", "--repeats"} <= _options(
+        "bench", "batch"
+    )
+
+
+def test_flags_left_out_give_each_configs_declared_defaults() -> None:
+    from aurora.commands.local import local_config
+    from aurora.runtime.bench_config import BatchBenchConfig, DecodeBenchConfig
+    from aurora.runtime.chaos import ChaosConfig
+    from aurora.runtime.local.config import LocalConfig
+    from aurora.runtime.options import add_options, from_args
+
+    assert local_config(build_parser().parse_args(["local"])) == LocalConfig()
+    decode = build_parser().parse_args(["bench", "decode"])
+    assert from_args(DecodeBenchConfig, decode) == DecodeBenchConfig()
+    batch = build_parser().parse_args(["bench", "batch"])
+    assert from_args(BatchBenchConfig, batch) == BatchBenchConfig()
+    chaos = argparse.ArgumentParser()
+    add_options(chaos, ChaosConfig)
+    assert from_args(ChaosConfig, chaos.parse_args([])) == ChaosConfig()
+
+
+def test_local_flags_reach_the_config() -> None:
+    from aurora.commands.local import local_config
+    from aurora.runtime.protocol import Builtin
+
+    args = build_parser().parse_args(
+        [
+            *("local", "--max-batch", "2", "--distinct-prompts", "0", "--no-live"),
+            *("--initial-draft", "ngram", "--min-speedup", "1.2", "--shift-after-promotions", "0"),
+        ]
+    )
+    config = local_config(args)
+    assert (config.server_max_batch, config.distinct_prompts, config.live) == (2, 0, False)
+    assert config.initial_draft is Builtin.NGRAM and config.rollout.min_speedup == Decimal("1.2")
+    assert config.shift_after_promotions == 0
+
+
+def test_bench_batch_takes_repeated_batch_sizes() -> None:
+    from aurora.runtime.bench_config import BatchBenchConfig
+    from aurora.runtime.options import from_args
+
+    args = build_parser().parse_args(["bench", "batch", "--batch", "4", "--batch", "1"])
+    assert from_args(BatchBenchConfig, args).batch == (1, 4)
+
+
+def test_local_rollout_flags_come_from_the_policy_and_refuse_what_the_crd_refuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The CRD refuses minSpeedup below 1.0; `aurora local` refuses it too, before starting.
+    assert main(["local", "--min-speedup", "0.9", "--no-live"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-speedup must be at least 1.0" in err
+    with pytest.raises(SystemExit):
+        main(["local", "--help"])
+    out = capsys.readouterr().out
+    assert "--regression-threshold" in out and "--min-samples" in out
+    assert "Requests per arm before deciding. (default: 12)" in out  # local's own default

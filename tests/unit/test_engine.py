@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import random_head, tiny_llama
+from transformers import LlamaForCausalLM
 
-from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer, NgramProposer, Proposal
+from aurora.runtime.draft import EagleDraftHead, EagleProposer, NgramProposer, Proposal
 from aurora.runtime.engine import accept, generate
 from aurora.runtime.trainer.objective import (
+    Objective,
     aurora_loss,
     build_example,
     build_vocabulary,
@@ -27,31 +29,11 @@ VOCAB = 8
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    with torch.no_grad():  # sharper distributions than the random init gives
-        model.lm_head.weight.mul_(20)
-    return model
+    return tiny_llama(VOCAB, sharpen=20)
 
 
 def _head(model: LlamaForCausalLM, seed: int = 0) -> EagleDraftHead:
-    torch.manual_seed(seed)
-    config = DraftConfig.for_target(
-        model.config, "tiny", fuse_layers=(0, 1, 2), draft_vocab_size=VOCAB
-    )
-    head = EagleDraftHead(config, model.get_input_embeddings())
-    for p in head.parameters():  # a random head that is not a pass-through
-        torch.nn.init.normal_(p, std=0.3)
-    return head.eval()
+    return random_head(model, seed, fuse_layers=(0, 1, 2))
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -171,13 +153,15 @@ def test_aurora_loss_trains_the_head_towards_the_target(tiny: LlamaForCausalLM) 
 
     def total() -> float:
         with torch.no_grad():
-            return sum(float(aurora_loss(head, ex, lambda_discard=1.0).total) for ex in examples)
+            return sum(
+                float(aurora_loss(head, ex, Objective(lambda_discard=1.0)).total) for ex in examples
+            )
 
     before = total()
     for _ in range(40):
         for ex in examples:
             optimizer.zero_grad()
-            aurora_loss(head, ex, lambda_discard=1.0).total.backward()
+            aurora_loss(head, ex, Objective(lambda_discard=1.0)).total.backward()
             optimizer.step()
     assert total() < 0.5 * before
     head.eval()

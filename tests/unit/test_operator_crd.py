@@ -14,13 +14,8 @@ from structural_schema import apply_defaults, validate, walk
 
 from aurora.cli import main
 from aurora.operator import crd
-from aurora.operator.spec import (
-    ENGINE_RULES,
-    ROLLOUT_RULES,
-    SPEC_RULES,
-    RolloutSpec,
-    SpeculatorSpec,
-)
+from aurora.operator.spec import ENGINE_RULES, SPEC_RULES, RolloutSpec, SpeculatorSpec
+from aurora.runtime.rollout import ROLLOUT_RULES, RolloutPolicy
 
 pytestmark = pytest.mark.unit
 
@@ -190,10 +185,16 @@ def test_every_rule_is_in_the_crd_with_its_cel() -> None:
     assert any("self.metadata.name.size()" in text for text in cel)
 
 
-def test_rollout_defaults_are_the_policy_defaults() -> None:
-    from aurora.runtime.rollout import RolloutPolicy
-
-    assert RolloutSpec().policy() == RolloutPolicy()
+def test_spec_rollout_is_the_rollout_policy_with_its_defaults() -> None:
+    # One model: the CRD's spec.rollout carries the policy's own fields and defaults.
+    spec = RolloutSpec()
+    assert isinstance(spec, RolloutPolicy)
+    assert spec.model_dump(exclude={"enabled", "interval_seconds"}) == RolloutPolicy().model_dump()
+    rollout = SPEC_SCHEMA["properties"]["rollout"]
+    policy = RolloutPolicy().model_dump(mode="json", by_alias=True)
+    for field in ("minSpeedup", "regressionThreshold", "minSamples", "canaryShare"):
+        assert rollout["properties"][field]["default"] == policy[field]
+    assert rollout["default"]["minSpeedup"] == "1.05"
 
 
 def test_printer_columns_point_at_schema_fields() -> None:

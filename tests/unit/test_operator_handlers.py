@@ -10,7 +10,8 @@ import kopf
 import pytest
 from operator_harness import Events, RecordingCluster, call, operator_memo, speculator
 
-from aurora.operator import handlers, planning
+from aurora.operator import handlers
+from aurora.operator.events import OVERRIDE_ANNOTATION
 from aurora.operator.spec import GROUP, PLURAL
 
 pytestmark = pytest.mark.unit
@@ -141,10 +142,10 @@ def test_an_unknown_override_is_refused_and_cleared(events: Events) -> None:
     cluster = RecordingCluster()
     memo = operator_memo(cluster)
     created, _ = call(handlers.reconcile, speculator(traces=NOWHERE), memo)
-    created["metadata"]["annotations"] = {planning.OVERRIDE_ANNOTATION: "Ship it"}
+    created["metadata"]["annotations"] = {OVERRIDE_ANNOTATION: "Ship it"}
     after, _ = call(handlers.rollout, created, memo)
     assert "InvalidOverride" in events.reasons()
-    assert planning.OVERRIDE_ANNOTATION not in after["metadata"].get("annotations", {})
+    assert OVERRIDE_ANNOTATION not in after["metadata"].get("annotations", {})
 
 
 def test_deletion_with_redis_gone_retries_then_lets_go(events: Events) -> None:

@@ -17,7 +17,7 @@ import yaml
 from structural_schema import apply_defaults, validate
 
 from aurora.cli import COMMANDS
-from aurora.operator import crd, handlers, kube, planning
+from aurora.operator import children, crd, handlers, kube, settings, validation
 from aurora.operator.metrics import OperatorMetrics
 
 pytestmark = pytest.mark.unit
@@ -114,9 +114,9 @@ def test_the_operator_deployment_is_locked_down_probed_and_bounded() -> None:
     assert command[command.index("--liveness-port") + 1] == str(ports["health"])
     assert command[command.index("--metrics-port") + 1] == str(ports["metrics"])
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two standalone operators
-    # The children's default images the Deployment sets are the ones planning would use.
+    # The children's default images the Deployment sets are the ones the operator uses by default.
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert planning.Images.from_env(env) == planning.Images()
+    assert settings.Images.from_env(env) == settings.Images()
 
 
 def test_base_includes_the_generated_crd() -> None:
@@ -150,8 +150,8 @@ def test_examples_pass_the_crd_schema_and_the_operator(example: Path) -> None:
     schema = crd.openapi_schema()["properties"]["spec"]
     assert validate(schema, apply_defaults(schema, obj["spec"])) == []
     obj["metadata"].update(namespace="default", uid="u")
-    assert planning.validate_semantics(obj) == []
-    assert planning.desired_children(obj)
+    assert validation.validate_semantics(obj) == []
+    assert children.desired_children(obj)
 
 
 def test_network_policies_admit_every_aurora_pod_to_redis() -> None:
@@ -164,7 +164,7 @@ def test_network_policies_admit_every_aurora_pod_to_redis() -> None:
     ]["matchLabels"]
     body = yaml.safe_load((MANIFESTS / "examples" / "speculator-torch-cpu.yaml").read_text())
     body["metadata"].update(namespace="default", uid="u")
-    for deployment in [c for c in planning.desired_children(body) if c["kind"] == "Deployment"]:
+    for deployment in [c for c in children.desired_children(body) if c["kind"] == "Deployment"]:
         assert allowed.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     operator_labels = base_objects()["Deployment/aurora-operator"]["spec"]["template"]["metadata"][
         "labels"
@@ -214,7 +214,7 @@ def test_service_monitors_scrape_the_ports_the_children_expose() -> None:
     }
     body = yaml.safe_load((MANIFESTS / "examples" / "speculator-torch-cpu.yaml").read_text())
     body["metadata"].update(namespace="default", uid="u")
-    services = [c for c in planning.desired_children(body) if c["kind"] == "Service"]
+    services = [c for c in children.desired_children(body) if c["kind"] == "Service"]
     for monitor_name in ("aurora-servers", "aurora-trainers"):
         monitor = monitors[monitor_name]["spec"]
         (service,) = [
@@ -273,7 +273,7 @@ def test_dockerfile_copies_only_what_exists_and_installs_real_extras() -> None:
 def test_the_operator_runs_without_torch() -> None:
     # The operator image has no torch: importing everything it runs must not need it.
     code = (
-        "import sys; import aurora.operator.handlers, aurora.operator.planning, aurora.operator.driver, "
+        "import sys; import aurora.operator.handlers, aurora.operator.children, aurora.operator.status, aurora.runtime.rollout.loop, "
         "aurora.commands.operator; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -7,20 +7,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from rollout_support import candidate_record, request_stats
 from structural_schema import validate
 
-from aurora.operator import crd, planning
-from aurora.operator.planning import Observation, build_status, merge_patch
-from aurora.operator.spec import SpeculatorStatus
-from aurora.runtime.rollout import (
-    Candidate,
-    Decision,
-    RequestSample,
-    RolloutPolicy,
-    RolloutState,
-    ServerLoad,
-    decide,
-)
+from aurora.operator import crd, events
+from aurora.operator.spec import MAX_REVISION_HISTORY, SpeculatorStatus
+from aurora.operator.status import Observation, build_status, merge_patch
+from aurora.runtime.protocol import LoadedReport, RequestStats
+from aurora.runtime.rollout import Decision, RolloutPolicy, RolloutState, decide
 
 pytestmark = pytest.mark.unit
 
@@ -51,17 +45,16 @@ def deployment(
     }
 
 
-def samples(revision: str, arm: str, n: int, tokens_per_s: float) -> list[RequestSample]:
+def samples(revision: str, arm: str, n: int, tokens_per_s: float) -> list[RequestStats]:
     rng = random.Random(f"{revision}:{arm}")
     return [
-        RequestSample(
+        request_stats(
             revision,
             arm,
             rng.gauss(tokens_per_s, 1.0),
-            3.0 if arm != "baseline" else 1.0,
-            64,
-            100.0 + i,
-        )  # type: ignore[arg-type]
+            created=100.0 + i,
+            accept_length=3.0 if arm != "baseline" else 1.0,
+        )
         for i in range(n)
     ]
 
@@ -70,7 +63,7 @@ def canary_decision() -> Decision:
     """r1 is stable; the trainer offers r2: the policy starts a canary."""
     state = RolloutState(stable_revision="r1")
     traffic = samples("r1", "stable", 60, 30.0) + samples("r1", "baseline", 40, 20.0)
-    return decide(POLICY, state, [Candidate(revision="r2", created=200.0)], traffic, [], 300.0)
+    return decide(POLICY, state, [candidate_record("r2", 200.0)], traffic, [], 300.0)
 
 
 def promote_decision(state: RolloutState) -> Decision:
@@ -79,7 +72,7 @@ def promote_decision(state: RolloutState) -> Decision:
         + samples("r2", "candidate", 60, 40.0)
         + samples("r1", "baseline", 40, 20.0)
     )
-    return decide(POLICY, state, [Candidate(revision="r2", created=200.0)], traffic, [], 400.0)
+    return decide(POLICY, state, [candidate_record("r2", 200.0)], traffic, [], 400.0)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -260,12 +253,10 @@ def test_canary_then_promotion_in_status_and_history() -> None:
 
     # Every server loaded r2 as stable: promoted, and the candidate is gone from status.
     loads = [
-        ServerLoad(server="chat-server-a-1", stable="r2"),
-        ServerLoad(server="chat-server-b-1", stable="r2"),
+        LoadedReport(server="chat-server-a-1", stable="r2"),
+        LoadedReport(server="chat-server-b-1", stable="r2"),
     ]
-    done = decide(
-        POLICY, promoted.new_state, [Candidate(revision="r2", created=200.0)], [], loads, 500.0
-    )
+    done = decide(POLICY, promoted.new_state, [candidate_record("r2", 200.0)], [], loads, 500.0)
     final = build_status(
         Observation(
             4,
@@ -290,8 +281,8 @@ def test_revision_history_is_bounded_newest_first() -> None:
         for i in range(10)
     ]
     decision = canary_decision()
-    history = planning.revision_history(previous, decision.events, decision.measurement)
-    assert len(history) == planning.MAX_REVISION_HISTORY
+    history = events.revision_history(previous, decision.events, decision.measurement)
+    assert len(history) == MAX_REVISION_HISTORY
     assert history[0]["revision"] == "r2" and history[1]["revision"] == "r0"
 
 
@@ -368,7 +359,7 @@ def test_merge_patch_changes_removes_and_leaves_alone() -> None:
     ],
 )
 def test_override_annotation(value: str, expected: tuple[str, str] | None) -> None:
-    override, error = planning.parse_override({planning.OVERRIDE_ANNOTATION: value})
+    override, error = events.parse_override({events.OVERRIDE_ANNOTATION: value})
     if expected is None:
         assert override is None and error is not None and "Promote:<revision>" in error
     else:
@@ -377,4 +368,4 @@ def test_override_annotation(value: str, expected: tuple[str, str] | None) -> No
             and (override.action, override.revision) == expected
             and error is None
         )
-    assert planning.parse_override({}) == (None, None)
+    assert events.parse_override({}) == (None, None)

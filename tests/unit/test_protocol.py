@@ -6,6 +6,7 @@ import json
 import math
 import random
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -474,3 +475,40 @@ def test_connect_refuses_a_malformed_url_without_echoing_the_password() -> None:
     with pytest.raises(ValueError, match="redis://HOST:PORT/DB") as error:
         protocol.connect("http://:secret@h:6379")
     assert "secret" not in str(error.value)
+
+
+def test_any_engines_generation_becomes_a_trace_record() -> None:
+    # Given: a finished generation as any engine records it (here a plain object, no torch)
+    @dataclass
+    class Step:
+        proposed: list[int]
+        accepted: int
+        topk_ids: list[list[int]] | None = None
+        topk_logprobs: list[list[float]] | None = None
+
+    @dataclass
+    class Generation:
+        prompt_ids: list[int]
+        output_ids: list[int]
+        steps: list[Step]
+
+    generation = Generation(
+        [1, 2], [7, 8, 9, 4], [Step([8, 9, 5], 2, [[8], [9], [4]], [[0.0]] * 3)]
+    )
+    # When: it is built into a trace
+    record = protocol.build_trace(
+        generation, revision="r1", server="s1", domain="code", temperature=0.0
+    )
+    # Then: the record carries the prompt, the output and the step as recorded, and travels
+    assert (record.prompt_ids, record.output_ids) == ([1, 2], [7, 8, 9, 4])
+    assert [(s.proposed, s.accepted, s.topk_ids) for s in record.steps] == [
+        ([8, 9, 5], 2, [[8], [9], [4]])
+    ]
+    assert (record.revision, record.server, record.domain) == ("r1", "s1", "code")
+    assert decode_trace(encode_trace(record)) == record
+    assert (
+        record.trace_id
+        != protocol.build_trace(
+            generation, revision="r1", server="s1", domain="code", temperature=0.0
+        ).trace_id
+    )  # a fresh id per trace

@@ -9,21 +9,26 @@ from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
+from rollout_support import candidate_record, request_stats
 
+from aurora.runtime.protocol import (
+    CandidateRecord,
+    DesiredState,
+    LoadedReport,
+    RequestStats,
+    RevisionRef,
+)
 from aurora.runtime.rollout import (
     HISTORY_LIMIT,
     NO_DRAFT,
-    Candidate,
     Decision,
     Override,
-    RequestSample,
     RolloutEvent,
     RolloutPolicy,
     RolloutState,
-    ServerLoad,
-    decide,
     measure,
 )
+from aurora.runtime.rollout import decide as rollout_decide
 
 pytestmark = pytest.mark.unit
 
@@ -42,14 +47,14 @@ NOW = 5000.0
 
 def requests(
     revision: str, arm: str, n: int, tokens_per_s: float, *, seed: int = 0, start: float = 1000.0
-) -> list[RequestSample]:
+) -> list[RequestStats]:
     """n requests whose decode throughput scatters 8% around `tokens_per_s`."""
     rng = random.Random(f"{seed}:{revision}:{arm}")
     return [
-        RequestSample(
-            revision=revision,
-            arm=arm,  # type: ignore[arg-type]
-            decode_tokens_per_s=rng.gauss(tokens_per_s, 0.08 * tokens_per_s),
+        request_stats(
+            revision,
+            arm,
+            rng.gauss(tokens_per_s, 0.08 * tokens_per_s),
             accept_length=rng.uniform(1.0, 4.0) if arm != "baseline" else 1.0,
             new_tokens=rng.randint(16, 128),
             created=start + i,
@@ -68,7 +73,7 @@ def traffic(
     stable_revision: str = "r1",
     candidate_revision: str = "r2",
     seed: int = 0,
-) -> list[RequestSample]:
+) -> list[RequestStats]:
     return [
         *requests(stable_revision, "stable", n, stable, seed=seed),
         *requests(candidate_revision, "candidate", n, candidate, seed=seed),
@@ -76,12 +81,43 @@ def traffic(
     ]
 
 
-def offer(revision: str, created: float, parent: str | None = None, **extra: object) -> Candidate:
-    return Candidate(revision=revision, parent=parent, created=created, **extra)  # type: ignore[arg-type]
+def offer(
+    revision: str, created: float, parent: str | None = None, **extra: object
+) -> CandidateRecord:
+    names = {"offline_accept_length": "candidate", "stable_offline_accept_length": "stable"}
+    return candidate_record(
+        revision, created, parent, **{names.get(k, k): v for k, v in extra.items()}
+    )
 
 
-def serving(*servers: str, stable: str | None, candidate: str | None = None) -> list[ServerLoad]:
-    return [ServerLoad(server=s, stable=stable, candidate=candidate) for s in servers]
+def serving(*servers: str, stable: str | None, candidate: str | None = None) -> list[LoadedReport]:
+    return [LoadedReport(server=s, stable=stable, candidate=candidate) for s in servers]
+
+
+# What servers were told before each test: where r1's and r2's checkpoints are.
+PUBLISHED = DesiredState(
+    stable=RevisionRef(revision="r1", path="/ckpt/r1"),
+    candidate=RevisionRef(revision="r2", path="/ckpt/r2"),
+    candidate_share=0.5,
+    baseline_share=0.1,
+    generation=3,
+)
+
+
+def decide(*args: object, **kwargs: object) -> Decision:
+    kwargs.setdefault("published", PUBLISHED)
+    return rollout_decide(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def served(decision: Decision) -> tuple[str | None, str | None]:
+    """The (stable, candidate) revisions the decision tells servers to serve."""
+    desired = decision.desired
+    assert desired is not None, decision.problem
+    stable, candidate = desired.stable, desired.candidate
+    return (
+        stable.revision if stable is not None else None,
+        candidate.revision if candidate is not None else None,
+    )
 
 
 def canary(stable: str | None = "r1", candidate: str = "r2", created: float = 2.0) -> RolloutState:
@@ -97,8 +133,8 @@ def test_no_candidate_serves_stable_only() -> None:
     decision = decide(POLICY, state, [], traffic(n=0), serving("a", stable="r1"), NOW)
     assert decision.action == "None"
     assert decision.new_state == state
-    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
-    assert decision.desired.candidate_share == 0.0
+    assert served(decision) == ("r1", None)
+    assert decision.desired is not None and decision.desired.candidate_share == 0.0
     assert decision.events == ()
 
 
@@ -107,20 +143,27 @@ def test_new_candidate_starts_a_canary_and_records_it() -> None:
     decision = decide(
         POLICY,
         state,
-        [offer("r2", 2.0, "r1", offline_accept_length=2.9, stable_offline_accept_length=2.6)],
+        [
+            offer("r1", 1.0),
+            offer("r2", 2.0, "r1", offline_accept_length=2.9, stable_offline_accept_length=2.6),
+        ],
         [],
         serving("a", stable="r1"),
         NOW,
+        published=None,  # servers were told nothing yet
     )
     assert decision.action == "StartCanary"
     assert decision.new_state.phase == "Canary"
     assert decision.new_state.canary_started_at == NOW
-    assert decision.desired.model_dump() == {
-        "stable": "r1",
-        "candidate": "r2",
-        "candidateShare": 0.5,
-        "baselineShare": 0.1,
-    }
+    desired = decision.desired
+    assert desired is not None
+    # the new desired state for servers: the candidate's checkpoint, its share, a new generation
+    assert (desired.stable, desired.candidate) == (
+        RevisionRef(revision="r1", path="/ckpt/r1"),
+        RevisionRef(revision="r2", path="/ckpt/r2"),
+    )
+    assert (desired.candidate_share, desired.baseline_share) == (0.5, 0.1)
+    assert (desired.generation, desired.updated) == (1, NOW)
     assert "2.90 vs 2.60" in decision.reason
     assert [e.action for e in decision.new_state.history] == ["StartCanary"]
     assert decision.events == tuple(decision.new_state.history)
@@ -140,7 +183,7 @@ def test_day0_candidate_canaries_against_plain_decoding() -> None:
     assert m is not None and m.stable.samples == 70
     assert m.speedup_vs_stable == m.candidate_speedup_vs_baseline
     assert m.stable_speedup_vs_baseline is None
-    assert decision.desired.stable == "r1"
+    assert served(decision)[0] == "r1"
     assert "vs no draft" in decision.reason
 
 
@@ -151,7 +194,7 @@ def test_too_few_samples_waits_and_changes_nothing(n: int) -> None:
     assert decision.action == "Wait"
     assert f"r2 {n}/30" in decision.reason and f"stable r1 {n}/30" in decision.reason
     assert decision.new_state == state
-    assert decision.desired.candidate == "r2"
+    assert served(decision)[1] == "r2"
 
 
 def test_no_server_has_loaded_the_candidate_is_said_while_waiting() -> None:
@@ -170,7 +213,7 @@ def test_clear_win_promotes_then_waits_for_every_server(servers: tuple[str, ...]
     assert decision.action == "Promote"
     assert decision.new_state.phase == "Promoting"
     assert decision.new_state.stable_revision == "r1"  # not promoted until servers confirm
-    assert (decision.desired.stable, decision.desired.candidate) == ("r2", None)
+    assert served(decision) == ("r2", None)
     assert "1.3" in decision.reason and "minSpeedup 1.05" in decision.reason
     m = decision.measurement
     assert m is not None and m.speedup_vs_stable is not None
@@ -230,7 +273,7 @@ def test_clear_regression_rolls_back_and_stable_keeps_serving() -> None:
     state = decision.new_state
     assert (state.phase, state.stable_revision, state.candidate_revision) == ("Idle", "r1", None)
     assert state.rejected == ["r2"]
-    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
+    assert served(decision) == ("r1", None)
     assert "regressionThreshold 0.97" in decision.reason and "0.8" in decision.reason
 
 
@@ -255,7 +298,8 @@ def test_inconclusive_at_max_samples_holds_for_a_person() -> None:
     decision = decide(POLICY, canary(), [], samples, [], NOW)
     assert decision.action == "Hold"
     assert decision.new_state.phase == "Hold"
-    assert decision.desired.candidate == "r2" and decision.desired.candidate_share == 0.5
+    assert served(decision)[1] == "r2"
+    assert decision.desired is not None and decision.desired.candidate_share == 0.5
     assert [e.action for e in decision.events] == ["Hold"]
 
     # When the timer fires again, then it keeps holding without new events.
@@ -323,7 +367,7 @@ def test_stable_slower_than_plain_decoding_falls_back_to_no_draft() -> None:
     assert decision.action == "Fallback" and decision.stable_regressed
     assert "stable r1 is slower than no speculation" in decision.reason
     assert "falling back to plain decoding" in decision.reason
-    assert decision.new_state.stable_revision == NO_DRAFT == decision.desired.stable
+    assert decision.new_state.stable_revision == NO_DRAFT == served(decision)[0]
     assert decision.new_state.phase == "Idle"
     assert [(e.action, e.revision) for e in decision.events] == [("Fallback", "r1")]
     # From no draft there is nothing to fall back from: the old stable's drafted requests
@@ -364,7 +408,7 @@ def test_regressed_stable_is_only_flagged_when_fallback_is_off() -> None:
     decision = decide(policy, state, [], slow, [], NOW)
     assert decision.action == "None" and decision.stable_regressed
     assert "stable r1 is slower than no speculation" in decision.reason
-    assert decision.new_state == state and decision.desired.stable == "r1"
+    assert decision.new_state == state and served(decision)[0] == "r1"
 
 
 def test_regression_within_the_noise_or_with_few_samples_keeps_stable() -> None:
@@ -390,13 +434,13 @@ def test_fallback_during_a_canary_keeps_the_canary_against_plain_decoding() -> N
     # then stable falls back to no draft and r2 keeps its canary share,
     assert decision.action == "Fallback"
     assert (decision.new_state.phase, decision.new_state.candidate_revision) == ("Canary", "r2")
-    assert (decision.desired.stable, decision.desired.candidate) == (NO_DRAFT, "r2")
+    assert served(decision) == (NO_DRAFT, "r2")
     assert "canary r2 carries on" in decision.reason
     # and r2 is now measured against plain decoding: a candidate faster than no
     # speculation is promoted, one slower is rolled back.
     fast = [*requests("r2", "candidate", 60, 26.0), *requests("r1", "baseline", 40, 20.0)]
     promoted = decide(POLICY, decision.new_state, [], fast, [], NOW + 10)
-    assert promoted.action == "Promote" and promoted.desired.stable == "r2"
+    assert promoted.action == "Promote" and served(promoted)[0] == "r2"
     assert promoted.reason.startswith("r2 beats no draft")
     slower = [*requests("r2", "candidate", 60, 17.0), *requests("r1", "baseline", 40, 20.0)]
     assert decide(POLICY, decision.new_state, [], slower, [], NOW + 10).action == "Rollback"
@@ -411,18 +455,18 @@ def test_no_fallback_while_promoting() -> None:
 
 def test_server_that_cannot_load_the_candidate_rejects_it() -> None:
     loads = [
-        ServerLoad(server="a", stable="r1", candidate="r2"),
-        ServerLoad(server="b", stable="r1", error="CUDA out of memory", error_revision="r2"),
+        LoadedReport(server="a", stable="r1", candidate="r2"),
+        LoadedReport(server="b", stable="r1", error="CUDA out of memory", error_revision="r2"),
     ]
     decision = decide(POLICY, canary(), [], traffic(candidate=39.0), loads, NOW)
     assert decision.action == "Reject"
     assert "server b" in decision.reason and "CUDA out of memory" in decision.reason
-    assert (decision.desired.stable, decision.desired.candidate) == ("r1", None)
+    assert served(decision) == ("r1", None)
     assert decision.new_state.rejected == ["r2"]
 
 
 def test_stale_load_error_about_another_revision_is_ignored() -> None:
-    loads = [ServerLoad(server="a", stable="r1", error="bad checkpoint", error_revision="r0")]
+    loads = [LoadedReport(server="a", stable="r1", error="bad checkpoint", error_revision="r0")]
     decision = decide(POLICY, canary(), [], [], loads, NOW)
     assert decision.action == "Wait"
 
@@ -430,14 +474,14 @@ def test_stale_load_error_about_another_revision_is_ignored() -> None:
 def test_server_that_cannot_load_the_promoted_revision_keeps_the_old_stable() -> None:
     promoting = decide(POLICY, canary(), [], traffic(candidate=39.0), [], NOW).new_state
     loads = [
-        ServerLoad(server="a", stable="r2"),
-        ServerLoad(server="b", stable="r1", error="shape mismatch"),
+        LoadedReport(server="a", stable="r2"),
+        LoadedReport(server="b", stable="r1", error="shape mismatch"),
     ]
     decision = decide(POLICY, promoting, [], [], loads, NOW + 10)
     assert decision.action == "Reject"
     assert "server b" in decision.reason and "shape mismatch" in decision.reason
     assert decision.new_state.stable_revision == "r1"
-    assert decision.desired.stable == "r1"
+    assert served(decision)[0] == "r1"
 
 
 def test_candidate_marked_not_loadable_is_rejected_without_canary() -> None:
@@ -445,7 +489,7 @@ def test_candidate_marked_not_loadable_is_rejected_without_canary() -> None:
     decision = decide(POLICY, state, [offer("r2", 2.0, "r1", loadable=False)], [], [], NOW)
     assert decision.action == "Reject"
     assert decision.new_state.phase == "Idle" and decision.new_state.rejected == ["r2"]
-    assert decision.desired.candidate is None
+    assert served(decision)[1] is None
 
 
 def test_rejected_and_older_revisions_are_never_offered_again() -> None:
@@ -491,7 +535,7 @@ def test_bootstrap_bounds_bracket_the_estimate_and_widen_with_confidence() -> No
 
 def test_measure_ignores_other_revisions_and_unusable_samples() -> None:
     stale = requests("r0", "candidate", 50, 90.0)
-    broken = [RequestSample("r2", "candidate", float("nan"), 2.0, 10, 1.0)]
+    broken = [request_stats("r2", "candidate", 0.0, created=1.0)]
     clean = measure(traffic(n=40), "r1", "r2", POLICY)
     noisy = measure([*traffic(n=40), *stale, *broken], "r1", "r2", POLICY)
     assert noisy == clean
@@ -527,7 +571,11 @@ def test_policy_accepts_decimal_strings() -> None:
         {"minSpeedup": "1.10", "canaryShare": "0.25", "baselineShare": "0", "confidence": "0.95"}
     )
     assert policy.min_speedup == Decimal("1.10")
-    assert (policy.canary_share, policy.baseline_share, policy.confidence) == (0.25, 0.0, 0.95)
+    assert (policy.canary_share, policy.baseline_share, policy.confidence) == (
+        Decimal("0.25"),
+        Decimal("0"),
+        Decimal("0.95"),
+    )
     assert json.loads(policy.model_dump_json())["minSpeedup"] == "1.10"
 
 
@@ -551,7 +599,7 @@ def test_bad_decimal_strings_name_the_field_and_an_example(
     with pytest.raises(ValidationError) as error:
         RolloutPolicy.model_validate({field: value})
     message = str(error.value)
-    assert f"rollout.{field}" in message and example in message
+    assert field in message and example in message
 
 
 def test_inconsistent_policy_names_both_fields() -> None:

@@ -1,8 +1,9 @@
-"""The rollout policy: which draft revision serves, and when a candidate replaces it.
+"""The rollout decision: which draft revision serves, and when a candidate replaces it.
 
-Pure and deterministic (stdlib + pydantic): the operator's kopf timer and `aurora local`
-call `decide` on a timer with what they observed, persist `Decision.new_state`, publish
-`Decision.desired` and turn `Decision.events` into Kubernetes Events. Same inputs, same
+Pure and deterministic (stdlib, pydantic and the protocol's records): the rollout loop
+(`aurora.runtime.rollout.loop`, run by the operator's kopf timer and by `aurora local`)
+calls `decide` with what it observed, persists `Decision.new_state`, publishes
+`Decision.desired` and turns `Decision.events` into Kubernetes Events. Same inputs, same
 decision.
 
 State machine (`RolloutState.phase`; event actions in brackets, kept in the bounded history)::
@@ -63,14 +64,23 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from aurora.runtime.protocol import (
+    BUILTIN_REVISIONS,
+    Builtin,
+    CandidateRecord,
+    DesiredState,
+    LoadedReport,
+    RequestStats,
+    RevisionRef,
+)
+from aurora.runtime.rollout.policy import RolloutPolicy
 
 Arm = Literal["stable", "candidate", "baseline"]
 Phase = Literal["Idle", "Canary", "Hold", "Promoting"]
@@ -78,13 +88,12 @@ Action = Literal["None", "StartCanary", "Promote", "Rollback", "Reject", "Hold",
 EventAction = Literal[
     "StartCanary", "Promote", "Promoted", "Rollback", "Reject", "Hold", "Superseded", "Fallback"
 ]
-# The revision name servers give to decoding without a draft; as `stable_revision` it is
-# an explicit fallback to plain decoding (None means "whatever servers started with").
-NO_DRAFT = "none"
+# The revision servers serve without a draft; as `stable_revision` it is an explicit
+# fallback to plain decoding (None means "whatever servers started with").
+NO_DRAFT = Builtin.NONE
 
 HISTORY_LIMIT = 20
 REJECTED_LIMIT = 50
-_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 
 
 class _Model(BaseModel):
@@ -97,141 +106,6 @@ class _Model(BaseModel):
         serialize_by_alias=True,
         frozen=True,
     )
-
-
-def _decimal(value: object, name: str, example: str) -> Decimal:
-    """Parse a Kubernetes-style decimal string ("1.05"); the error names `rollout.<name>`."""
-    text = (
-        str(value).strip()
-        if isinstance(value, str | int | float | Decimal) and not isinstance(value, bool)
-        else ""
-    )
-    if not _DECIMAL.match(text):
-        raise ValueError(
-            f"rollout.{name}: {value!r} is not a decimal number; write it as a string such as {example!r}"
-        )
-    return Decimal(text)
-
-
-def _in_range(value: Decimal, name: str, example: str, low: str, high: str) -> float:
-    """Check `low < value < high` (bounds named in the message) and return a float."""
-    if not Decimal(low) < value < Decimal(high):
-        raise ValueError(
-            f"rollout.{name}: {value} must be above {low} and below {high}, e.g. {example!r}"
-        )
-    return float(value)
-
-
-class RolloutPolicy(_Model):
-    """`Speculator.spec.rollout`: thresholds, shares and statistics settings.
-
-    Fractions and thresholds accept decimal strings ("1.05", "0.5"), per the Kubernetes
-    API conventions, as well as numbers.
-    """
-
-    min_speedup: Decimal = Decimal("1.05")
-    min_samples: int = Field(30, ge=2)
-    canary_share: float = 0.5
-    baseline_share: float = 0.1
-    on_inconclusive: Literal["Hold", "Rollback"] = "Hold"
-    confidence: float = 0.9
-    max_canary_samples: int = Field(300, ge=2)
-    regression_threshold: Decimal = Decimal("0.97")
-    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
-    seed: int = 0
-    replace_canary_with_newer: bool = False
-    fallback_on_regression: bool = True
-
-    @field_validator("min_speedup", mode="before")
-    @classmethod
-    def _min_speedup(cls, value: object) -> Decimal:
-        parsed = _decimal(value, "minSpeedup", "1.05")
-        if parsed <= 0:
-            raise ValueError(f"rollout.minSpeedup: {value!r} must be positive, e.g. '1.05'")
-        return parsed
-
-    @field_validator("regression_threshold", mode="before")
-    @classmethod
-    def _regression_threshold(cls, value: object) -> Decimal:
-        parsed = _decimal(value, "regressionThreshold", "0.97")
-        if parsed <= 0:
-            raise ValueError(
-                f"rollout.regressionThreshold: {value!r} must be positive, e.g. '0.97'"
-            )
-        return parsed
-
-    @field_validator("canary_share", mode="before")
-    @classmethod
-    def _canary_share(cls, value: object) -> float:
-        return _in_range(_decimal(value, "canaryShare", "0.5"), "canaryShare", "0.5", "0", "1")
-
-    @field_validator("baseline_share", mode="before")
-    @classmethod
-    def _baseline_share(cls, value: object) -> float:
-        # Zero is allowed: no baseline arm, so no speedup against plain decoding.
-        parsed = _decimal(value, "baselineShare", "0.1")
-        return 0.0 if parsed == 0 else _in_range(parsed, "baselineShare", "0.1", "0", "1")
-
-    @field_validator("confidence", mode="before")
-    @classmethod
-    def _confidence(cls, value: object) -> float:
-        return _in_range(_decimal(value, "confidence", "0.9"), "confidence", "0.9", "0.5", "1")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RolloutPolicy:
-        if self.max_canary_samples < self.min_samples:
-            raise ValueError(
-                f"rollout.maxCanarySamples: {self.max_canary_samples} is below rollout.minSamples "
-                f"{self.min_samples}; raise it, e.g. to {10 * self.min_samples}"
-            )
-        if self.regression_threshold > self.min_speedup:
-            raise ValueError(
-                f"rollout.regressionThreshold: {self.regression_threshold} is above rollout.minSpeedup "
-                f"{self.min_speedup}; it must not exceed it, e.g. '0.97' with '1.05'"
-            )
-        if self.canary_share + self.baseline_share >= 1:
-            raise ValueError(
-                f"rollout.canaryShare {self.canary_share} + rollout.baselineShare {self.baseline_share} "
-                "leave no traffic for the stable revision; keep the sum below 1, e.g. '0.5' and '0.1'"
-            )
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSample:
-    """One finished request as a server measured it. `arm` "baseline" = speculation off."""
-
-    revision: str
-    arm: Arm
-    decode_tokens_per_s: float
-    accept_length: float
-    new_tokens: int
-    created: float
-
-
-class Candidate(_Model):
-    """A draft revision the trainer offers; `parent` is the revision it was trained from."""
-
-    revision: str = Field(min_length=1)
-    parent: str | None = None
-    created: float
-    offline_accept_length: float | None = None
-    stable_offline_accept_length: float | None = None
-    loadable: bool = True
-
-
-class ServerLoad(_Model):
-    """What one server reports it has loaded, and its last failed load.
-
-    `error_revision` names the revision `error` is about; when absent the error counts
-    against any desired revision the server has not loaded.
-    """
-
-    server: str
-    stable: str | None = None
-    candidate: str | None = None
-    error: str | None = None
-    error_revision: str | None = None
 
 
 class Override(_Model):
@@ -275,15 +149,6 @@ class RolloutState(_Model):
         return self
 
 
-class DesiredRevisions(_Model):
-    """What servers should serve: the shares are fractions of requests (or replicas)."""
-
-    stable: str | None
-    candidate: str | None
-    candidate_share: float
-    baseline_share: float
-
-
 class ArmStats(_Model):
     revision: str | None
     samples: int
@@ -322,9 +187,12 @@ class Decision:
     action: Action
     reason: str
     new_state: RolloutState
-    desired: DesiredRevisions
+    # What servers should serve, as published to them: the previously published state
+    # when nothing changed (the same object), or when `problem` says why it cannot change.
+    desired: DesiredState | None
     measurement: Measurement | None
     events: tuple[RolloutEvent, ...] = ()
+    problem: str | None = None
 
     @property
     def stable_regressed(self) -> bool:
@@ -334,11 +202,11 @@ class Decision:
 # ---------------------------------------------------------------- statistics
 
 
-def _usable(sample: RequestSample) -> bool:
+def _usable(sample: RequestStats) -> bool:
     return math.isfinite(sample.decode_tokens_per_s) and sample.decode_tokens_per_s > 0
 
 
-def _recent(samples: Iterable[RequestSample], window: int) -> list[RequestSample]:
+def _recent(samples: Iterable[RequestStats], window: int) -> list[RequestStats]:
     # A total order on the samples' content makes the result independent of input order.
     ordered = sorted(
         samples,
@@ -347,7 +215,7 @@ def _recent(samples: Iterable[RequestSample], window: int) -> list[RequestSample
     return ordered[-window:]
 
 
-def _arm_stats(revision: str | None, arm: list[RequestSample]) -> ArmStats:
+def _arm_stats(revision: str | None, arm: list[RequestStats]) -> ArmStats:
     n = len(arm)
     return ArmStats(
         revision=revision,
@@ -358,7 +226,7 @@ def _arm_stats(revision: str | None, arm: list[RequestSample]) -> ArmStats:
     )
 
 
-def _resampled_means(arm: list[RequestSample], policy: RolloutPolicy, seed: str) -> list[float]:
+def _resampled_means(arm: list[RequestStats], policy: RolloutPolicy, seed: str) -> list[float]:
     values = [s.decode_tokens_per_s for s in arm]
     n = len(values)
     rng = random.Random(f"{policy.seed}:{seed}")
@@ -387,7 +255,7 @@ def _speedup(
 
 
 def measure(
-    samples: Sequence[RequestSample],
+    samples: Sequence[RequestStats],
     stable: str | None,
     candidate: str | None,
     policy: RolloutPolicy,
@@ -431,7 +299,7 @@ def measure(
     candidate_means = (
         _resampled_means(candidate_arm, policy, f"candidate:{candidate}") if candidate_arm else []
     )
-    confidence = policy.confidence
+    confidence = float(policy.confidence)
     vs_stable = _speedup(candidate_stats, candidate_means, stable_stats, stable_means, confidence)
     if stable is None or stable == NO_DRAFT:
         stable_vs_baseline, candidate_vs_baseline = None, vs_stable
@@ -510,17 +378,61 @@ def _figures(m: Measurement) -> str:
     return text
 
 
-def _desired(policy: RolloutPolicy, state: RolloutState) -> DesiredRevisions:
+def _desired(
+    policy: RolloutPolicy,
+    state: RolloutState,
+    candidates: Sequence[CandidateRecord],
+    published: DesiredState | None,
+    now: float,
+) -> tuple[DesiredState | None, str | None]:
+    """(what servers should serve, None) with each revision's checkpoint path; the
+    generation moves only when something changed. A wanted revision with no candidate
+    record (and not already published) leaves `published` as it is, with the problem:
+    nothing half-formed reaches the servers."""
     if state.phase == "Promoting":
         stable, candidate = state.candidate_revision, None
     else:
         stable, candidate = state.stable_revision, state.candidate_revision
-    return DesiredRevisions(
-        stable=stable,
-        candidate=candidate,
-        candidate_share=policy.canary_share if candidate is not None else 0.0,
-        baseline_share=policy.baseline_share,
-    )
+    paths = {c.revision: c.path for c in candidates}
+    known = [published.stable, published.candidate] if published is not None else []
+
+    def ref(revision: str | None) -> RevisionRef | None:
+        if revision is None:
+            return None
+        if revision in BUILTIN_REVISIONS:  # plain decoding or a model-free draft
+            return RevisionRef(revision=revision, path="")
+        if revision in paths:
+            return RevisionRef(revision=revision, path=paths[revision])
+        for old in known:
+            if old is not None and old.revision == revision:
+                return old
+        raise LookupError(
+            f"revision {revision} has no candidate record in Redis (was it withdrawn?): "
+            "cannot tell servers where its checkpoint is"
+        )
+
+    try:
+        refs = ref(stable), ref(candidate)
+    except LookupError as error:
+        return published, str(error)
+    share = float(policy.canary_share) if candidate is not None else 0.0
+    content = (*refs, share, float(policy.baseline_share))
+    if published is not None and content == (
+        published.stable,
+        published.candidate,
+        published.candidate_share,
+        published.baseline_share,
+    ):
+        return published, None
+    generation = published.generation + 1 if published is not None else 1
+    return DesiredState(
+        stable=refs[0],
+        candidate=refs[1],
+        candidate_share=share,
+        baseline_share=float(policy.baseline_share),
+        generation=generation,
+        updated=now,
+    ), None
 
 
 @dataclass
@@ -528,10 +440,11 @@ class _Tick:
     """One call of `decide`: the observations, and the events appended so far."""
 
     policy: RolloutPolicy
-    candidates: Sequence[Candidate]
-    loads: Sequence[ServerLoad]
+    candidates: Sequence[CandidateRecord]
+    loads: Sequence[LoadedReport]
     now: float
     measurement: Measurement | None
+    published: DesiredState | None
     events: list[RolloutEvent] = field(default_factory=list)
 
     def record(
@@ -555,9 +468,10 @@ class _Tick:
             reason += f"; stable {_name(m.stable.revision)} is slower than no speculation: " + (
                 _regression(m)
             )
-        return Decision(action, reason, state, _desired(self.policy, state), m, tuple(self.events))
+        desired, problem = _desired(self.policy, state, self.candidates, self.published, self.now)
+        return Decision(action, reason, state, desired, m, tuple(self.events), problem)
 
-    def newest_eligible(self, state: RolloutState) -> Candidate | None:
+    def newest_eligible(self, state: RolloutState) -> CandidateRecord | None:
         eligible = [
             c
             for c in self.candidates
@@ -567,7 +481,7 @@ class _Tick:
         ]
         return max(eligible, key=lambda c: (c.created, c.revision), default=None)
 
-    def load_failure(self, revision: str) -> ServerLoad | None:
+    def load_failure(self, revision: str) -> LoadedReport | None:
         for load in sorted(self.loads, key=lambda load: load.server):
             if load.error and (
                 load.error_revision == revision
@@ -771,17 +685,20 @@ class _Tick:
 def decide(
     policy: RolloutPolicy,
     state: RolloutState,
-    candidates: Sequence[Candidate],
-    samples: Sequence[RequestSample],
-    loads: Sequence[ServerLoad],
+    candidates: Sequence[CandidateRecord],
+    samples: Sequence[RequestStats],
+    loads: Sequence[LoadedReport],
     now: float,
     *,
     override: Override | None = None,
+    published: DesiredState | None = None,
 ) -> Decision:
     """The next rollout step from the persisted state and what was observed since.
 
-    `samples`: requests since the canary started (and recent ones for stable and baseline);
-    `loads`: one report per server; `now`: the caller's clock (seconds, as `created`).
+    `candidates`: the trainer's candidate records; `samples`: requests since the canary
+    started (and recent ones for stable and baseline); `loads`: one live report per
+    server; `now`: the caller's clock (seconds, as `created`); `published`: the desired
+    state servers were last told (the decision's `desired` builds on it).
     Pure and deterministic; one transition per call except that a completed promotion or a
     superseded canary goes straight on to the next candidate's canary.
     """
@@ -790,17 +707,14 @@ def decide(
         if state.stable_revision is not None or state.candidate_revision is not None
         else None
     )
-    tick = _Tick(policy, candidates, loads, now, measurement)
+    tick = _Tick(policy, candidates, loads, now, measurement, published)
     if state.phase == "Promoting":
         return tick.promoting(state, override)
     if (fallen := tick.fallback(state)) is not None:
+        desired, problem = _desired(policy, fallen, candidates, published, now)
+        reason = tick.events[-1].reason
         return Decision(
-            "Fallback",
-            tick.events[-1].reason,
-            fallen,
-            _desired(policy, fallen),
-            measurement,
-            tuple(tick.events),
+            "Fallback", reason, fallen, desired, measurement, tuple(tick.events), problem
         )
     if state.phase in ("Canary", "Hold"):
         return tick.canary(state, override)

@@ -1,4 +1,5 @@
-"""Planning: a Speculator spec to the child objects it wants (pure, no cluster)."""
+"""The children a Speculator wants: Deployments, Services, ConfigMap, PVC, their pods and
+command lines (pure, no cluster)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from aurora.operator import planning
-from aurora.operator.planning import Images, desired_children, validate_semantics
+from aurora.operator import commands, pods, validation
+from aurora.operator.children import desired_children, stale_children
+from aurora.operator.settings import Images
 from aurora.operator.spec import SpeculatorSpec
+from aurora.operator.validation import validate_semantics
 
 pytestmark = pytest.mark.unit
 
@@ -119,7 +122,7 @@ def test_sglang_gpu_plan_puts_the_canary_on_a_subset_of_replicas() -> None:
 
 
 def test_sglang_command_uses_the_real_eagle3_flags() -> None:
-    command = planning.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
+    command = commands.sglang_server_command(SpeculatorSpec.model_validate(SGLANG["spec"]))
     assert command[:3] == ["python3", "-m", "sglang.launch_server"]
     flags = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("--")}
     assert flags["--model-path"] == "meta-llama/Llama-3.1-8B-Instruct"
@@ -136,7 +139,7 @@ def test_sglang_command_uses_the_real_eagle3_flags() -> None:
 
 def test_sglang_with_ngram_draft_uses_sglang_ngram_speculation() -> None:
     body = _body("speculator-sglang-gpu.yaml", draft={"initial": "ngram"})
-    command = planning.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
+    command = commands.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
     assert command[command.index("--speculative-algorithm") + 1] == "NGRAM"
     assert "--speculative-draft-model-path" not in command
 
@@ -250,7 +253,7 @@ def test_canary_replicas_keep_both_arms_serving(
         rollout={"canaryShare": share, "baselineShare": "0.0", "enabled": enabled},
     )
     spec = SpeculatorSpec.model_validate(body["spec"])
-    assert planning.canary_replicas(spec) == canary
+    assert pods.canary_replicas(spec) == canary
     deployments = _by_name(desired_children(body))
     assert deployments["Deployment/llama31-8b-server"]["spec"]["replicas"] == replicas - canary
     assert deployments["Deployment/llama31-8b-server-canary"]["spec"]["replicas"] == canary
@@ -267,21 +270,21 @@ def test_empty_resources_get_defaults_so_no_pod_is_best_effort() -> None:
     body = _body("speculator-torch-cpu.yaml", engine={"resources": {}}, training={"resources": {}})
     children = _by_name(desired_children(body))
     server = _container(children["Deployment/smollm2-cpu-server"])
-    assert server["resources"] == planning.DEFAULT_RESOURCES["server-torch"]
+    assert server["resources"] == pods.DEFAULT_RESOURCES["server-torch"]
 
 
 def test_spec_tokens_follow_num_draft_tokens_or_steps() -> None:
     spec = SpeculatorSpec.model_validate(
         {"target": {"model": "m"}, "engine": {"speculativeSteps": 6}}
     )
-    assert planning.spec_tokens(spec) == 6
+    assert commands.spec_tokens(spec) == 6
     spec = SpeculatorSpec.model_validate(
         {
             "target": {"model": "m"},
             "engine": {"speculativeSteps": 6, "speculativeNumDraftTokens": 5},
         }
     )
-    assert planning.spec_tokens(spec) == 4
+    assert commands.spec_tokens(spec) == 4
 
 
 def test_images_come_from_the_operator_environment() -> None:
@@ -304,7 +307,7 @@ def test_switching_engine_leaves_the_canary_deployment_stale() -> None:
     )
     torch_body["spec"]["draft"] = {"initial": "ngram"}
     foreign = {"kind": "ConfigMap", "metadata": {"name": "llama31-8b-notes", "ownerReferences": []}}
-    assert planning.stale_children([*observed, foreign], desired_children(torch_body)) == [
+    assert stale_children([*observed, foreign], desired_children(torch_body)) == [
         ("Deployment", "llama31-8b-server-canary")
     ]
 
@@ -354,26 +357,26 @@ def test_a_name_too_long_for_the_children_is_an_error() -> None:
     [(2, 2), ("500m", 0.5), ("2Gi", 2 * 2**30), ("1.5G", 1.5e9), ("1e3", 1000), ("100Ki", 102400)],
 )
 def test_parse_quantity(quantity: int | str, value: float) -> None:
-    assert float(planning.parse_quantity(quantity)) == value
+    assert float(validation.parse_quantity(quantity)) == value
 
 
 def test_parse_quantity_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
-        planning.parse_quantity("lots")
+        validation.parse_quantity("lots")
 
 
 @pytest.mark.parametrize(
     "body", [TORCH, _body("speculator-torch-cpu.yaml", engine={"speculativeNumDraftTokens": 3})]
 )
 def test_server_and_trainer_command_lines_parse_with_the_real_cli(body: dict[str, Any]) -> None:
-    # The pods run `aurora serve` and `aurora train`: the flags planning writes must be
+    # The pods run `aurora serve` and `aurora train`: the flags the operator writes must be
     # the flags those commands take (argparse exits on an unknown flag).
     from aurora.cli import build_parser
 
     parser = build_parser()
     children = _by_name(desired_children(body))
     served = parser.parse_args(_container(children["Deployment/smollm2-cpu-server"])["command"][1:])
-    spec_tokens = planning.spec_tokens(SpeculatorSpec.model_validate(body["spec"]))
+    spec_tokens = commands.spec_tokens(SpeculatorSpec.model_validate(body["spec"]))
     assert (served.command, served.spec_tokens, served.device) == ("serve", spec_tokens, "cpu")
     trained = parser.parse_args(
         _container(children["Deployment/smollm2-cpu-trainer"])["command"][1:]
@@ -399,19 +402,3 @@ def test_torch_pods_with_gpus_get_the_cuda_runtime_image() -> None:
     assert _container(sglang["Deployment/llama31-8b-server"])["image"] == "s:1"
     torch = _by_name(desired_children(TORCH, images))
     assert _container(torch["Deployment/smollm2-cpu-server"])["image"] == "r:cpu"
-
-
-def test_what_the_rollout_policy_refuses_is_an_invalid_spec(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Should the policy ever refuse more than the CRD does, the Speculator is InvalidSpec
-    # rather than a timer that fails every round.
-    from aurora.operator.spec import RolloutSpec
-    from aurora.runtime.rollout import RolloutPolicy
-
-    def stricter(self: RolloutSpec) -> RolloutPolicy:
-        return RolloutPolicy.model_validate({"minSamples": 1})
-
-    monkeypatch.setattr(RolloutSpec, "policy", stricter)
-    errors = validate_semantics(TORCH)
-    assert errors and all(error.startswith("spec.rollout: ") for error in errors)

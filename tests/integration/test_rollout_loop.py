@@ -1,4 +1,4 @@
-"""One rollout round of the operator against a real redis-server: read what servers and
+"""One rollout round (the loop the operator and local mode run) against a real redis-server: read what servers and
 the trainer published, decide, publish what should be served."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import socket
 import pytest
 import redis
 
-from aurora.operator import driver
 from aurora.runtime import protocol
 from aurora.runtime.protocol import CandidateRecord, Keys, LoadedReport, RequestStats
-from aurora.runtime.rollout import RolloutPolicy, RolloutState
+from aurora.runtime.rollout import RolloutPolicy, RolloutState, loop
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +43,11 @@ def publish(client: redis.Redis, revision: str, arm: str, n: int, tokens_per_s: 
 def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     redis_client: redis.Redis,
 ) -> None:
-    window = driver.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=POLICY.max_canary_samples)
     # Given a trainer that offered r1 and servers still on the initial draft,
     offer(redis_client, "r1", created=100.0, step=50)
     # when the operator runs a round, then r1 goes to canary and servers are told so.
-    first = driver.run_round(redis_client, KEYS, POLICY, RolloutState(), window, now=200.0)
+    first = loop.run_round(redis_client, KEYS, POLICY, RolloutState(), window, now=200.0)
     assert first.decision.action == "StartCanary" and first.changed
     desired = protocol.get_desired(redis_client, KEYS)
     assert desired is not None and desired.candidate is not None
@@ -56,16 +55,14 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     assert desired.stable is None and desired.candidate_share == 0.5 and desired.generation == 1
 
     # A round with nothing new publishes nothing new.
-    again = driver.run_round(
-        redis_client, KEYS, POLICY, first.decision.new_state, window, now=210.0
-    )
+    again = loop.run_round(redis_client, KEYS, POLICY, first.decision.new_state, window, now=210.0)
     assert again.decision.action == "Wait" and not again.changed
     assert protocol.get_desired(redis_client, KEYS) == desired
 
     # Given measured traffic where r1 decodes 1.5x faster than plain decoding,
     publish(redis_client, "", "baseline", 60, 20.0)
     publish(redis_client, "r1", "candidate", 60, 30.0)
-    promoted = driver.run_round(
+    promoted = loop.run_round(
         redis_client, KEYS, POLICY, again.decision.new_state, window, now=300.0
     )
     assert promoted.decision.action == "Promote"
@@ -82,7 +79,7 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
     ):
         report = LoadedReport(server=server, stable=stable, updated=updated)
         protocol.report_loaded(redis_client, KEYS, report)
-    done = driver.run_round(
+    done = loop.run_round(
         redis_client, KEYS, POLICY, promoted.decision.new_state, window, now=310.0,
         live_pods=["chat-server-7d9f-x2k4p"],
     )  # fmt: skip
@@ -93,7 +90,7 @@ def test_candidate_goes_to_canary_is_promoted_and_reaches_every_live_server(
 
 
 def test_regressed_stable_falls_back_to_no_draft_through_redis(redis_client: redis.Redis) -> None:
-    window = driver.SampleWindow(size=POLICY.max_canary_samples)
+    window = loop.SampleWindow(size=POLICY.max_canary_samples)
     # Given r1 promoted earlier, now measured slower than plain decoding (traffic shifted),
     offer(redis_client, "r1", created=100.0, step=50)
     protocol.set_desired(
@@ -105,13 +102,13 @@ def test_regressed_stable_falls_back_to_no_draft_through_redis(redis_client: red
     publish(redis_client, "r1", "baseline", 40, 20.0)
     state = RolloutState(stable_revision="r1", tried_through=100.0)
     # when the operator runs a round, then servers are told to decode without a draft,
-    fallen = driver.run_round(redis_client, KEYS, POLICY, state, window, now=300.0)
+    fallen = loop.run_round(redis_client, KEYS, POLICY, state, window, now=300.0)
     assert fallen.decision.action == "Fallback" and fallen.changed
     desired = protocol.get_desired(redis_client, KEYS)
     assert desired is not None and desired.stable == protocol.RevisionRef(revision="none", path="")
     # and once they decode without it, the next round leaves things be (no flip-flop).
     publish(redis_client, "none", "stable", 40, 20.0)
-    steady = driver.run_round(
+    steady = loop.run_round(
         redis_client, KEYS, POLICY, fallen.decision.new_state, window, now=310.0
     )
     assert steady.decision.action == "None" and not steady.changed
@@ -122,12 +119,12 @@ def test_without_pods_only_the_heartbeat_age_decides_who_is_alive() -> None:
         "host-1": LoadedReport(server="host-1", stable="r1", updated=1000.0),
         "host-2": LoadedReport(server="host-2", stable="r0", updated=900.0),
     }
-    live, stale = driver.live_loads(reports, None, now=1030.0)
+    live, stale = loop.live_loads(reports, None, now=1030.0)
     assert [r.server for r in live] == ["host-1"] and stale == ["host-2"]
 
 
 def test_sample_window_reads_incrementally_and_stays_bounded(redis_client: redis.Redis) -> None:
-    window = driver.SampleWindow(size=25)
+    window = loop.SampleWindow(size=25)
     publish(redis_client, "r1", "stable", 40, 30.0)
     assert window.refresh(redis_client, KEYS) == 40
     assert len(window.samples()) == 25  # the most recent 25 of the arm
@@ -141,7 +138,7 @@ def test_sample_window_reads_incrementally_and_stays_bounded(redis_client: redis
 def test_no_draft_samples_survive_pruning_on_day_0(redis_client: redis.Redis) -> None:
     # Servers label requests served without a draft with revision "none"; on day 0 (no
     # stable revision) they are the stable arm and must not be pruned away.
-    window = driver.SampleWindow(size=25)
+    window = loop.SampleWindow(size=25)
     publish(redis_client, "none", "stable", 6, 30.0)
     publish(redis_client, "r1", "candidate", 6, 45.0)
     window.refresh(redis_client, KEYS)
@@ -168,8 +165,8 @@ def test_trace_lag_counts_undelivered_and_unacked_traces(redis_client: redis.Red
 def test_a_wanted_revision_without_a_record_is_not_published(redis_client: redis.Redis) -> None:
     # The status says r9 is stable, but the trainer withdrew its record: the round runs,
     # reports the problem and leaves servers as they are.
-    window = driver.SampleWindow(size=POLICY.max_canary_samples)
-    result = driver.run_round(
+    window = loop.SampleWindow(size=POLICY.max_canary_samples)
+    result = loop.run_round(
         redis_client, KEYS, POLICY, RolloutState(stable_revision="r9"), window, now=50.0
     )
     assert result.problem is not None and "r9" in result.problem and "withdrawn" in result.problem
@@ -181,7 +178,7 @@ def test_deletion_removes_only_this_speculators_keys(redis_client: redis.Redis) 
     offer(redis_client, "r1", created=1.0, step=1)
     publish(redis_client, "r1", "stable", 3, 30.0)
     redis_client.set(other.desired, "{}")
-    assert driver.delete_speculator_keys(redis_client, KEYS) == 2
+    assert loop.delete_speculator_keys(redis_client, KEYS) == 2
     assert redis_client.exists(other.desired) == 1
     assert not redis_client.keys(f"{KEYS.prefix}:*")
 
@@ -191,9 +188,9 @@ def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"redis://127.0.0.1:{port}/0"
-    client = driver.connect(url, password="hunter2", timeout=0.5)
-    window = driver.SampleWindow(size=10)
-    with pytest.raises(driver.REDIS_ERRORS) as error:
-        driver.run_round(client, KEYS, POLICY, RolloutState(), window, now=1.0)
-    message = driver.redis_problem(url, error.value)
+    client = loop.connect(url, password="hunter2", timeout=0.5)
+    window = loop.SampleWindow(size=10)
+    with pytest.raises(loop.REDIS_ERRORS) as error:
+        loop.run_round(client, KEYS, POLICY, RolloutState(), window, now=1.0)
+    message = loop.redis_problem(url, error.value)
     assert f"127.0.0.1:{port}" in message and "unreachable" in message and "hunter2" not in message

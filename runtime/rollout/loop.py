@@ -1,11 +1,11 @@
-"""One rollout round through Redis: read what the servers and the trainer published
-(request statistics, candidates, loaded revisions), run the rollout policy
-(`aurora.runtime.rollout.decide`), and publish what should be served (`desired`).
+"""The rollout loop: one round through Redis. Read what the servers and the trainer
+published (request statistics, candidates, loaded revisions), run the rollout decision
+(`aurora.runtime.rollout.decision.decide`), and publish what should be served (`desired`).
 
-This is the Redis edge of the operator; it imports neither kopf nor the Kubernetes
-client, so it is tested against a real redis-server. The rollout state itself is
-not kept here: the caller passes it in and stores `Round.decision.new_state` in the
-Speculator's status.
+The Redis edge of the rollout, shared by the operator's kopf timer and `aurora local`;
+it imports neither kopf nor the Kubernetes client, so it is tested against a real
+redis-server. The rollout state itself is not kept here: the caller passes it in and
+stores `Round.decision.new_state` (the operator in the Speculator's status).
 """
 
 from __future__ import annotations
@@ -19,26 +19,15 @@ import redis
 
 from aurora.runtime import protocol
 from aurora.runtime.protocol import (
-    CandidateRecord,
+    Builtin,
     DesiredState,
     Keys,
     LoadedReport,
     RequestStats,
-    RevisionRef,
     trace_lag,
 )
-from aurora.runtime.rollout import (
-    NO_DRAFT,
-    Candidate,
-    Decision,
-    DesiredRevisions,
-    Override,
-    RequestSample,
-    RolloutPolicy,
-    RolloutState,
-    ServerLoad,
-    decide,
-)
+from aurora.runtime.rollout.decision import Decision, Override, RolloutState, decide
+from aurora.runtime.rollout.policy import RolloutPolicy
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +65,7 @@ class SampleWindow:
 
     size: int
     cursor: str = "-"
-    arms: dict[tuple[str, str], deque[RequestSample]] = field(default_factory=dict)
+    arms: dict[tuple[str, str], deque[RequestStats]] = field(default_factory=dict)
     malformed: int = 0
 
     def add(self, stats: RequestStats) -> None:
@@ -84,16 +73,7 @@ class SampleWindow:
         arm = self.arms.get(key)
         if arm is None:
             arm = self.arms[key] = deque(maxlen=self.size)
-        arm.append(
-            RequestSample(
-                revision=stats.revision,
-                arm=stats.arm,
-                decode_tokens_per_s=stats.decode_tokens_per_s,
-                accept_length=stats.accept_length,
-                new_tokens=stats.new_tokens,
-                created=stats.created,
-            )
-        )
+        arm.append(stats)
 
     def refresh(self, client: redis.Redis, keys: Keys, limit: int = MAX_STATS_PER_ROUND) -> int:
         """Read new stats entries (at most `limit`); returns how many were read."""
@@ -105,44 +85,16 @@ class SampleWindow:
             self.cursor = page.last_id
         return len(page) + page.malformed
 
-    def samples(self) -> list[RequestSample]:
+    def samples(self) -> list[RequestStats]:
         return [sample for arm in self.arms.values() for sample in arm]
 
     def keep_only(self, revisions: Iterable[str | None]) -> None:
         """Forget arms of revisions that no longer matter (baseline arms stay)."""
         # "" and "none" both name serving without a draft (servers report "none").
-        keep = {revision for revision in revisions if revision is not None} | {"", "none"}
+        keep = {revision for revision in revisions if revision is not None} | {"", Builtin.NONE}
         for arm, revision in list(self.arms):
             if arm != "baseline" and revision not in keep:
                 del self.arms[(arm, revision)]
-
-
-def to_candidate(record: CandidateRecord) -> Candidate:
-    """The trainer's candidate record as the rollout policy sees it. The trainer's
-    evaluation may carry offline accept lengths ("candidate", "stable") and
-    "loadable": false for a checkpoint it knows to be broken."""
-    evaluation = record.evaluation
-
-    def number(key: str) -> float | None:
-        value = evaluation.get(key)
-        return (
-            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-        )
-
-    return Candidate(
-        revision=record.revision,
-        parent=record.parent,
-        created=record.created,
-        offline_accept_length=number("candidate"),
-        stable_offline_accept_length=number("stable"),
-        loadable=evaluation.get("loadable", True) is not False,
-    )
-
-
-def to_load(report: LoadedReport) -> ServerLoad:
-    return ServerLoad(
-        server=report.server, stable=report.stable, candidate=report.candidate, error=report.error
-    )
 
 
 def live_loads(
@@ -167,56 +119,6 @@ def live_loads(
         else:
             stale.append(server)
     return live, stale
-
-
-def desired_state(
-    desired: DesiredRevisions,
-    records: Mapping[str, CandidateRecord],
-    previous: DesiredState | None,
-    now: float,
-) -> DesiredState:
-    """The policy's desired revisions as the protocol's DesiredState, with each
-    revision's checkpoint path. `generation` moves only when something changed.
-    Raises LookupError when a wanted revision has no candidate record (and is not
-    what is already published), so nothing half-formed is published."""
-
-    def ref(revision: str | None, old: RevisionRef | None) -> RevisionRef | None:
-        if revision is None:
-            return None
-        if revision == NO_DRAFT:  # a fallback to plain decoding: a built-in, no checkpoint
-            return RevisionRef(revision=NO_DRAFT, path="")
-        if revision in records:
-            return RevisionRef(revision=revision, path=records[revision].path)
-        for known in (
-            old,
-            previous.stable if previous else None,
-            previous.candidate if previous else None,
-        ):
-            if known is not None and known.revision == revision:
-                return known
-        raise LookupError(
-            f"revision {revision} has no candidate record in Redis (was it withdrawn?): "
-            "cannot tell servers where its checkpoint is"
-        )
-
-    stable = ref(desired.stable, previous.stable if previous else None)
-    candidate = ref(desired.candidate, previous.candidate if previous else None)
-    content = (stable, candidate, desired.candidate_share, desired.baseline_share)
-    if previous is not None and content == (
-        previous.stable,
-        previous.candidate,
-        previous.candidate_share,
-        previous.baseline_share,
-    ):
-        return previous
-    return DesiredState(
-        stable=stable,
-        candidate=candidate,
-        candidate_share=desired.candidate_share,
-        baseline_share=desired.baseline_share,
-        generation=(previous.generation + 1) if previous else 1,
-        updated=now,
-    )
 
 
 @dataclass(frozen=True)
@@ -247,29 +149,24 @@ def run_round(
     caller reports Degraded and changes nothing). With `publish` False the policy
     runs but the desired state in Redis is left alone (rollout disabled)."""
     window.refresh(client, keys)
-    records = {record.revision: record for record in protocol.list_candidates(client, keys)}
+    candidates = protocol.list_candidates(client, keys)
     live, stale = live_loads(protocol.get_loaded(client, keys), live_pods, now)
+    previous = protocol.get_desired(client, keys)
     decision = decide(
         policy,
         state,
-        [to_candidate(record) for record in records.values()],
+        candidates,
         window.samples(),
-        [to_load(report) for report in live],
+        live,
         now,
         override=override,
+        published=previous,
     )
     lag = trace_lag(client, keys)
-    previous = protocol.get_desired(client, keys)
-    published, changed, problem = previous, False, None
-    if publish:
-        try:
-            wanted = desired_state(decision.desired, records, previous, now)
-        except LookupError as error:
-            problem = str(error)
-        else:
-            if wanted is not previous:
-                protocol.set_desired(client, keys, wanted)
-                published, changed = wanted, True
+    published, changed = previous, False
+    if publish and decision.desired is not None and decision.desired is not previous:
+        protocol.set_desired(client, keys, decision.desired)
+        published, changed = decision.desired, True
     if stale:
         client.hdel(keys.loaded, *stale)
     new = decision.new_state
@@ -281,6 +178,7 @@ def run_round(
             state.candidate_revision,
         )
     )
+    problem = decision.problem if publish else None
     return Round(decision, published, changed, lag, problem, tuple(stale))
 
 
