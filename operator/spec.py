@@ -253,13 +253,18 @@ class EngineSpec(ApiModel):
 class DraftSpec(ApiModel):
     initial: Annotated[
         str,
-        StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
+        StringConstraints(
+            pattern=rf"^({Builtin.SUFFIX}|{Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512
+        ),
     ] = Field(
-        Builtin.SCRATCH,
-        description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
+        Builtin.SUFFIX,
+        description="Day-0 draft: suffix (model-free suffix decoding over the prompt and "
+        "every output served, so day 0 is already faster than plain decoding and learned "
+        "candidates must beat it), scratch (an untrained EAGLE-3 head that learns from "
         "traffic), ngram (model-free prompt lookup), or an absolute path to a draft "
-        "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: a "
-        "directory written by `aurora export --to sglang`).",
+        "checkpoint in the image or on the checkpoint volume (for engine.kind sglang: ngram, "
+        "SGLang's model-free NGRAM speculator, or a directory written by `aurora export --to "
+        "sglang`).",
     )
 
 
@@ -328,10 +333,15 @@ class StorageSpec(ApiModel):
 
 SPEC_RULES = (
     Rule(
-        f"self.engine.kind != 'sglang' || self.draft.initial != '{Builtin.SCRATCH}'",
+        f"self.engine.kind != 'sglang' || !(self.draft.initial in "
+        f"['{Builtin.SCRATCH}', '{Builtin.SUFFIX}'])",
         f"engine.kind sglang needs a draft to load at start: set draft.initial to "
-        f"'{Builtin.NGRAM}' or to the path of an EAGLE-3 draft checkpoint",
-        lambda s: s.engine.kind != EngineKind.SGLANG or s.draft.initial != Builtin.SCRATCH,
+        f"'{Builtin.NGRAM}' (SGLang's model-free NGRAM speculator, the counterpart of "
+        f"'{Builtin.SUFFIX}') or to the path of an EAGLE-3 draft checkpoint",
+        lambda s: (
+            s.engine.kind != EngineKind.SGLANG
+            or s.draft.initial not in (Builtin.SCRATCH, Builtin.SUFFIX)
+        ),
     ),
 )
 

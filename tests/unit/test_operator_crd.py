@@ -152,6 +152,8 @@ def test_good_values_pass_both() -> None:
                draft={"initial": "ngram"}), "cannot exceed engine.gpus"),
         (_spec(engine={"speculativeSteps": 2, "speculativeNumDraftTokens": 8}), "at most"),
         (_spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1}), "sglang needs a draft"),
+        (_spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1}, draft={"initial": "suffix"}),
+         "NGRAM speculator, the counterpart of 'suffix'"),
         (_spec(rollout={"canaryShare": "0.6", "baselineShare": "0.4"}), "must be below 1"),
         (_spec(rollout={"canaryShare": "0"}), "above 0 and below 1"),
         (_spec(rollout={"minSpeedup": "0.9", "regressionThreshold": "0.8"}), "at least 1.0"),
