@@ -30,6 +30,7 @@ import torch
 PRIOR_VERIFY_S = 0.045
 PRIOR_TOKEN_SLOPE = 0.10
 PRIOR_DRAFT_STEP_S = 0.0025
+MAX_CALIBRATION = 2.0  # a head may be trusted up to twice its own probabilities
 
 
 class VerifyCost:
@@ -110,16 +111,21 @@ def prior_table(max_tokens: int = 16) -> dict[int, dict[int, float]]:
 
 @dataclass
 class Throttle:
-    """Whether a learned head drafts this step. It does while the gain it measured over
-    plain decoding (an average over its last steps, weighting the latest by ``alpha``)
-    is at least 1; below 1 it proposes nothing (k = 0) for 1, 2, 4, ... ``max_skip``
-    steps between probe steps, and resets once a probe pays again."""
+    """What a learned head measured on the verify steps that used its drafts, and whether
+    it drafts this step. It does while the gain it measured over plain decoding (an
+    average over its last steps, weighting the latest by ``alpha``) is at least 1; below
+    1 it proposes nothing (k = 0) for 1, 2, 4, ... ``max_skip`` steps between probe
+    steps, and resets once a probe pays again. ``accepted`` averages the draft tokens
+    accepted per step (None before the first), ``calibration`` the ratio of accepted
+    tokens to the head's own expectation (the sum of its running probabilities)."""
 
     gain: float = 1.0
     alpha: float = 0.5
     max_skip: int = 16
     skip: int = 0
     backoff: int = 1
+    accepted: float | None = None
+    calibration: float = 1.0
 
     def should_draft(self) -> bool:
         if self.gain >= 1.0:
@@ -129,8 +135,15 @@ class Throttle:
             return False
         return True  # a probe
 
-    def record(self, gain: float) -> None:
-        self.gain = self.alpha * gain + (1 - self.alpha) * self.gain
+    def record(self, gain: float, accepted: int = 0, expected: float = 0.0) -> None:
+        a = self.alpha
+        self.accepted = (
+            accepted if self.accepted is None else a * accepted + (1 - a) * self.accepted
+        )
+        if expected > 0:
+            ratio = min(accepted / expected, MAX_CALIBRATION)
+            self.calibration = a * ratio + (1 - a) * self.calibration
+        self.gain = a * gain + (1 - a) * self.gain
         if self.gain >= 1.0:
             self.backoff = 1
         else:

@@ -406,11 +406,16 @@ class EagleSession:
     drafts greedily, token by token, and stops before a token whose probability under
     the head is below ``min_prob`` or that would not raise the expected rate
     (``VerifyCost.pays``, with c_i the product of the head's probabilities of its first
-    i tokens). Against a ``rival`` draft (the hybrid's suffix match, with its score S)
-    the head stops as soon as it cannot beat S (its expected accepted tokens so far
-    plus c_i per remaining step), and the rival is proposed when S is at least the
-    head's expected accepted tokens. Every decision depends on the committed tokens
-    only, so the proposal is deterministic and lossless at any temperature."""
+    i tokens, scaled by the calibration it measured in this request: accepted tokens
+    over what it expected, capped at 1).
+
+    Against a ``rival`` draft (the hybrid's suffix match, with its score S): the rival is
+    proposed without running the head when S is at least the tokens the head's drafts
+    had accepted per step in this request (``Throttle.accepted``); otherwise the head
+    drafts, stops as soon as it cannot beat S (its expected accepted tokens so far plus
+    c_i per remaining step), and the rival is proposed when S is at least the head's
+    expected accepted tokens. Every decision depends on the committed tokens only, so
+    the proposal is deterministic and lossless at any temperature."""
 
     head: EagleDraftHead
     keys: Tensor | None = None
@@ -419,8 +424,9 @@ class EagleSession:
     adaptive: Adaptive | None = None
     pending: list[Tensor] = field(default_factory=list)
     throttle: Throttle = field(default_factory=Throttle)
-    # The head's last proposal: (committed length then, tokens, draft seconds, rows)
-    last: tuple[int, list[int], float, int] | None = None
+    # The head's last proposal: (committed length then, tokens, draft seconds, rows,
+    # the head's own expected accepted tokens)
+    last: tuple[int, list[int], float, int, float] | None = None
 
     def propose(
         self,
@@ -442,31 +448,36 @@ class EagleSession:
             self.pending.append(features)
         if k <= 0:
             return Proposal([])
+        known = self.throttle.accepted
+        if rival is not None and rival.score > 0 and known is not None and rival.score >= known:
+            return _rival_proposal(rival, adaptive, rows)
         if not self.pending or not self.throttle.should_draft():
             return _rival_proposal(rival, adaptive, rows)
         cost, step_s = adaptive.cost, adaptive.draft_step_s
+        trust = min(self.throttle.calibration, 1.0)
         head, device = self.head, self.pending[0].device
         g = self._take_in(tokens)
         anchor = torch.tensor([self.consumed - 1], device=device)
         score = rival.score if rival is not None else 0.0
         drafted: list[int] = []
         confidence: list[float] = []
-        expected, c, spent = 0.0, 1.0, step_s  # taking in the features costs about a step
+        # c: the head's running probability; expected: the calibrated sum of them
+        expected, own, c, spent = 0.0, 0.0, 1.0, step_s  # taking in costs about a step
         chain_k = chain_v = None
         for s in range(1, k + 1):
-            if rival is not None and expected + c * (k - s + 1) <= score:
+            if rival is not None and expected + trust * c * (k - s + 1) <= score:
                 break  # the head cannot beat the rival any more
             p, j = torch.softmax(head.logits(g)[0].float(), dim=-1).max(dim=-1)
             spent += step_s
             c_next = c * float(p)
             if float(p) < adaptive.min_prob or not cost.pays(
-                rows, len(drafted), expected, c_next, spent
+                rows, len(drafted), expected, trust * c_next, spent
             ):
                 break
             token = int(head.d2t[j])
             drafted.append(token)
-            confidence.append(c_next)
-            expected, c = expected + c_next, c_next
+            confidence.append(trust * c_next)
+            expected, own, c = expected + trust * c_next, own + c_next, c_next
             if s == k:
                 break
             g, chain_k, chain_v = head.chain(
@@ -481,14 +492,14 @@ class EagleSession:
             )
         if rival is not None and score > 0 and score >= expected:
             return _rival_proposal(rival, adaptive, rows)
-        self.last = (len(tokens), drafted, spent, rows)
+        self.last = (len(tokens), drafted, spent, rows, own)
         return Proposal(drafted, None, confidence)
 
     def _learn(self, tokens: list[int], adaptive: Adaptive) -> None:
         """Score the head's last proposal now that its verify step is committed."""
         if self.last is None:
             return
-        base, proposed, spent, rows = self.last
+        base, proposed, spent, rows, own = self.last
         self.last = None
         committed = tokens[base:]
         accepted = 0
@@ -496,7 +507,8 @@ class EagleSession:
             proposed[accepted] == committed[accepted]
         ):
             accepted += 1
-        self.throttle.record(adaptive.cost.gain(rows, len(proposed), accepted, spent))
+        gain = adaptive.cost.gain(rows, len(proposed), accepted, spent)
+        self.throttle.record(gain, accepted, own)
 
     def _take_in(self, tokens: list[int]) -> Tensor:
         """Run step 1 over the buffered features; the head's hidden state [1, H] at the

@@ -259,3 +259,26 @@ def test_the_verify_cost_interpolates_and_picks_the_best_length() -> None:
     assert cost.best_length([0.05], 1) == 0  # 1.05 / 0.045 < 1 / 0.04
     with pytest.raises(ValueError, match="seconds > 0 for 1 token"):
         VerifyCost({1: {2: 0.05}})
+
+
+def test_a_head_that_expected_too_much_trusts_its_probabilities_less() -> None:
+    # given a head at p = 0.9 per token under a steep verify cost: it first drafts 3
+    _, s = session([(7, 0.9)] * 6, table={1: {1: 1.0, 2: 1.5}})
+    assert s.propose([1, 2], FEATURE, 6, 0.0, None).tokens == [7, 7, 7]
+    # when only 1 of the 3 is accepted (it expected 0.9 + 0.81 + 0.73 = 2.44): the step
+    # did not pay (a skipped step follows), and its calibration falls to 0.5 + 0.5 / 2.44
+    assert s.propose([1, 2, 7, 0], FEATURE, 6, 0.0, None).tokens == []
+    assert s.throttle.calibration == pytest.approx(0.5 + 0.5 / 2.439)
+    # then the next probe drafts 2: scaled by 0.705 the third token no longer pays
+    assert s.propose([1, 2, 7, 0, 0], FEATURE, 6, 0.0, None).tokens == [7, 7]
+
+
+def test_hybrid_skips_the_head_when_the_suffix_beats_what_the_head_delivered() -> None:
+    head, s = session([(3, 0.9)] * 4)
+    # the head outbids a weak suffix draft and drafts 4 tokens, of which 1 is accepted
+    assert s.propose([1, 2], FEATURE, 4, 0.0, None, 1, Draft([5], [0.5])).tokens == [3] * 4
+    calls = head.calls
+    # a suffix draft scoring 2.0 beats the 1 token the head delivered: the head is not run
+    rival = Draft([5, 6], [1.0, 1.0])
+    assert s.propose([1, 2, 3, 0], FEATURE, 4, 0.0, None, 1, rival).tokens == [5, 6]
+    assert head.calls == calls and s.throttle.accepted == 1.0
