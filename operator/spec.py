@@ -353,15 +353,20 @@ class DraftSpec(ApiModel):
 
     initial: Annotated[
         str,
-        StringConstraints(pattern=rf"^({Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512),
+        StringConstraints(
+            pattern=rf"^({Builtin.SUFFIX}|{Builtin.SCRATCH}|{Builtin.NGRAM}|/.+)$", max_length=512
+        ),
     ] = Field(
-        Builtin.SCRATCH,
-        description="Day-0 draft: scratch (an untrained EAGLE-3 head that learns from "
-        "traffic; engine.kind sglang serves without speculation until the rollout "
-        "promotes a learned draft), ngram (model-free prompt lookup), or an absolute path "
-        "to a draft checkpoint: baked into the image, fetched by draft.fetch (under "
-        "/drafts/), or on a shared checkpoint volume (for engine.kind sglang: a directory "
-        "written by `aurora export --to sglang`).",
+        Builtin.SUFFIX,
+        description="Day-0 draft: suffix (model-free suffix decoding over the prompt and "
+        "every output served, so day 0 is already faster than plain decoding and learned "
+        "candidates must beat it; engine.kind sglang serves it with SGLang's model-free "
+        "NGRAM speculator), scratch (an untrained EAGLE-3 head that learns from traffic; "
+        "engine.kind sglang serves without speculation until the rollout promotes a learned "
+        "draft), ngram (model-free prompt lookup), or an absolute path to a draft "
+        "checkpoint: baked into the image, fetched by draft.fetch (under /drafts/), or on a "
+        "shared checkpoint volume (for engine.kind sglang: a directory written by `aurora "
+        "export --to sglang`).",
     )
     fetch: DraftFetch | None = Field(
         None, description="Download the day-0 draft in an init step (no volume to fill by hand)."

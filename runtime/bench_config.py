@@ -43,6 +43,35 @@ class DecodeBenchConfig(BenchConfig):
     )
     max_new_tokens: int = knob(96, "tokens generated per prompt")
     spec_tokens: int = knob(4, "k for every speculative method")
+    unseen: bool = knob(
+        False,
+        "every proposer (plain, n-gram, suffix, the head with a fixed k and adaptive, the "
+        "hybrid, transformers' generate and prompt lookup) in each of --domains, on held-out "
+        "prompts neither the head was fitted on nor the suffix tree saw; at most one --draft "
+        "(without one, a head is fitted on the code domain's training half, cached in --workdir)",
+    )
+    domains: tuple[str, ...] = knob(
+        ("code", "prose", "math", "chat"), "with --unseen: the built-in domains to measure"
+    )
+    warmup: int = knob(
+        0,
+        "with --unseen: the suffix tree first learns this many requests of the domain's other "
+        "prompts (cycled when the domain has fewer)",
+        metavar="N",
+    )
+    fit_prompts: int = knob(48, "with --unseen and no --draft: prompts the head is fitted on")
+    fit_epochs: int = knob(10, "with --unseen and no --draft: epochs of that fit")
+    workdir: Path = knob(
+        Path("aurora-bench-unseen"), "with --unseen: the fitted head and cached warm-up outputs"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.unseen and (len(self.draft) > 1 or self.warmup < 0 or not self.domains):
+            raise UsageError(
+                f"--unseen takes at most one --draft (got {len(self.draft)}), --warmup >= 0 "
+                f"(got {self.warmup}) and at least one of --domains"
+            )
 
 
 @dataclass

@@ -25,14 +25,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aurora.runtime.cost import Adaptive, Throttle, VerifyCost
 from aurora.runtime.llama import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, rope_theta
 from aurora.runtime.protocol import Builtin
+
+if TYPE_CHECKING:
+    from aurora.runtime.suffix import Draft
 
 # ---------------------------------------------------------------------------- config
 
@@ -294,10 +298,13 @@ class EagleDraftHead(nn.Module):
 @dataclass
 class Proposal:
     """k draft tokens; ``probs`` [k, target_vocab] when they were sampled, None when
-    the proposer is deterministic (each token then counts as probability one)."""
+    the proposer is deterministic (each token then counts as probability one).
+    ``confidence[i]``, when the proposer estimates it, is the probability that the
+    first i + 1 tokens are all accepted."""
 
     tokens: list[int]
     probs: Tensor | None = None
+    confidence: list[float] | None = None
 
 
 class DraftSession(Protocol):
@@ -308,7 +315,12 @@ class DraftSession(Protocol):
         k: int,
         temperature: float,
         generator: torch.Generator | None,
-    ) -> Proposal: ...
+        rows: int = 1,
+    ) -> Proposal:
+        """At most ``k`` draft tokens after ``tokens`` (the whole committed sequence);
+        ``features`` are the target's fused-layer features for the positions it
+        verified since the last call; ``rows`` is the batch the verify runs in."""
+        ...
 
 
 class Proposer(Protocol):
@@ -351,6 +363,7 @@ class NgramSession:
         k: int,
         temperature: float,
         generator: torch.Generator | None,
+        rows: int = 1,
     ) -> Proposal:
         # Index every n-gram whose continuation start is an existing token.
         for start in range(max(self.indexed, 1), len(tokens)):
@@ -368,23 +381,52 @@ class NgramSession:
 
 
 class EagleProposer:
-    """Serves an EagleDraftHead: catch up on new target features, then chain."""
+    """Serves an EagleDraftHead: catch up on new target features, then chain. With
+    ``adaptive`` the chain is greedy and its length chosen per step (see EagleSession);
+    without it, k tokens every step (sampled above temperature 0)."""
 
     needs_features = True
 
-    def __init__(self, head: EagleDraftHead, revision: str) -> None:
-        self.head, self.revision = head, revision
+    def __init__(
+        self, head: EagleDraftHead, revision: str, adaptive: Adaptive | None = None
+    ) -> None:
+        self.head, self.revision, self.adaptive = head, revision, adaptive
 
     def start(self, prompt_ids: list[int]) -> EagleSession:
-        return EagleSession(self.head)
+        return EagleSession(self.head, adaptive=self.adaptive)
 
 
 @dataclass
 class EagleSession:
+    """One request's draft state: the head's keys and values over the target features
+    it has taken in.
+
+    Adaptive (``adaptive`` set): features are buffered and taken in only when the head
+    drafts. It drafts nothing while its ``Throttle`` says it does not pay; else it
+    drafts greedily, token by token, and stops before a token whose probability under
+    the head is below ``min_prob`` or that would not raise the expected rate
+    (``VerifyCost.pays``, with c_i the product of the head's probabilities of its first
+    i tokens, scaled by the calibration it measured in this request: accepted tokens
+    over what it expected, capped at 1).
+
+    Against a ``rival`` draft (the hybrid's suffix match, with its score S): the rival is
+    proposed without running the head when S is at least the tokens the head's drafts
+    had accepted per step in this request (``Throttle.accepted``); otherwise the head
+    drafts, stops as soon as it cannot beat S (its expected accepted tokens so far plus
+    c_i per remaining step), and the rival is proposed when S is at least the head's
+    expected accepted tokens. Every decision depends on the committed tokens only, so
+    the proposal is deterministic and lossless at any temperature."""
+
     head: EagleDraftHead
     keys: Tensor | None = None
     values: Tensor | None = None
     consumed: int = 0  # target positions whose features the draft has taken in
+    adaptive: Adaptive | None = None
+    pending: list[Tensor] = field(default_factory=list)
+    throttle: Throttle = field(default_factory=Throttle)
+    # The head's last proposal: (committed length then, tokens, draft seconds, rows,
+    # the head's own expected accepted tokens)
+    last: tuple[int, list[int], float, int, float] | None = None
 
     def propose(
         self,
@@ -393,21 +435,110 @@ class EagleSession:
         k: int,
         temperature: float,
         generator: torch.Generator | None,
+        rows: int = 1,
+        rival: Draft | None = None,
     ) -> Proposal:
         """features: raw fused-layer target features [m, 3H] for the target
         positions consumed..consumed+m-1; tokens: the whole committed sequence."""
+        if self.adaptive is None and rival is None:
+            return self._fixed(tokens, features, k, temperature, generator)
+        adaptive = self.adaptive or Adaptive(VerifyCost())
+        self._learn(tokens, adaptive)
+        if features is not None and features.shape[0]:
+            self.pending.append(features)
+        if k <= 0:
+            return Proposal([])
+        known = self.throttle.accepted
+        if rival is not None and rival.score > 0 and known is not None and rival.score >= known:
+            return _rival_proposal(rival, adaptive, rows)
+        if not self.pending or not self.throttle.should_draft():
+            return _rival_proposal(rival, adaptive, rows)
+        cost, step_s = adaptive.cost, adaptive.draft_step_s
+        trust = min(self.throttle.calibration, 1.0)
+        head, device = self.head, self.pending[0].device
+        g = self._take_in(tokens)
+        anchor = torch.tensor([self.consumed - 1], device=device)
+        score = rival.score if rival is not None else 0.0
+        drafted: list[int] = []
+        confidence: list[float] = []
+        # c: the head's running probability; expected: the calibrated sum of them
+        expected, own, c, spent = 0.0, 0.0, 1.0, step_s  # taking in costs about a step
+        chain_k = chain_v = None
+        for s in range(1, k + 1):
+            if rival is not None and expected + trust * c * (k - s + 1) <= score:
+                break  # the head cannot beat the rival any more
+            p, j = torch.softmax(head.logits(g)[0].float(), dim=-1).max(dim=-1)
+            spent += step_s
+            c_next = c * float(p)
+            if float(p) < adaptive.min_prob or not cost.pays(
+                rows, len(drafted), expected, trust * c_next, spent
+            ):
+                break
+            token = int(head.d2t[j])
+            drafted.append(token)
+            confidence.append(trust * c_next)
+            expected, own, c = expected + trust * c_next, own + c_next, c_next
+            if s == k:
+                break
+            g, chain_k, chain_v = head.chain(
+                g,
+                torch.tensor([token], device=device),
+                anchor + s,
+                self.keys,  # type: ignore[arg-type]
+                self.values,  # type: ignore[arg-type]
+                anchor,
+                chain_k,
+                chain_v,
+            )
+        if rival is not None and score > 0 and score >= expected:
+            return _rival_proposal(rival, adaptive, rows)
+        self.last = (len(tokens), drafted, spent, rows, own)
+        return Proposal(drafted, None, confidence)
+
+    def _learn(self, tokens: list[int], adaptive: Adaptive) -> None:
+        """Score the head's last proposal now that its verify step is committed."""
+        if self.last is None:
+            return
+        base, proposed, spent, rows, own = self.last
+        self.last = None
+        committed = tokens[base:]
+        accepted = 0
+        while accepted < min(len(proposed), len(committed) - 1) and (
+            proposed[accepted] == committed[accepted]
+        ):
+            accepted += 1
+        gain = adaptive.cost.gain(rows, len(proposed), accepted, spent)
+        self.throttle.record(gain, accepted, own)
+
+    def _take_in(self, tokens: list[int]) -> Tensor:
+        """Run step 1 over the buffered features; the head's hidden state [1, H] at the
+        last target position."""
+        features = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending.clear()
+        m, start = features.shape[0], self.consumed
+        next_tokens = torch.tensor(tokens[start + 1 : start + m + 1], device=features.device)
+        positions = torch.arange(start, start + m, device=features.device)
+        past = None if self.keys is None else (self.keys, self.values)
+        hidden, self.keys, self.values = self.head.step1(features, next_tokens, positions, past)  # type: ignore[arg-type]
+        self.consumed = start + m
+        return hidden[-1:]
+
+    def _fixed(
+        self,
+        tokens: list[int],
+        features: Tensor | None,
+        k: int,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        """k tokens chained from the newest features (sampled above temperature 0)."""
         if features is None or features.shape[0] == 0 or k <= 0:
             return Proposal([])
         head = self.head
-        m, start = features.shape[0], self.consumed
         device = features.device
-        next_tokens = torch.tensor(tokens[start + 1 : start + m + 1], device=device)
-        positions = torch.arange(start, start + m, device=device)
-        past = None if self.keys is None else (self.keys, self.values)
-        hidden, self.keys, self.values = head.step1(features, next_tokens, positions, past)  # type: ignore[arg-type]
-        self.consumed = start + m
-        anchor = torch.tensor([start + m - 1], device=device)
-        g = hidden[-1:]
+        self.pending.append(features)
+        g = self._take_in(tokens)
+        anchor = torch.tensor([self.consumed - 1], device=device)
         chain_k = chain_v = None
         drafted: list[int] = []
         probs: list[Tensor] = []
@@ -429,10 +560,18 @@ class EagleSession:
                 g,
                 torch.tensor([token], device=device),
                 anchor + s,
-                self.keys,
-                self.values,
+                self.keys,  # type: ignore[arg-type]
+                self.values,  # type: ignore[arg-type]
                 anchor,
                 chain_k,
                 chain_v,
             )
         return Proposal(drafted, torch.stack(probs) if probs else None)
+
+
+def _rival_proposal(rival: Draft | None, adaptive: Adaptive, rows: int) -> Proposal:
+    """The rival's draft, cut where the expected rate peaks."""
+    if rival is None or not rival.tokens:
+        return Proposal([])
+    n = adaptive.cost.best_length(rival.probs, rows)
+    return Proposal(rival.tokens[:n], None, rival.probs[:n])

@@ -227,11 +227,12 @@ def _propose(
     room: int,
     temperature: float,
     generator: torch.Generator | None,
+    rows: int = 1,
 ) -> Proposal:
     # Never draft past max_new_tokens: the verify step adds one token of its own.
     if session is None or room <= 1:
         return Proposal([])
-    return session.propose(tokens, features, min(k, room - 1), temperature, generator)
+    return session.propose(tokens, features, min(k, room - 1), temperature, generator, rows)
 
 
 def _commit(
@@ -417,6 +418,7 @@ class BatchDecoder:
                         row.room,
                         row.temperature,
                         row.generator,
+                        len(rows),
                     )
                 )
             except Exception as error:

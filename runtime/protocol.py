@@ -46,9 +46,28 @@ class Builtin(StrEnum):
     NONE = "none"  # plain decoding, no draft; as stable after a fallback
     NGRAM = "ngram"  # model-free prompt lookup
     SCRATCH = "scratch"  # an untrained draft head (day 0 for the trainer)
+    SUFFIX = "suffix"  # model-free suffix decoding over the prompt and every served output
 
 
 BUILTIN_REVISIONS: tuple[str, ...] = tuple(Builtin)
+
+HYBRID_PREFIX = "hybrid:"
+"""``hybrid:<revision>``: suffix decoding and the draft head ``<revision>`` (a checkpoint's
+revision, or scratch), per verify step whichever is expected to be accepted further."""
+
+
+def hybrid_revision(head_revision: str) -> str:
+    """The hybrid revision name over a head revision."""
+    if not head_revision or head_revision.startswith(HYBRID_PREFIX):
+        raise ValueError(f"{head_revision!r} cannot be a hybrid's head: name a draft head revision")
+    return HYBRID_PREFIX + head_revision
+
+
+def hybrid_head(revision: str) -> str | None:
+    """The head revision of a hybrid revision name; None for any other name."""
+    if revision.startswith(HYBRID_PREFIX) and len(revision) > len(HYBRID_PREFIX):
+        return revision[len(HYBRID_PREFIX) :]
+    return None
 
 
 class ProtocolError(ValueError):

@@ -16,7 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Runs transformers' generate, transformers' prompt lookup, our engine plain, with "
         "the n-gram proposer and with each --draft checkpoint on the same prompts (interleaved), at "
         "temperature 0. Prints tokens/s, mean accepted length, speedups, output identity and achieved "
-        "weight-read bandwidth against the measured memory copy bandwidth.",
+        "weight-read bandwidth against the measured memory copy bandwidth. With --unseen: every "
+        "proposer (n-gram, suffix, the head with a fixed k and adaptive, the hybrid) in each of "
+        "--domains, on prompts neither the head nor the suffix tree has seen, optionally after "
+        "--warmup requests of the domain's other prompts; JSON domains.<domain>.methods.<method> "
+        "and min_speedup_vs_plain for the adaptive head and the hybrid.",
     )
     from aurora.runtime.bench_config import BatchBenchConfig, DecodeBenchConfig
     from aurora.runtime.options import add_options
@@ -93,6 +97,8 @@ def _decode(args: argparse.Namespace) -> int:
     from aurora.runtime.options import from_args
 
     config = from_args(DecodeBenchConfig, args)
+    if config.unseen:
+        return _unseen(config)
     train, held = default_prompts(config.domain, config.prompts, config.seed)
     prompts = held if config.heldout else train
     console = Console()
@@ -131,6 +137,43 @@ def _decode(args: argparse.Namespace) -> int:
     )
     if config.json:
         write_json(config.json, result)
+    return 0
+
+
+def _unseen(config: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aurora.runtime.bench import write_json
+    from aurora.runtime.bench_unseen import run_unseen
+
+    console = Console()
+    with console.status("benchmarking") as status:
+        result = run_unseen(config, lambda *info: status.update(" ".join(map(str, info))))
+    for domain, data in result["domains"].items():
+        table = Table(
+            title=f"{domain}: {len(data['prompts'])} unseen prompts, warm-up "
+            f"{data['warmup']['requests']} requests, {config.max_new_tokens} new tokens, "
+            f"k={config.spec_tokens}, greedy"
+        )
+        for col in ("method", "tok/s", "vs plain", "accept len", "identical"):
+            table.add_column(col)
+        for name, row in data["methods"].items():
+            table.add_row(
+                name,
+                f"{row['tokens_per_s']:.1f}",
+                f"{row['speedup_vs_plain']:.2f}x",
+                "-" if row["accept_length"] is None else f"{row['accept_length']:.2f}",
+                "yes" if row["identical"] else "NO",
+            )
+        console.print(table)
+    console.print(
+        "min speedup vs plain over the domains: "
+        + ", ".join(f"{m} {v:.2f}x" for m, v in result["min_speedup_vs_plain"].items())
+    )
+    if config.json:
+        write_json(config.json, result)
+        console.print(f"json: {config.json}")
     return 0
 
 

@@ -66,9 +66,11 @@ class LocalConfig:
     max_new_tokens: int = knob(32, "tokens generated per request")
     spec_tokens: int = knob(3, "draft tokens per verify step (k)")
     initial_draft: protocol.Builtin = knob(
-        protocol.Builtin.NONE,
-        "day-0 stable draft: none (serve without speculation until a trained draft proves "
-        "faster), ngram (model-free prompt lookup) or scratch (untrained head)",
+        protocol.Builtin.SUFFIX,
+        "day-0 stable draft: suffix (model-free suffix decoding over the prompt and every "
+        "output served; learned candidates must beat it), none (serve without speculation "
+        "until a trained draft proves faster), ngram (model-free prompt lookup) or scratch "
+        "(untrained head)",
     )
     workdir: Path = knob(
         Path("aurora-local"),

@@ -32,8 +32,10 @@ class ServerConfig:
     port: int = knob(8000, "TCP port")
     draft: str = knob(
         Builtin.NGRAM,
-        "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), none "
-        "(no speculation), or a checkpoint directory",
+        "initial draft: scratch (untrained EAGLE head), ngram (prompt lookup), suffix "
+        "(suffix decoding over the prompt and every output served), none (no speculation), "
+        "a checkpoint directory, or hybrid:HEAD (suffix decoding and the head HEAD, scratch "
+        "or a checkpoint directory, whichever drafts further per step)",
     )
     spec_tokens: int = knob(4, "draft tokens per verify step (0 disables speculation)", metavar="K")
     speculator: str = knob(
@@ -83,6 +85,18 @@ class ServerConfig:
         "steps and one target forward verifies all their drafts (1 = one request at a time; "
         "models other than Llama-family always decode one at a time)",
         metavar="N",
+    )
+    adaptive: bool = knob(
+        True,
+        "draft heads draft only what pays: each step stops before a token the head doubts "
+        "or that would not raise the expected tokens/s under the verify cost measured at "
+        "start, and a head that does not pay proposes nothing between probes",
+    )
+    suffix_cache_mb: float = knob(
+        64.0,
+        "memory cap of the suffix tree over served outputs (suffix and hybrid drafts), "
+        "least recently used outputs evicted first",
+        metavar="MB",
     )
     max_new_tokens_limit: int = knob(2048, "largest max_tokens a request may ask for")
     seed: int = knob(0, "seed for routing, trace sampling and sampling")
@@ -145,6 +159,7 @@ class ServerConfig:
             ),
             (self.threads is None or self.threads >= 1, "--threads", self.threads, "at least 1"),
             (self.poll_interval > 0, "--poll-interval", self.poll_interval, "seconds > 0"),
+            (self.suffix_cache_mb >= 0, "--suffix-cache-mb", self.suffix_cache_mb, "MB >= 0"),
             (1 <= self.port <= 65535, "--port", self.port, "a TCP port from 1 to 65535"),
             (bool(self.server_id), "--server-id", self.server_id, "a non-empty name"),
         ]
@@ -152,10 +167,17 @@ class ServerConfig:
             if not ok:
                 raise UsageError(f"{flag}={value} is out of range: use {fix}")
         _ = self.slow_revision  # validates --test-slow-revision
-        if self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
+        head = protocol.hybrid_head(self.draft)
+        if head is not None and head != Builtin.SCRATCH and not Path(head).is_dir():
+            raise UsageError(
+                f"--draft={self.draft!r}: a hybrid's head must be scratch or a checkpoint "
+                "directory, e.g. hybrid:scratch or hybrid:/checkpoints/REVISION"
+            )
+        if head is None and self.draft not in BUILTIN_REVISIONS and not Path(self.draft).is_dir():
             raise UsageError(
                 f"--draft={self.draft!r} is neither one of {', '.join(BUILTIN_REVISIONS)} nor a "
-                "checkpoint directory: pass a built-in draft or the path of a revision's directory"
+                "checkpoint directory nor hybrid:HEAD: pass a built-in draft, the path of a "
+                "revision's directory, or hybrid:scratch"
             )
 
     @property

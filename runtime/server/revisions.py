@@ -22,9 +22,12 @@ from typing import Any, Literal
 
 import redis
 
+from aurora.runtime.cost import Adaptive, VerifyCost, measure_draft_step
+from aurora.runtime.draft import EagleDraftHead, EagleProposer, NgramProposer
 from aurora.runtime.fetch import fetch_revision, prune_fetched
 from aurora.runtime.protocol import (
     BUILTIN_REVISIONS,
+    Builtin,
     DesiredState,
     Keys,
     LoadedReport,
@@ -32,8 +35,10 @@ from aurora.runtime.protocol import (
     RevisionRef,
     get_candidate,
     get_desired,
+    hybrid_head,
     report_loaded,
 )
+from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,51 @@ class RevisionSet:
         return held
 
 
+# ------------------------------------------------------------------------ proposers
+
+
+class Speculation:
+    """What every proposer of a server shares, and how each kind is built: the global
+    suffix cache over served outputs (the worker adds each finished request) and the
+    verify cost (the worker measures it at start; a prior until then)."""
+
+    def __init__(self, cache: SuffixCache, cost: VerifyCost, adaptive: bool = True) -> None:
+        self.cache, self.cost, self.adaptive = cache, cost, adaptive
+
+    def builtin(self, name: str) -> Revision | None:
+        """ngram, suffix or none (scratch needs the target: the caller builds its head)."""
+        if name == Builtin.NGRAM:
+            return Revision(Builtin.NGRAM, NgramProposer(revision=Builtin.NGRAM))
+        if name == Builtin.SUFFIX:
+            return Revision(Builtin.SUFFIX, SuffixProposer(self.cache, cost=self.cost))
+        if name == Builtin.NONE:
+            return Revision(Builtin.NONE, None)
+        return None
+
+    def head(
+        self, head: EagleDraftHead, revision: str, path: str = "", *, adaptive: bool | None = None
+    ) -> Revision:
+        """A draft head's revision; adaptive (with its draft step timed now) unless off."""
+        if not (self.adaptive if adaptive is None else adaptive):
+            return Revision(revision, EagleProposer(head, revision), path)
+        plan = Adaptive(self.cost, draft_step_s=measure_draft_step(head))
+        return Revision(revision, EagleProposer(head, revision, plan), path)
+
+    def hybrid(self, inner: Revision) -> Revision:
+        """``hybrid:<inner>`` over a head revision (made adaptive if it is not)."""
+        learned = inner.proposer
+        if not isinstance(learned, EagleProposer):
+            raise ValueError(
+                f"hybrid:{inner.name}: a hybrid needs a draft head revision (scratch or a "
+                f"checkpoint), not {inner.name!r}"
+            )
+        if learned.adaptive is None:
+            plan = Adaptive(self.cost, draft_step_s=measure_draft_step(learned.head))
+            learned = EagleProposer(learned.head, inner.name, plan)
+        proposer = HybridProposer(SuffixProposer(self.cache, cost=self.cost), learned)
+        return Revision(proposer.revision, proposer, inner.path)
+
+
 # ------------------------------------------------------------------------ loading
 
 
@@ -172,10 +222,12 @@ class RevisionFetcher:
 class RevisionLoader:
     """Builds a Revision from a revision name and checkpoint path.
 
-    ``build_builtin(name)`` makes the checkpoint-free ones (ngram, none, scratch);
-    ``build_head(path)`` loads and verifies a checkpoint and returns (revision name
-    recorded in its metadata, proposer). With ``fetch`` (a RevisionFetcher), a
-    checkpoint that is not on this server's disk is downloaded first."""
+    ``build_builtin(name)`` makes the checkpoint-free ones (ngram, suffix, none,
+    scratch); ``build_head(path)`` loads and verifies a checkpoint and returns (revision
+    name recorded in its metadata, proposer); ``build_hybrid(head revision)`` wraps a
+    head revision as ``hybrid:<revision>``, whose path is its head's checkpoint. With
+    ``fetch`` (a RevisionFetcher), a checkpoint that is not on this server's disk is
+    downloaded first."""
 
     def __init__(
         self,
@@ -183,9 +235,11 @@ class RevisionLoader:
         build_head: Callable[[Path], Revision],
         checkpoint_dir: str | None,
         fetch: Callable[[RevisionRef, Path], Path | None] | None = None,
+        build_hybrid: Callable[[Revision], Revision] | None = None,
     ) -> None:
         self.build_builtin, self.build_head = build_builtin, build_head
         self.checkpoint_dir, self.fetch = checkpoint_dir, fetch
+        self.build_hybrid = build_hybrid
 
     def resolve(self, ref: RevisionRef) -> Path:
         """The checkpoint's folder on this server: already in `checkpoint_dir`, else
@@ -208,6 +262,11 @@ class RevisionLoader:
         return Path(ref.path or ref.revision)
 
     def load(self, ref: RevisionRef) -> Revision:
+        head = hybrid_head(ref.revision)
+        if head is not None:
+            if self.build_hybrid is None:
+                raise ValueError(f"this server cannot serve hybrid revisions ({ref.revision!r})")
+            return self.build_hybrid(self.load(RevisionRef(revision=head, path=ref.path)))
         if ref.revision in BUILTIN_REVISIONS and not ref.path:
             return self.build_builtin(ref.revision)
         path = self.resolve(ref)

@@ -19,14 +19,10 @@ import torch
 from fastapi.responses import StreamingResponse
 
 from aurora.runtime.checkpoint import load_draft
-from aurora.runtime.draft import (
-    DraftConfig,
-    EagleDraftHead,
-    EagleProposer,
-    NgramProposer,
-)
+from aurora.runtime.cost import VerifyCost
+from aurora.runtime.draft import DraftConfig, EagleDraftHead
 from aurora.runtime.models import load_target
-from aurora.runtime.protocol import Builtin
+from aurora.runtime.protocol import Builtin, hybrid_head
 from aurora.runtime.server.api import APIError, ChatCompletionRequest
 from aurora.runtime.server.config import ServerConfig, connect_redis
 from aurora.runtime.server.metrics import ServerMetrics
@@ -38,6 +34,7 @@ from aurora.runtime.server.revisions import (
     RevisionWatcher,
     Router,
     Served,
+    Speculation,
     SwapEvent,
 )
 from aurora.runtime.server.tracing import TracePublisher
@@ -50,6 +47,7 @@ from aurora.runtime.server.worker import (
     QueueFull,
     RequestError,
 )
+from aurora.runtime.suffix import SuffixCache
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +72,10 @@ class ServerRuntime:
         self._loader_thread: threading.Thread | None = None
         self._stopped = False
         self._initial: Revision | None = None
+        # Shared by every proposer: the suffix tree over served outputs, the verify cost.
+        self.speculation = Speculation(
+            SuffixCache(int(config.suffix_cache_mb * 2**20)), VerifyCost(), config.adaptive
+        )
         if target is not None:
             # Fail in create_app, not in the background, when the initial draft is unusable.
             self._initial = self.build_revision(config.draft)
@@ -82,25 +84,26 @@ class ServerRuntime:
     # -- revisions -----------------------------------------------------------------
 
     def build_revision(self, draft: str) -> Revision:
-        """A built-in draft (scratch, ngram, none) or a checkpoint directory's revision."""
-        if draft == Builtin.NGRAM:
-            return Revision(Builtin.NGRAM, NgramProposer(revision=Builtin.NGRAM))
-        if draft == Builtin.NONE:
-            return Revision(Builtin.NONE, None)
+        """A built-in draft (scratch, ngram, suffix, none), hybrid:HEAD, or a checkpoint
+        directory's revision."""
+        if (inner := hybrid_head(draft)) is not None:
+            return self.speculation.hybrid(self.build_revision(inner))
+        if (builtin := self.speculation.builtin(draft)) is not None:
+            return builtin
         if draft == Builtin.SCRATCH:
             config = DraftConfig.for_target(self.target.config, self.config.model)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 head = EagleDraftHead(config, self.target.get_input_embeddings())
             head = head.to(device=self.device, dtype=self.target.dtype).eval().requires_grad_(False)
-            return Revision(Builtin.SCRATCH, EagleProposer(head, Builtin.SCRATCH))
+            return self.speculation.head(head, Builtin.SCRATCH)
         return self.load_checkpoint_revision(Path(draft))
 
     def load_checkpoint_revision(self, path: Path) -> Revision:
         """Load and verify a checkpoint (sha256, shapes, dtypes, NaN/Inf, fit to this
         target) and build its draft head; raises naming what is wrong."""
         head, meta = load_draft(path, self.target, device=self.device, dtype=self.target.dtype)
-        return Revision(meta.revision, EagleProposer(head, meta.revision), str(path))
+        return self.speculation.head(head, meta.revision, str(path))
 
     @property
     def device(self) -> torch.device:
@@ -176,13 +179,17 @@ class ServerRuntime:
             seed=config.seed,
             max_batch=config.max_batch,
             slow_revision=config.slow_revision,
+            speculation=self.speculation,
         )
         self.worker.start()
         if self.redis is not None:
             loader = RevisionLoader(
-                self.build_revision, self.load_checkpoint_revision, config.checkpoint_dir,
+                self.build_revision,
+                self.load_checkpoint_revision,
+                config.checkpoint_dir,
                 fetch=RevisionFetcher(self.redis, self.keys),
-            )  # fmt: skip
+                build_hybrid=self.speculation.hybrid,
+            )
             self.watcher = RevisionWatcher(
                 self.revisions,
                 loader,

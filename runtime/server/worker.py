@@ -45,11 +45,12 @@ from typing import Any
 
 import torch
 
+from aurora.runtime.cost import measure_batch_cost, measure_generate_cost
 from aurora.runtime.engine import BatchDecoder, Generation, Row, generate
 from aurora.runtime.llama import Llama, UnsupportedModel
 from aurora.runtime.protocol import RequestStats
 from aurora.runtime.server.metrics import ServerMetrics
-from aurora.runtime.server.revisions import Arm, RevisionSet, Router, RoutingError
+from aurora.runtime.server.revisions import Arm, RevisionSet, Router, RoutingError, Speculation
 from aurora.runtime.server.tracing import TracePublisher
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class EngineWorker:
         seed: int,
         max_batch: int = 1,
         slow_revision: tuple[str, float] | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.target, self.tokenizer, self.tokenizer_lock = target, tokenizer, tokenizer_lock
         self.revisions, self.router, self.metrics, self.publisher = (
@@ -274,6 +276,9 @@ class EngineWorker:
         self.slow_revision = slow_revision
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aurora-engine-worker", daemon=True)
+        # The global suffix cache learns every finished request; the verify cost is
+        # measured on this thread before the first request (see _measure_cost).
+        self.speculation = speculation
         self.device = next(target.parameters()).device
         self.decoder: BatchDecoder | None = None
         if max_batch > 1:
@@ -324,7 +329,37 @@ class EngineWorker:
 
     # -- the loop ----------------------------------------------------------------
 
+    def _measure_cost(self) -> None:
+        """Time verify forwards on this engine path, so adaptive drafts know what pays."""
+        speculation = self.speculation
+        if speculation is None or not speculation.adaptive or self.k <= 0:
+            return
+        try:
+            started = time.perf_counter()
+            if self.decoder is not None:
+                table = measure_batch_cost(self.decoder.model, self.k + 1, repeats=2)
+            else:
+                table = measure_generate_cost(self.target, self.k + 1, repeats=2)
+            speculation.cost.update(table)
+            log.info(
+                "verify cost measured in %.1f s: %s",
+                time.perf_counter() - started,
+                {r: {t: round(s * 1000, 1) for t, s in row.items()} for r, row in table.items()},
+            )
+        except Exception as error:  # keep the prior: drafting stays lossless either way
+            log.warning("could not measure the verify cost (%s); using the prior", error)
+
+    def _learn(self, generation: Generation) -> None:
+        """The global suffix tree learns a finished request's output."""
+        if self.speculation is None:
+            return
+        try:
+            self.speculation.cache.add(generation.output_ids)
+        except Exception as error:  # never fail a request over it; the cache is unchanged
+            log.error("the suffix cache refused an output (%s)", type(error).__name__)
+
     def _loop(self) -> None:
+        self._measure_cost()
         while not self._stop.is_set():
             job = self._deferred.popleft() if self._deferred else self._take(timeout=0.2)
             if job is None:
@@ -549,8 +584,9 @@ class EngineWorker:
             batch_rows=request.batch_rows,
         )
         self._held -= 1
-        # Metrics and stats first: once a client has its answer, they include it.
+        # Metrics, stats and the suffix tree first: once a client has its answer, they include it.
         self._record(job, completion, generation, request.traced)
+        self._learn(generation)
         job.future.set_result(completion)
 
     def _record(

@@ -8,7 +8,9 @@ revision this server's role should serve and execs ``python3 -m sglang.launch_se
 with that launch's flags:
 
 - ``none`` (and ``scratch``: an untrained head is not worth serving): no speculation;
-- ``ngram``: SGLang's NGRAM speculation (no draft model);
+- ``ngram``, and ``suffix`` (Aurora's suffix decoding, whose model-free counterpart in
+  SGLang is NGRAM: an n-gram cache over prompts and outputs): SGLang's NGRAM speculation
+  (no draft model), reported as revision ``ngram``;
 - a checkpoint or an SGLang EAGLE-3 draft directory: EAGLE3 with Aurora's draft-only
   weight loader, so later revisions with the same draft vocabulary are hot-swapped.
 
@@ -124,12 +126,12 @@ def initial_launch(initial: str) -> Launch:
     """The launch for the spec's ``draft.initial`` (no Redis state needed)."""
     if initial in (Builtin.SCRATCH, Builtin.NONE):
         return Launch(Builtin.NONE)
-    if initial == Builtin.NGRAM:
+    if initial in (Builtin.NGRAM, Builtin.SUFFIX):
         return Launch(Builtin.NGRAM, NGRAM)
     if initial.startswith("/"):
         return Launch(revision_of_draft(Path(initial)), EAGLE3, initial)
     raise ValueError(
-        f"draft.initial {initial!r}: use scratch, ngram or the absolute path of a draft "
+        f"draft.initial {initial!r}: use suffix, ngram, scratch or the absolute path of a draft "
         "exported with `aurora export --to sglang`"
     )
 
@@ -167,7 +169,7 @@ def launch_for(ref: Any, initial: Launch, draft_dir: Callable[[Any], Path]) -> L
     if ref is None:
         return initial
     if not is_checkpoint(ref):
-        if ref.revision == Builtin.NGRAM:
+        if ref.revision in (Builtin.NGRAM, Builtin.SUFFIX):
             return Launch(Builtin.NGRAM, NGRAM)
         return Launch(Builtin.NONE)  # none, and scratch: an untrained head is not served
     return Launch(ref.revision, EAGLE3, str(draft_dir(ref)))

@@ -33,6 +33,7 @@ ENTRY_POINTS = (
     "aurora.runtime.bench_batch",
     "aurora.runtime.bench_adapt",
     "aurora.runtime.bench_gate",
+    "aurora.runtime.bench_unseen",
     "aurora.runtime.chaos",
 )
 SERVICES = (

@@ -78,6 +78,8 @@ def test_sglang_gets_the_launch_flags_first_and_the_given_args_after(
 def test_the_initial_draft_maps_to_a_launch(tmp_path: Path) -> None:
     assert initial_launch("scratch") == Launch(Builtin.NONE)  # day 0: no speculation
     assert initial_launch("ngram") == Launch(Builtin.NGRAM, "NGRAM")
+    # suffix decoding has no SGLang engine path: its model-free counterpart, NGRAM, serves it
+    assert initial_launch("suffix") == Launch(Builtin.NGRAM, "NGRAM")
     export_revision(save_revision(tmp_path / "c", "r00000001-abcdef"), tmp_path / "d")
     assert initial_launch(str(tmp_path / "d")) == Launch(
         "r00000001-abcdef", "EAGLE3", str(tmp_path / "d")

@@ -1,0 +1,256 @@
+"""What a verify step costs, so that a proposer drafts only what pays.
+
+``VerifyCost`` holds the seconds of one target forward over ``tokens`` tokens per row at
+``rows`` rows, measured on this machine's engine path when a server starts (a prior
+until then). With c_i a proposer's estimate that its first i draft tokens are all
+accepted and E_n = c_1 + ... + c_n, proposing n tokens is expected to yield
+
+    rate(n) = (1 + E_n) / (verify(rows, n + 1) + drafting seconds)
+
+tokens per second, and plain decoding rate(0) = 1 / verify(rows, 1). ``best_length``
+picks the n with the highest rate (0: propose nothing), ``pays`` says whether one more
+token raises it, and ``Throttle`` stops a learned head from drafting at all while the
+gain it measured over plain decoding stays below 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Before anything is measured: SmolLM2-135M on 2 CPU cores (REFERENCES.md), about 45 ms
+# for a 1-token forward and 10 % more per extra token; a draft-head step about 5 %.
+PRIOR_VERIFY_S = 0.045
+PRIOR_TOKEN_SLOPE = 0.10
+PRIOR_DRAFT_STEP_S = 0.0025
+MAX_CALIBRATION = 2.0  # a head may be trusted up to twice its own probabilities
+
+
+class VerifyCost:
+    """Seconds of a verify forward by (rows, tokens per row). Rows between measured
+    sizes use the nearest measured size below (the smallest above when none is);
+    tokens are interpolated linearly and extrapolated with the last slope. Replaced
+    whole by ``update`` (one attribute write, safe to read from any thread)."""
+
+    def __init__(self, table: dict[int, dict[int, float]] | None = None) -> None:
+        self.table: dict[int, tuple[tuple[int, float], ...]] = {}
+        self.measured = False
+        self.update(table or prior_table())
+        self.measured = table is not None
+
+    def update(self, table: dict[int, dict[int, float]]) -> None:
+        rows = {}
+        for r, by_tokens in table.items():
+            points = tuple(sorted((int(t), float(s)) for t, s in by_tokens.items()))
+            if r < 1 or not points or points[0][0] != 1 or any(s <= 0 for _, s in points):
+                raise ValueError(
+                    f"verify cost for {r} rows: {by_tokens!r}; give seconds > 0 for 1 token "
+                    "and more, per row count >= 1"
+                )
+            rows[int(r)] = points
+        self.table = rows
+        self.measured = True
+
+    def verify(self, rows: int, tokens: int) -> float:
+        sizes = sorted(self.table)
+        below = [r for r in sizes if r <= rows]
+        points = self.table[below[-1] if below else sizes[0]]
+        if len(points) == 1:
+            return points[0][1] * tokens  # one point: proportional, the pessimistic guess
+        for (t0, s0), (t1, s1) in itertools.pairwise(points):
+            if tokens <= t1:
+                return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+        (t0, s0), (t1, s1) = points[-2], points[-1]
+        return s1 + (s1 - s0) * (tokens - t1) / (t1 - t0)
+
+    def rate(self, rows: int, expected: float, n: int, spent_s: float = 0.0) -> float:
+        """Expected tokens per second of a step proposing n tokens expected to yield
+        ``expected`` accepted ones, after ``spent_s`` seconds of drafting."""
+        return (1.0 + expected) / (self.verify(rows, n + 1) + spent_s)
+
+    def best_length(self, confidence: Sequence[float], rows: int = 1, spent_s: float = 0.0) -> int:
+        """The n in 0..len(confidence) with the highest ``rate``; ties go to the shorter."""
+        best_n, best_rate, expected = 0, self.rate(rows, 0.0, 0, spent_s), 0.0
+        for n, c in enumerate(confidence, start=1):
+            expected += c
+            rate = self.rate(rows, expected, n, spent_s)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def pays(self, rows: int, n: int, expected: float, c_next: float, spent_s: float) -> bool:
+        """Whether proposing token n + 1 (confidence ``c_next``) after n tokens raises the rate."""
+        return self.rate(rows, expected + c_next, n + 1, spent_s) > self.rate(
+            rows, expected, n, spent_s
+        )
+
+    def gain(self, rows: int, proposed: int, accepted: int, spent_s: float) -> float:
+        """A finished step's measured rate over plain decoding's."""
+        return (
+            (accepted + 1)
+            * self.verify(rows, 1)
+            / (self.verify(rows, proposed + 1) + max(spent_s, 0.0))
+        )
+
+
+def prior_table(max_tokens: int = 16) -> dict[int, dict[int, float]]:
+    return {
+        1: {
+            t: PRIOR_VERIFY_S * (1 + PRIOR_TOKEN_SLOPE * (t - 1))
+            for t in sorted({1, 2, max_tokens})
+        }
+    }
+
+
+@dataclass
+class Throttle:
+    """What a learned head measured on the verify steps that used its drafts, and whether
+    it drafts this step. It does while the gain it measured over plain decoding (an
+    average over its last steps, weighting the latest by ``alpha``) is at least 1; below
+    1 it proposes nothing (k = 0) for 1, 2, 4, ... ``max_skip`` steps between probe
+    steps, and resets once a probe pays again. ``accepted`` averages the draft tokens
+    accepted per step (None before the first), ``calibration`` the ratio of accepted
+    tokens to the head's own expectation (the sum of its running probabilities)."""
+
+    gain: float = 1.0
+    alpha: float = 0.5
+    max_skip: int = 16
+    skip: int = 0
+    backoff: int = 1
+    accepted: float | None = None
+    calibration: float = 1.0
+
+    def should_draft(self) -> bool:
+        if self.gain >= 1.0:
+            return True
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True  # a probe
+
+    def record(self, gain: float, accepted: int = 0, expected: float = 0.0) -> None:
+        a = self.alpha
+        self.accepted = (
+            accepted if self.accepted is None else a * accepted + (1 - a) * self.accepted
+        )
+        if expected > 0:
+            ratio = min(accepted / expected, MAX_CALIBRATION)
+            self.calibration = a * ratio + (1 - a) * self.calibration
+        self.gain = a * gain + (1 - a) * self.gain
+        if self.gain >= 1.0:
+            self.backoff = 1
+        else:
+            self.skip, self.backoff = self.backoff, min(2 * self.backoff, self.max_skip)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Adaptive speculation length for a learned head: drafting stops when the head's
+    probability of its own next token is below ``min_prob`` or one more token would not
+    raise the expected rate, and the head proposes nothing while it does not pay
+    (``Throttle``). ``draft_step_s`` is one chained head step, measured."""
+
+    cost: VerifyCost
+    draft_step_s: float = PRIOR_DRAFT_STEP_S
+    min_prob: float = 0.3
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_generate_cost(
+    model: Any, max_tokens: int, *, context: int = 64, repeats: int = 3
+) -> dict[int, dict[int, float]]:
+    """Verify forwards of 1..max_tokens tokens through the model's own forward with a
+    KV cache (what ``engine.generate`` runs), after a ``context``-token prefill."""
+    from transformers import DynamicCache
+
+    from aurora.runtime.engine import crop_cache
+
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    cache = DynamicCache()
+    model(torch.arange(context, device=device)[None] % vocab, cache=cache, use_cache=True)
+
+    def forward(tokens: int) -> None:
+        model(torch.ones(1, tokens, dtype=torch.long, device=device), cache=cache, use_cache=True)
+        crop_cache(cache, context)
+
+    forward(1)  # warm-up
+    counts = _token_counts(max_tokens)
+    return {1: {t: _median_seconds(functools.partial(forward, t), repeats) for t in counts}}
+
+
+@torch.inference_mode()
+def measure_batch_cost(
+    llama: Any, max_tokens: int, *, context: int = 64, repeats: int = 3
+) -> dict[int, dict[int, float]]:
+    """Verify forwards of the batched Llama forward at 1..llama.rows rows (powers of two
+    and the maximum) and 1..max_tokens tokens per row, each row at ``context`` tokens."""
+    vocab = int(llama.config.vocab_size)
+    rows = sorted({r for r in (1, 2, 4, 8, 16, 32, 64) if r < llama.rows} | {llama.rows})
+    slots = torch.arange(llama.rows)
+    llama.forward(
+        torch.arange(context)[None].repeat(llama.rows, 1) % vocab,
+        slots,
+        torch.zeros(llama.rows, dtype=torch.long),
+    )
+    table: dict[int, dict[int, float]] = {}
+    for r in rows:
+
+        def forward(tokens: int, r: int = r) -> None:
+            llama.forward(
+                torch.ones(r, tokens, dtype=torch.long),
+                slots[:r],
+                torch.full((r,), context, dtype=torch.long),
+            )
+
+        forward(1)
+        table[r] = {
+            t: _median_seconds(functools.partial(forward, t), repeats)
+            for t in _token_counts(max_tokens)
+        }
+    return table
+
+
+def _token_counts(max_tokens: int) -> list[int]:
+    return sorted({1, 2, 3, 5, max(1, max_tokens)} | set(range(1, min(max_tokens, 3) + 1)))
+
+
+@torch.inference_mode()
+def measure_draft_step(head: Any, *, context: int = 64, repeats: int = 5) -> float:
+    """Seconds of one chained draft step (logits, argmax, the next chain step)."""
+    config = head.config
+    device = head.d2t.device
+    dtype = next(head.parameters()).dtype
+    features = torch.zeros(context, 3 * config.hidden_size, device=device, dtype=dtype)
+    tokens = torch.zeros(context, dtype=torch.long, device=device)
+    positions = torch.arange(context, device=device)
+    hidden, keys, values = head.step1(features, tokens, positions)
+    anchor = positions[-1:]
+
+    def step() -> None:
+        g, ck, cv = hidden[-1:], None, None
+        for s in range(1, 3):
+            j = int(torch.argmax(head.logits(g)[0]))
+            g, ck, cv = head.chain(g, head.d2t[j : j + 1], anchor + s, keys, values, anchor, ck, cv)
+
+    step()
+    return _median_seconds(step, repeats) / 2
