@@ -64,6 +64,7 @@ from typing import Any, Literal
 from aurora.errors import UsageError
 from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
+from aurora.runtime.protocol import Builtin
 from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_domain, split_prompts
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class Arm:
 
     name: str
     description: str
-    draft: Literal["none", "static"] = "static"
+    draft: Literal[Builtin.NONE, "static"] = "static"
     objective: Mapping[str, Any] | None = None
     proposer: Callable[[ArmState], Any] | None = None
     observe: Callable[[ArmState, Any], None] | None = None
@@ -213,7 +214,7 @@ ONLINE = {  # the objective variants; weights from AdaptConfig
     "online-all": ("forward KL + off-path KL + negative term", True, True, "unlikelihood"),
     "online-pg": ("forward KL + policy-gradient negative term", False, True, "policy_gradient"),
 }
-register_arm(Arm("plain", "no draft (plain decoding)", draft="none"))
+register_arm(Arm("plain", "no draft (plain decoding)", draft=Builtin.NONE))
 register_arm(Arm("static", "draft fitted offline on the first domain, never updated"))
 for _name, (_text, _discard, _reject, _term) in ONLINE.items():
     register_arm(
@@ -655,7 +656,7 @@ def _run_seed(
     try:
         for name in config.arm_names:
             arm = ARMS[name]
-            state = ArmState(arm, None, "none")
+            state = ArmState(arm, None, Builtin.NONE)
             if arm.draft == "static":
                 state.head, state.revision = _load_head(draft_path, model)
             if arm.objective is not None:

@@ -159,10 +159,15 @@ def test_good_values_pass_both() -> None:
     )  # fmt: skip
     assert validate(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, copy.deepcopy(spec))) == []
     assert SpeculatorSpec.model_validate(spec).engine.num_draft_tokens == 5
-    # day 0 on SGLang without a draft: it serves plainly until a learned draft is promoted
-    scratch = _spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1})
+    # day 0 on SGLang by default: suffix, which SGLang serves with its NGRAM speculator
+    default = _spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1})
+    assert validate(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, copy.deepcopy(default))) == []
+    assert SpeculatorSpec.model_validate(default).draft.initial == "suffix"
+    # and without a draft: it serves plainly until a learned draft is promoted
+    scratch = _spec(
+        engine={"kind": "sglang", "replicas": 2, "gpus": 1}, draft={"initial": "scratch"}
+    )
     assert validate(SPEC_SCHEMA, apply_defaults(SPEC_SCHEMA, copy.deepcopy(scratch))) == []
-    assert SpeculatorSpec.model_validate(scratch).draft.initial == "scratch"
 
 
 @pytest.mark.parametrize(
