@@ -37,8 +37,8 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
         publish_every=6,
         min_accept_length=1.0,
         rollout=RolloutPolicy(
-            min_samples=4,
-            max_canary_samples=12,
+            min_samples=10,
+            max_canary_samples=30,
             baseline_share="0.25",
             canary_share="0.5",
             on_inconclusive="Rollback",

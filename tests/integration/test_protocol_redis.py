@@ -125,7 +125,8 @@ def test_stats_read_in_order_and_continue_after_the_last_id(redis_client: redis.
 def test_malformed_stats_are_skipped_and_counted(redis_client: redis.Redis) -> None:
     publish_stats(redis_client, KEYS, stats("r1"), maxlen=100)
     redis_client.xadd(KEYS.stats, {"revision": "r1", "arm": "stable"})  # fields missing
-    redis_client.xadd(KEYS.stats, {**stats("r1").model_dump(mode="json"), "accept_length": "NaN"})
+    dumped = stats("r1").model_dump(mode="json", exclude_none=True)
+    redis_client.xadd(KEYS.stats, {**dumped, "accept_length": "NaN"})
     publish_stats(redis_client, KEYS, stats("r1", tokens_per_s=45.0), maxlen=100)
     page = read_stats(redis_client, KEYS)
     assert [s.decode_tokens_per_s for _, s in page] == [40.0, 45.0]
