@@ -466,8 +466,9 @@ def test_metrics_expose_every_family(serve: Callable[..., LiveServer]) -> None:
 def test_traces_and_stats_land_in_redis_and_decode_with_the_protocol(
     serve: Callable[..., LiveServer], redis_url: str, redis_client: redis.Redis
 ) -> None:
-    # given a server with an (untrained) EAGLE draft and Redis
-    server = serve(draft="scratch", redis_url=redis_url, trace_sample_rate=1.0)
+    # given a server with an (untrained) EAGLE draft drafting a fixed k (adaptive, it would
+    # doubt every token and propose nothing to trace) and Redis
+    server = serve(draft="scratch", redis_url=redis_url, trace_sample_rate=1.0, adaptive=False)
     # when two requests from two workload domains finish
     generated = server.post(
         "/generate",
