@@ -227,6 +227,56 @@ for _name, (_text, _discard, _reject, _term) in ONLINE.items():
     )
 
 
+def _suffix_cache(state: ArmState) -> Any:
+    """The arm's server-wide suffix cache (kept across swaps)."""
+    from aurora.runtime.suffix import SuffixCache
+
+    return state.memory.setdefault("suffix_cache", SuffixCache())
+
+
+def _suffix(state: ArmState) -> Any:
+    from aurora.runtime.suffix import SuffixProposer
+
+    return SuffixProposer(_suffix_cache(state), cost=state.memory["cost"])
+
+
+def _hybrid(state: ArmState) -> Any:
+    """Suffix decoding and the arm's current head, adaptive, as `--draft hybrid:` serves it."""
+    from aurora.runtime.cost import Adaptive, measure_draft_step
+    from aurora.runtime.draft import EagleProposer
+    from aurora.runtime.suffix import HybridProposer
+
+    head = state.head.head
+    adaptive = Adaptive(state.memory["cost"], draft_step_s=measure_draft_step(head))
+    return HybridProposer(_suffix(state), EagleProposer(head, state.revision, adaptive))
+
+
+def _learn_output(state: ArmState, generation: Any) -> None:
+    """The suffix tree learns every finished request, as a server's does."""
+    _suffix_cache(state).add(generation.output_ids)
+
+
+register_arm(
+    Arm(
+        Builtin.SUFFIX,
+        "suffix decoding over the prompt and every output served (model-free, no trainer)",
+        draft=Builtin.NONE,
+        proposer=_suffix,
+        observe=_learn_output,
+    )
+)
+register_arm(
+    Arm(
+        "hybrid-online",
+        "hybrid of suffix decoding and the online head (forward KL + off-path KL + negative "
+        "term), per verify step the draft expected to deliver more",
+        objective={"discard": True, "reject": True, "reject_term": "unlikelihood"},
+        proposer=_hybrid,
+        observe=_learn_output,
+    )
+)
+
+
 def trainer_overrides(arm: Arm, config: AdaptConfig) -> dict[str, Any]:
     """The TrainerConfig fields an online arm sets."""
     objective = dict(arm.objective or {})
@@ -640,6 +690,7 @@ def _run_seed(
     import torch
 
     from aurora.runtime import protocol
+    from aurora.runtime.cost import VerifyCost, measure_generate_cost
     from aurora.runtime.engine import generate
     from aurora.runtime.protocol import build_trace
     from aurora.runtime.trainer.config import TrainerConfig
@@ -653,10 +704,14 @@ def _run_seed(
     shutil.rmtree(run_dir, ignore_errors=True)  # every run starts from the static draft
     client = redis.Redis.from_url(redis_url)
     arms: dict[str, ArmState] = {}
+    # The verify cost the suffix and hybrid arms plan with, measured as a server does.
+    cost = VerifyCost(measure_generate_cost(model, config.k + 1))
     try:
         for name in config.arm_names:
             arm = ARMS[name]
-            state = ArmState(arm, None, Builtin.NONE)
+            # a model-free arm is served under its own name (suffix), plain under none
+            revision = arm.name if arm.draft == Builtin.NONE and arm.proposer else Builtin.NONE
+            state = ArmState(arm, None, revision, memory={"cost": cost})
             if arm.draft == "static":
                 state.head, state.revision = _load_head(draft_path, model)
             if arm.objective is not None:
@@ -814,7 +869,7 @@ def _serve_stable(client: Any, keys: Any, revision: str, path: str, generation: 
 COLORS = {
     "plain": "black", "static": "tab:gray", "online-fkl": "tab:blue",
     "online-offpath": "tab:orange", "online-reject": "tab:green", "online-all": "tab:red",
-    "online-pg": "tab:purple",
+    "online-pg": "tab:purple", "suffix": "tab:brown", "hybrid-online": "tab:olive",
 }  # fmt: skip
 
 

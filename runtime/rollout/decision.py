@@ -72,8 +72,7 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Field, model_validator
 
 from aurora.runtime.protocol import (
     BUILTIN_REVISIONS,
@@ -84,7 +83,7 @@ from aurora.runtime.protocol import (
     RequestStats,
     RevisionRef,
 )
-from aurora.runtime.rollout.policy import RolloutPolicy
+from aurora.runtime.rollout.policy import WIRE_MODEL, RolloutPolicy
 from aurora.runtime.rollout.statistics import (
     ArmTotals,
     mix_change,
@@ -118,13 +117,7 @@ REJECTED_LIMIT = 50
 class _Model(BaseModel):
     """camelCase on the wire (Kubernetes status, Redis), snake_case in Python."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        frozen=True,
-    )
+    model_config = WIRE_MODEL
 
 
 class Override(_Model):

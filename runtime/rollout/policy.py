@@ -70,15 +70,21 @@ ROLLOUT_RULES = (
 )
 
 
+# camelCase on the wire (Kubernetes status, Redis), snake_case in Python; immutable.
+WIRE_MODEL = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+    frozen=True,
+)
+
+
 class RolloutPolicy(BaseModel):
     """`Speculator.spec.rollout`: thresholds, traffic shares and statistics settings."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        frozen=True,
+        **WIRE_MODEL,
         extra="forbid",
         json_schema_extra=rules_schema(ROLLOUT_RULES),
     )
