@@ -182,8 +182,9 @@ def test_the_default_arms_and_their_objectives() -> None:
     config = AdaptConfig(lambda_discard=0.5, lambda_reject=2.0)
     assert config.arm_names == [
         "plain", "static", "online-fkl", "online-offpath", "online-reject", "online-all",
+        "suffix", "hybrid-online",
     ]  # fmt: skip
-    overrides = {name: trainer_overrides(ARMS[name], config) for name in config.arm_names[2:]}
+    overrides = {name: trainer_overrides(ARMS[name], config) for name in config.arm_names[2:6]}
     assert overrides["online-fkl"] == {
         "lambda_discard": 0.0, "lambda_reject": 0.0, "reject_term": "unlikelihood"
     }  # fmt: skip
@@ -193,6 +194,10 @@ def test_the_default_arms_and_their_objectives() -> None:
     }  # fmt: skip
     assert overrides["online-all"]["lambda_reject"] == 2.0
     assert ARMS["plain"].objective is None and ARMS["plain"].draft == "none"
+    # suffix decoding is model-free and untrained; the hybrid's head learns with every term
+    assert ARMS["suffix"].objective is None and ARMS["suffix"].draft == "none"
+    assert ARMS["suffix"].observe is not None and ARMS["suffix"].proposer is not None
+    assert trainer_overrides(ARMS["hybrid-online"], config) == overrides["online-all"]
 
 
 def test_an_arm_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
