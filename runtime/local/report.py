@@ -99,6 +99,21 @@ def stable_figure(m: Measurement | None) -> dict[str, Any] | None:
     return None if figure is None else {"revision": m.stable.revision, **figure}
 
 
+def longest_window(
+    kept: dict[str, Any] | None, latest: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The headline figure to keep: the latest one, unless the stable revision is the same
+    and its comparison window has just restarted (after a rollback, or a traffic-mix change)
+    with fewer requests of no speculation than the window kept; then the kept, fuller window
+    stands until the new one has caught up. Either way the figure quotes its own window."""
+    if kept is None or latest is None or latest["revision"] != kept["revision"]:
+        return latest
+    restarted = latest["window_since"] != kept["window_since"]
+    if restarted and latest["comparator_samples"] < kept["comparator_samples"]:
+        return kept
+    return latest
+
+
 def quote(figure: dict[str, Any]) -> str:
     """A gated figure in words: estimate, bounds, comparator, counts and window."""
     text = (

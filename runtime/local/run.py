@@ -30,6 +30,7 @@ from aurora.runtime.local.report import (
     LocalRun,
     Sample,
     decision_figures,
+    longest_window,
     stable_figure,
     write_report,
 )
@@ -202,7 +203,7 @@ class LocalMode:
             self._track_swap(event.action, event.revision, event.time)
         self._confirm_swaps()
         m = decision.measurement or self._measure(window)
-        run.final = stable_figure(m)
+        run.final = longest_window(run.final, stable_figure(m))
         raw: dict[Any, Any] = self.client.hgetall(self.config.keys.trainer)
         run.trainer = {_text(k): _text(v) for k, v in raw.items()}
         run.timeline.append(
