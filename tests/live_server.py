@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -65,3 +66,29 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> 
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def server_config(**options: Any) -> ServerConfig:
+    """A ServerConfig for in-process tests: one thread, no baseline arm, fast polling."""
+    defaults: dict[str, Any] = dict(
+        threads=1, baseline_share=0.0, poll_interval=0.1, server_id="test-server", seed=0
+    )
+    return ServerConfig(**{**defaults, **options})
+
+
+@contextmanager
+def live_servers(model: tuple[Any, Any]) -> Iterator[Callable[..., LiveServer]]:
+    """``start(**options)`` starts a LiveServer on ``model``; all are stopped on exit,
+    the last started first."""
+    started: list[LiveServer] = []
+
+    def start(**options: Any) -> LiveServer:
+        server = LiveServer(server_config(**options), model).__enter__()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in reversed(started):
+            server.__exit__()

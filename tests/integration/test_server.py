@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 import torch
-from live_server import LiveServer, wait_for
+from live_server import LiveServer, live_servers, server_config, wait_for
 
 from aurora.runtime.checkpoint import DRAFT_FILE, save_checkpoint
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, NgramProposer
@@ -36,7 +36,6 @@ from aurora.runtime.protocol import (
     read_stats,
     set_desired,
 )
-from aurora.runtime.server.config import ServerConfig
 from aurora.runtime.server.revisions import Revision, Served
 
 pytestmark = pytest.mark.integration
@@ -53,25 +52,10 @@ def model() -> tuple[Any, Any]:
     return load_target("smollm2-135m")
 
 
-def config(**options: Any) -> ServerConfig:
-    defaults: dict[str, Any] = dict(
-        threads=1, baseline_share=0.0, poll_interval=0.1, server_id="test-server", seed=0
-    )
-    return ServerConfig(**{**defaults, **options})
-
-
 @pytest.fixture
 def serve(model: tuple[Any, Any]) -> Iterator[Callable[..., LiveServer]]:
-    started: list[LiveServer] = []
-
-    def start(**options: Any) -> LiveServer:
-        server = LiveServer(config(**options), model).__enter__()
-        started.append(server)
-        return server
-
-    yield start
-    for server in reversed(started):
-        server.__exit__()
+    with live_servers(model) as start:
+        yield start
 
 
 def plain_ids(model: tuple[Any, Any], prompt_ids: list[int], n: int) -> list[int]:
@@ -410,7 +394,7 @@ def test_a_client_that_goes_away_stops_its_decode(serve: Callable[..., LiveServe
 
 def test_health_ready_and_schema_while_the_model_cannot_be_loaded(tmp_path: Path) -> None:
     # given a server whose model does not exist (it loads in the background)
-    with LiveServer(config(model=str(tmp_path / "no-model")), None) as server:
+    with LiveServer(server_config(model=str(tmp_path / "no-model")), None) as server:
         assert server.client.get("/health").json() == {"status": "ok"}
         ready = wait_for(
             lambda: (r := server.client.get("/ready")).json()["status"] == "failed" and r,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 import torch
-from live_server import LiveServer, wait_for
+from live_server import LiveServer, live_servers, wait_for
 
 from aurora.runtime.checkpoint import save_checkpoint
 from aurora.runtime.cost import Adaptive, VerifyCost
@@ -30,7 +30,6 @@ from aurora.runtime.protocol import (
     read_stats,
     set_desired,
 )
-from aurora.runtime.server.config import ServerConfig
 from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
 
 pytestmark = pytest.mark.integration
@@ -90,25 +89,10 @@ def test_new_proposers_decode_exactly_what_plain_decoding_gives(model: tuple[Any
     assert all(g is not None and g.accept_length > 2.0 for g in learned)
 
 
-def config(**options: Any) -> ServerConfig:
-    defaults: dict[str, Any] = dict(
-        threads=1, baseline_share=0.0, poll_interval=0.1, server_id="test-server", seed=0
-    )
-    return ServerConfig(**{**defaults, **options})
-
-
 @pytest.fixture
 def serve(model: tuple[Any, Any]) -> Iterator[Callable[..., LiveServer]]:
-    started: list[LiveServer] = []
-
-    def start(**options: Any) -> LiveServer:
-        server = LiveServer(config(**options), model).__enter__()
-        started.append(server)
-        return server
-
-    yield start
-    for server in reversed(started):
-        server.__exit__()
+    with live_servers(model) as start:
+        yield start
 
 
 def generate_body(text: str, n: int) -> dict[str, Any]:
