@@ -48,6 +48,7 @@ Figures, per seed and then as mean and 90 % interval (Student t) over ``--seeds`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -237,7 +238,7 @@ def _suffix_cache(state: ArmState) -> Any:
 def _suffix(state: ArmState) -> Any:
     from aurora.runtime.suffix import SuffixProposer
 
-    return SuffixProposer(_suffix_cache(state), cost=state.memory["cost"])
+    return SuffixProposer(_suffix_cache(state), cost=state.memory["cost"]())
 
 
 def _hybrid(state: ArmState) -> Any:
@@ -247,7 +248,7 @@ def _hybrid(state: ArmState) -> Any:
     from aurora.runtime.suffix import HybridProposer
 
     head = state.head.head
-    adaptive = Adaptive(state.memory["cost"], draft_step_s=measure_draft_step(head))
+    adaptive = Adaptive(state.memory["cost"](), draft_step_s=measure_draft_step(head))
     return HybridProposer(_suffix(state), EagleProposer(head, state.revision, adaptive))
 
 
@@ -704,8 +705,9 @@ def _run_seed(
     shutil.rmtree(run_dir, ignore_errors=True)  # every run starts from the static draft
     client = redis.Redis.from_url(redis_url)
     arms: dict[str, ArmState] = {}
-    # The verify cost the suffix and hybrid arms plan with, measured as a server does.
-    cost = VerifyCost(measure_generate_cost(model, config.k + 1))
+    # The verify cost the suffix and hybrid arms plan with, measured as a server does, once
+    # per seed and only when one of them runs.
+    cost = functools.cache(lambda: VerifyCost(measure_generate_cost(model, config.k + 1)))
     try:
         for name in config.arm_names:
             arm = ARMS[name]
