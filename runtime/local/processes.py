@@ -27,7 +27,7 @@ def server_config(config: LocalConfig, index: int, port: int, redis_url: str) ->
         redis_url=redis_url,
         checkpoint_dir=str(config.workdir / "checkpoints"),
         port=port,
-        draft=config.initial_draft,
+        draft=config.server_draft,
         spec_tokens=config.spec_tokens,
         baseline_share=float(config.rollout.baseline_share),
         threads=config.server_threads,

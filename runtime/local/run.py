@@ -35,7 +35,7 @@ from aurora.runtime.local.report import (
     write_report,
 )
 from aurora.runtime.options import to_args
-from aurora.runtime.rollout import NO_DRAFT, RolloutState
+from aurora.runtime.rollout import NO_DRAFT, day_zero
 from aurora.runtime.rollout.loop import SampleWindow, run_round, window_size
 from aurora.runtime.workloads import Schedule, load_domain
 
@@ -66,13 +66,8 @@ class LocalMode:
         self.url = url
         self.client = redis.Redis.from_url(url)
         protocol.delete_all(self.client, c.keys)  # a fresh run: day 0
-        initial = None if c.initial_draft == protocol.Builtin.NONE else c.initial_draft
-        self.run.state = RolloutState(stable_revision=initial)
-        desired = protocol.DesiredState(
-            stable=protocol.RevisionRef(revision=initial, path="") if initial else None,
-            candidate_share=0.0,
-            baseline_share=float(c.rollout.baseline_share),
-            generation=1,
+        self.run.state, desired = day_zero(
+            c.initial_draft, c.rollout, time.time(), gate=c.gate_initial_draft
         )
         protocol.set_desired(self.client, c.keys, desired)
         for i in range(c.servers):
@@ -283,6 +278,10 @@ class LocalMode:
         started = time.monotonic()
         self.start()
         self.run.started = time.time()
+        for event in self.run.state.history:  # the day-0 draft's canary, when gated
+            at = max(event.time, self.run.started)  # (decided while the servers started)
+            self._event(at, event.action, event.revision, event.reason)
+            self._track_swap(event.action, event.revision, at)
         traffic = threading.Thread(target=self.traffic, daemon=True)
         rollout = threading.Thread(target=self.rollout_loop, daemon=True)
         traffic.start()

@@ -20,6 +20,7 @@ from aurora.runtime.rollout.decision import (
     RolloutEvent,
     RolloutState,
     Speedup,
+    day_zero,
     decide,
     measure,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "RolloutPolicy",
     "RolloutState",
     "Speedup",
+    "day_zero",
     "decide",
     "measure",
 ]

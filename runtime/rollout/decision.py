@@ -110,6 +110,10 @@ EventAction = Literal[
 # fallback to plain decoding (None means "whatever servers started with").
 NO_DRAFT = Builtin.NONE
 
+# Day-0 drafts that need no training: gated like any candidate when the caller asks
+# (`day_zero`), since their speed depends on the traffic as much as a learned draft's.
+MODEL_FREE = (Builtin.SUFFIX, Builtin.NGRAM)
+
 HISTORY_LIMIT = 20
 REJECTED_LIMIT = 50
 
@@ -809,3 +813,46 @@ def decide(
     if state.phase in ("Canary", "Hold"):
         return tick.canary(state, override)
     return tick.idle(state)
+
+
+def day_zero(
+    initial: str | None, policy: RolloutPolicy, now: float, *, gate: bool
+) -> tuple[RolloutState, DesiredState]:
+    """The rollout state and the desired state servers start from.
+
+    `initial` is the day-0 draft (None or "none": plain decoding). With `gate` and a
+    model-free day-0 draft (suffix, ngram), nothing is trusted unmeasured: servers start
+    without a draft and the day-0 draft is canaried against them on `canaryShare` of
+    requests like any candidate (a StartCanary event at `now`), serving everyone only once
+    its lower bound passes `minSpeedup`; a rollback leaves plain decoding serving and the
+    trainer's candidates canary against that. Otherwise the day-0 draft is stable at once."""
+    initial = None if initial in (None, NO_DRAFT) else initial
+    baseline = float(policy.baseline_share)
+    if gate and initial in MODEL_FREE:
+        reason = (
+            f"canary the day-0 draft {initial} against no draft on {policy.canary_share:.0%} "
+            "of requests: it serves everyone once its measured speedup passes the gate"
+        )
+        event = RolloutEvent(time=now, action="StartCanary", revision=initial, reason=reason)
+        state = RolloutState(
+            phase="Canary",
+            candidate_revision=initial,
+            canary_started_at=now,
+            phase_since=now,
+            window_since=now,
+            history=[event],
+        )
+        desired = DesiredState(
+            stable=None,
+            candidate=RevisionRef(revision=initial, path=""),
+            candidate_share=float(policy.canary_share),
+            baseline_share=baseline,
+            generation=1,
+            updated=now,
+        )
+        return state, desired
+    stable = RevisionRef(revision=initial, path="") if initial else None
+    desired = DesiredState(
+        stable=stable, candidate_share=0.0, baseline_share=baseline, generation=1, updated=now
+    )
+    return RolloutState(stable_revision=initial), desired

@@ -46,6 +46,7 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
         steps_per_trace=6,
         live=False,
         stop_after_decision=True,
+        gate_initial_draft=False,  # (the day-0 draft is trusted: the decision is on a head)
     )
     mode = LocalMode(config)
     # When: it runs until the policy promotes or rolls back a candidate
@@ -70,6 +71,38 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
     canaried = next(e["revision"] for e in mode.run.events if e["action"] == "StartCanary")
     timed = {row["revision"]: row for row in summary["swaps"]}[canaried]
     assert 0 <= timed["canary_decision_to_all_serving_s"] < 60
+
+
+def test_the_day0_suffix_draft_serves_everyone_only_once_the_gate_promotes_it(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Given: a local run whose day-0 draft is suffix decoding, gated (the default), on
+    # recurring code traffic (8 prompts: suffix decoding replays their continuations)
+    config = LocalConfig(
+        schedule="code:400",
+        distinct_prompts=8,
+        redis_url=redis_url,
+        workdir=tmp_path,
+        minutes=12,
+        live=False,
+        stop_after_decision=True,
+    )
+    assert config.gate_initial_draft and config.initial_draft == protocol.Builtin.SUFFIX
+    mode = LocalMode(config)
+    # When: it runs until the first decision
+    mode.execute()
+    # Then: suffix was canaried against plain decoding from the start, and promoted by a
+    # lower bound at or above minSpeedup measured against no speculation
+    events = mode.run.events
+    assert [(e["action"], e["revision"]) for e in events[:1]] == [("StartCanary", "suffix")]
+    decided = [e for e in events if e["action"] in ("Promoted", "Rollback", "Reject")]
+    assert [(e["action"], e["revision"]) for e in decided] == [("Promoted", "suffix")], [
+        e["reason"] for e in events
+    ]
+    promote = next(e for e in events if e["action"] == "Promote")
+    assert promote["reason"].startswith("suffix beats no draft: lower bound")
+    assert promote["gated"]["lower"] >= float(config.rollout.min_speedup)
+    assert mode.run.failed == 0, list(mode.run.errors)
 
 
 def _processes_naming(text: str) -> list[int]:

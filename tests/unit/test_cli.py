@@ -135,7 +135,10 @@ def test_local_modes_command_lines_parse_back_to_the_configs_it_means() -> None:
     trained = build_parser().parse_args(["train", *trainer_args(local, url)])
     # Then they run with exactly those configurations
     assert served == server
-    assert (served.draft, served.max_batch, served.seed, served.port) == ("ngram", 3, 6, 8123)
+    assert (served.draft, served.max_batch, served.seed, served.port) == ("none", 3, 6, 8123)
+    # (plain decoding: the ngram day-0 draft is canaried against it; trusted, it serves at once)
+    trusted = server_config(replace(local, gate_initial_draft=False), 1, 8123, url)
+    assert trusted.draft == "ngram"
     meant = trainer_config(local, url)
     assert replace(from_args(TrainerConfig, trained), consumer=meant.consumer) == meant
     assert trained.threads == local.trainer_threads

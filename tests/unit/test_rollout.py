@@ -27,6 +27,7 @@ from aurora.runtime.rollout import (
     RolloutEvent,
     RolloutPolicy,
     RolloutState,
+    day_zero,
     measure,
 )
 from aurora.runtime.rollout import decide as rollout_decide
@@ -187,6 +188,50 @@ def test_day0_candidate_canaries_against_plain_decoding() -> None:
     assert (
         decision.reason.startswith("r1 beats no draft") and "vs no speculation" in decision.reason
     )
+
+
+@pytest.mark.parametrize("initial", ["suffix", "ngram"])
+def test_a_gated_model_free_day0_draft_is_canaried_against_no_draft(initial: str) -> None:
+    # Given a run that starts on a model-free day-0 draft, gated
+    state, desired = day_zero(initial, POLICY, 1000.0, gate=True)
+    # Then servers start without a draft and canary it on the canary share
+    assert (state.phase, state.stable_revision, state.candidate_revision) == (
+        "Canary",
+        None,
+        initial,
+    )
+    assert desired.stable is None and desired.candidate == RevisionRef(revision=initial, path="")
+    assert (desired.candidate_share, desired.baseline_share) == (0.5, 0.1)
+    assert [e.action for e in state.history] == ["StartCanary"]
+    assert state.window_since == 1000.0  # only requests since the start count
+    # When it is 1.5x plain decoding, then it is promoted by the gate, with no trainer record
+    samples = [
+        *requests("", "stable", 60, 20.0, start=1001.0),
+        *requests(initial, "candidate", 60, 30.0, start=1001.0),
+    ]
+    loads = serving("a", stable=None, candidate=initial)
+    decision = rollout_decide(POLICY, state, [], samples, loads, NOW, published=desired)
+    assert decision.action == "Promote", decision.reason
+    assert served(decision) == (initial, None)
+    assert decision.reason.startswith(f"{initial} beats no draft")
+    # and when it is slower than plain decoding, it is rolled back: plain decoding serves
+    slow = [*samples[:60], *requests(initial, "candidate", 60, 15.0, start=1001.0)]
+    rolled = rollout_decide(POLICY, state, [], slow, loads, NOW, published=desired)
+    assert rolled.action == "Rollback", rolled.reason
+    assert served(rolled) == (None, None) and initial in rolled.new_state.rejected
+
+
+@pytest.mark.parametrize(
+    ("initial", "gate"), [("suffix", False), ("scratch", True), ("none", True), (None, True)]
+)
+def test_an_ungated_or_learned_day0_draft_is_stable_at_once(
+    initial: str | None, gate: bool
+) -> None:
+    state, desired = day_zero(initial, POLICY, 1000.0, gate=gate)
+    expected = None if initial in (None, "none") else initial
+    assert (state.phase, state.stable_revision, state.history) == ("Idle", expected, [])
+    assert (desired.stable.revision if desired.stable else None) == expected
+    assert desired.candidate is None and desired.candidate_share == 0.0
 
 
 @pytest.mark.parametrize("n", [0, 10])
