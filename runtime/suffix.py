@@ -26,6 +26,7 @@ build needs a C++ tool chain and a PyTorch download, and it imports numpy undecl
 
 from __future__ import annotations
 
+import math
 import threading
 from array import array
 from collections import OrderedDict
@@ -40,6 +41,8 @@ from aurora.runtime.draft import EagleProposer, EagleSession, Proposal
 from aurora.runtime.protocol import Builtin, hybrid_revision
 
 MAX_TOKEN_ID = 2**31 - 1  # tokens are stored as C ints
+# A request's drafts start trusted as if this many tokens had been delivered as scored.
+CALIBRATION_PRIOR = 2.0
 _POS_BITS = 32
 _POS_MASK = (1 << _POS_BITS) - 1
 
@@ -453,15 +456,35 @@ class SuffixProposer:
 
 
 class SuffixSession:
+    """One request's suffix drafting, calibrated by what its drafts delivered.
+
+    Frequencies in a tree say how often a continuation followed a match, not how often
+    the target will agree (on chat traffic a cold tree's drafts are almost all rejected).
+    Every draft is therefore scored against the tokens committed after it, whether it
+    was proposed or not (the hybrid's head may have been; a draft cut to nothing by the
+    cost model is scored too), over the positions those tokens decide: ``trust`` is the
+    matched tokens over the drafts' running probabilities at those positions, with a
+    prior of ``CALIBRATION_PRIOR`` tokens delivered as promised, capped at 1. Drafts are
+    returned with their probabilities times ``trust``, so the cost model (and the
+    hybrid's comparison with the head) stops proposing what does not pay here. Every
+    decision depends on committed tokens only: lossless at any temperature."""
+
     def __init__(self, proposer: SuffixProposer, prompt_ids: Sequence[int]) -> None:
         self.proposer, config = proposer, proposer.config
         self.own = SuffixTree(config.max_depth)
         self.own.extend(0, prompt_ids[-config.max_prompt_tokens :])
         self.taken = len(prompt_ids)  # tokens of the request in its own tree
+        self.delivered = self.promised = CALIBRATION_PRIOR
+        self.last: tuple[int, Draft] | None = None  # (committed length then, raw draft)
+
+    @property
+    def trust(self) -> float:
+        return min(self.delivered / self.promised, 1.0)
 
     def draft(self, tokens: Sequence[int], k: int) -> Draft:
         """The better of the request's own and the global draft for ``tokens`` (the
-        whole committed sequence), at most k tokens."""
+        whole committed sequence), at most k tokens, its probabilities calibrated."""
+        self._learn(tokens)
         if len(tokens) > self.taken:
             self.own.extend(0, tokens[self.taken :])
             self.taken = len(tokens)
@@ -474,7 +497,25 @@ class SuffixSession:
             shared = cache.speculate(context, k, **options)
             if shared.score > best.score:
                 best = shared
-        return best
+        self.last = (len(tokens), best) if best.tokens else None
+        trust = self.trust
+        if trust >= 1.0:
+            return best
+        return Draft(best.tokens, [p * trust for p in best.probs], best.match_len, best.source)
+
+    def _learn(self, tokens: Sequence[int]) -> None:
+        """Score the last draft against the tokens committed since (each committed token
+        is the target's, so a draft token differing from it would have been rejected)."""
+        if self.last is None or len(tokens) <= self.last[0]:
+            return
+        base, draft = self.last
+        self.last = None
+        decided = min(len(draft.tokens), len(tokens) - base)
+        matched = 0
+        while matched < decided and draft.tokens[matched] == tokens[base + matched]:
+            matched += 1
+        self.delivered += matched
+        self.promised += math.fsum(draft.probs[:decided])
 
     def propose(
         self,

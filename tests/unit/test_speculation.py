@@ -282,3 +282,45 @@ def test_hybrid_skips_the_head_when_the_suffix_beats_what_the_head_delivered() -
     rival = Draft([5, 6], [1.0, 1.0])
     assert s.propose([1, 2, 3, 0], FEATURE, 4, 0.0, None, 1, rival).tokens == [5, 6]
     assert head.calls == calls and s.throttle.accepted == 1.0
+
+
+def test_suffix_drafts_the_target_keeps_rejecting_are_trusted_less_until_none_pays() -> None:
+    # Given a prompt that repeats "1 2 3" and a verify step costing 1.0 for 1 token and
+    # 1.3 for 2: one draft token pays when its (calibrated) probability is above 0.3
+    cost = VerifyCost({1: {1: 1.0, 2: 1.3}})
+    s = SuffixProposer(cost=cost).start([1, 2, 3, 1, 2, 3, 1, 2])
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    proposed = [s.propose(tokens, None, 1, 0.0, None).tokens]
+    assert proposed == [[3]] and s.trust == 1.0  # the tree says 3 follows "1 2"
+    # When the target answers something else every time ("1 2" follows again, so the
+    # tree keeps drafting 3, and each draft is scored against what was committed)
+    raw = []
+    for i in range(6):
+        assert s.last is not None
+        raw.append(s.last[1].probs[0])
+        tokens = [*tokens, 100 + i, 1, 2]
+        proposed.append(s.propose(tokens, None, 1, 0.0, None).tokens)
+    # Then trust is delivered over promised tokens, from a prior of 2 delivered as promised
+    assert s.delivered == 2.0 and s.promised == pytest.approx(2.0 + sum(raw))
+    assert s.trust == pytest.approx(2.0 / (2.0 + sum(raw)))
+    # and once trust times the draft's probability is below 0.3 nothing is proposed
+    assert s.last is not None and s.trust * s.last[1].probs[0] < 0.3
+    assert proposed[-1] == [] and proposed[:2] == [[3], [3]]
+
+
+def test_a_suffix_draft_is_scored_only_where_committed_tokens_decide_it() -> None:
+    s = SuffixProposer().start([5, 6, 7, 8, 5, 6])
+    tokens = [5, 6, 7, 8, 5, 6]
+    draft = s.draft(tokens, 2)
+    assert draft.tokens == [7, 8] and draft.probs == [1.0, 1.0]
+    # when only one token is committed after it (the head's draft was proposed and
+    # rejected at once, say) and it matches: 1 delivered of 1 promised, the rest unknown
+    s.draft([*tokens, 7], 2)
+    assert (s.delivered, s.promised) == (3.0, 3.0)
+    # when the next draft's first token is wrong: 0 delivered of its first probability
+    last = s.last
+    assert last is not None
+    s.draft([*tokens, 7, 0, 0], 2)
+    assert s.delivered == 3.0 and s.promised == pytest.approx(3.0 + sum(last[1].probs[:2]))
+    # and a calibrated draft's probabilities are scaled by trust
+    assert s.trust < 1.0
