@@ -12,6 +12,7 @@ from aurora.operator.names import (
 )
 from aurora.operator.spec import DRAFTS_DIR, EngineKind, RevisionSharing, SpeculatorSpec
 from aurora.runtime.protocol import Builtin
+from aurora.runtime.rollout import server_day_zero
 from aurora.runtime.sglang import launcher as sglang_launcher
 
 
@@ -33,7 +34,7 @@ def server_command(spec: SpeculatorSpec, namespace: str, name: str) -> list[str]
         "--speculator", f"{namespace}/{name}",
         "--redis-url", "$(AURORA_REDIS_URL)",
         "--checkpoint-dir", CHECKPOINT_DIR,
-        "--draft", spec.draft.initial,
+        "--draft", server_day_zero(spec.draft.initial, spec.rollout),
         "--spec-tokens", str(spec_tokens(spec)),
         "--trace-sample-rate", spec.traces.sample_rate,
         "--trace-maxlen", str(spec.traces.max_length),

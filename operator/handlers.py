@@ -38,7 +38,14 @@ from aurora.operator.spec import GROUP, PLURAL, VERSION, DeletionPolicy, Specula
 from aurora.operator.status import Observation, build_status, merge_patch
 from aurora.runtime import protocol
 from aurora.runtime.protocol import Keys
-from aurora.runtime.rollout import Override, RolloutState, loop, measure
+from aurora.runtime.rollout import (
+    Override,
+    RolloutState,
+    day_zero,
+    gates_day_zero,
+    loop,
+    measure,
+)
 
 FINALIZER = "aurora.dev/cleanup"
 TICK_SECONDS = 2.0  # how often each Speculator's timer wakes; rounds follow intervalSeconds
@@ -331,7 +338,7 @@ def _rollout_round(
     window = memo.get("window")
     if window is None or window.size != loop.window_size(policy):
         window = memo.window = loop.SampleWindow(size=loop.window_size(policy))
-    state = _rollout_state(status, body)
+    state = _rollout_state(status, body, spec, now)
     if not spec.rollout.enabled:
         window.refresh(client, keys)
         measured = measure(
@@ -370,12 +377,24 @@ def _degraded_with(status: Mapping[str, Any], message: str) -> bool:
     )
 
 
-def _rollout_state(status: Mapping[str, Any], body: kopf.Body) -> RolloutState:
+def _rollout_state(
+    status: Mapping[str, Any], body: kopf.Body, spec: SpeculatorSpec, now: float
+) -> RolloutState:
     """The rollout state kept in status; a state this version cannot read starts over
-    from Idle (with a Warning) rather than stopping every future round."""
+    from Idle (with a Warning) rather than stopping every future round. None kept: day 0,
+    where a gated model-free day-0 draft starts its canary against plain decoding (with
+    its StartCanary Event)."""
     stored = status.get("rollout")
     if not stored:
-        return RolloutState()
+        if not gates_day_zero(spec.draft.initial, spec.rollout):
+            return RolloutState()
+        state, _ = day_zero(spec.draft.initial, spec.rollout, now)
+        for event in state.history:
+            kopf.event(
+                body, type=events.event_type(event.action), reason=event.action,
+                message=event.reason[:1024],
+            )  # fmt: skip
+        return state
     try:
         return RolloutState.model_validate(_plain(stored))
     except ValidationError as error:

@@ -9,8 +9,7 @@ from typing import Any
 from aurora.runtime import protocol
 from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
-from aurora.runtime.rollout import RolloutPolicy
-from aurora.runtime.rollout.decision import MODEL_FREE
+from aurora.runtime.rollout import RolloutPolicy, server_day_zero
 
 # `aurora local`'s rollout policy where it differs from the policy's defaults (which suit
 # a cluster): fewer samples and a larger baseline, so a short CPU demo reaches decisions.
@@ -73,12 +72,6 @@ class LocalConfig:
         "until a trained draft proves faster), ngram (model-free prompt lookup) or scratch "
         "(untrained head)",
     )
-    gate_initial_draft: bool = knob(
-        True,
-        "canary a model-free day-0 draft (suffix, ngram) against plain decoding like any "
-        "candidate, so it serves every request only once its measured speedup passes the "
-        "gate (--no-gate-initial-draft: trust it from the start)",
-    )
     workdir: Path = knob(
         Path("aurora-local"),
         "checkpoints, logs and the report go here; an earlier run's checkpoints there are "
@@ -101,11 +94,9 @@ class LocalConfig:
     stop_after_decision: bool = False  # end at the first promotion or rollback (tests)
 
     @property
-    def server_draft(self) -> protocol.Builtin:
+    def server_draft(self) -> str:
         """What servers start with: plain decoding while a gated day-0 draft is canaried."""
-        if self.gate_initial_draft and self.initial_draft in MODEL_FREE:
-            return protocol.Builtin.NONE
-        return self.initial_draft
+        return server_day_zero(self.initial_draft, self.rollout)
 
     @property
     def keys(self) -> protocol.Keys:

@@ -66,9 +66,7 @@ class LocalMode:
         self.url = url
         self.client = redis.Redis.from_url(url)
         protocol.delete_all(self.client, c.keys)  # a fresh run: day 0
-        self.run.state, desired = day_zero(
-            c.initial_draft, c.rollout, time.time(), gate=c.gate_initial_draft
-        )
+        self.run.state, desired = day_zero(c.initial_draft, c.rollout, time.time())
         protocol.set_desired(self.client, c.keys, desired)
         for i in range(c.servers):
             port = free_port()

@@ -22,7 +22,9 @@ from aurora.runtime.rollout.decision import (
     Speedup,
     day_zero,
     decide,
+    gates_day_zero,
     measure,
+    server_day_zero,
 )
 from aurora.runtime.rollout.policy import ROLLOUT_RULES, RolloutPolicy
 
@@ -41,5 +43,7 @@ __all__ = [
     "Speedup",
     "day_zero",
     "decide",
+    "gates_day_zero",
     "measure",
+    "server_day_zero",
 ]

@@ -815,20 +815,33 @@ def decide(
     return tick.idle(state)
 
 
+def gates_day_zero(initial: str | None, policy: RolloutPolicy) -> bool:
+    """Whether the day-0 draft is canaried against plain decoding (`day_zero`). A policy
+    that does not run (a Speculator's `rollout.enabled: false`) gates nothing: nobody
+    would ever promote the draft."""
+    return policy.gate_initial_draft and getattr(policy, "enabled", True) and initial in MODEL_FREE
+
+
+def server_day_zero(initial: str, policy: RolloutPolicy) -> str:
+    """What servers start with: plain decoding while the day-0 draft is gated, else it."""
+    return NO_DRAFT if gates_day_zero(initial, policy) else initial
+
+
 def day_zero(
-    initial: str | None, policy: RolloutPolicy, now: float, *, gate: bool
+    initial: str | None, policy: RolloutPolicy, now: float
 ) -> tuple[RolloutState, DesiredState]:
     """The rollout state and the desired state servers start from.
 
-    `initial` is the day-0 draft (None or "none": plain decoding). With `gate` and a
-    model-free day-0 draft (suffix, ngram), nothing is trusted unmeasured: servers start
-    without a draft and the day-0 draft is canaried against them on `canaryShare` of
-    requests like any candidate (a StartCanary event at `now`), serving everyone only once
-    its lower bound passes `minSpeedup`; a rollback leaves plain decoding serving and the
-    trainer's candidates canary against that. Otherwise the day-0 draft is stable at once."""
+    `initial` is the day-0 draft (None or "none": plain decoding). With
+    `gateInitialDraft` and a model-free day-0 draft (suffix, ngram), nothing is trusted
+    unmeasured: servers start without a draft (`server_day_zero`) and the day-0 draft is
+    canaried against them on `canaryShare` of requests like any candidate (a StartCanary
+    event at `now`), serving everyone only once its lower bound passes `minSpeedup`; a
+    rollback leaves plain decoding serving and the trainer's candidates canary against
+    that. Otherwise the day-0 draft is stable at once."""
     initial = None if initial in (None, NO_DRAFT) else initial
     baseline = float(policy.baseline_share)
-    if gate and initial in MODEL_FREE:
+    if initial is not None and gates_day_zero(initial, policy):
         reason = (
             f"canary the day-0 draft {initial} against no draft on {policy.canary_share:.0%} "
             "of requests: it serves everyone once its measured speedup passes the gate"

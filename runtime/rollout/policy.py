@@ -137,6 +137,12 @@ class RolloutPolicy(BaseModel):
         description="When stable measures slower than no speculation, serve without a draft "
         "until a candidate beats plain decoding.",
     )
+    gate_initial_draft: bool = Field(
+        True,
+        description="A model-free day-0 draft (draft.initial suffix or ngram) is canaried "
+        "against plain decoding like any candidate: servers start without a draft and it "
+        "serves everyone once it passes the gate. False: it serves from the start.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> RolloutPolicy:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora.runtime.protocol import Builtin
+from aurora.runtime.rollout import server_day_zero
 
 log = logging.getLogger("aurora.sglang")
 
@@ -92,14 +93,16 @@ def server_command(
 
     ``spec.draft.initial`` is what SGLang serves until the rollout names a revision:
     scratch (no speculation; the trainer learns from the plain traffic), ngram, or the
-    absolute path of an EAGLE-3 draft (``aurora export --to sglang``). Steps, top-k and
+    absolute path of an EAGLE-3 draft (``aurora export --to sglang``); a model-free one
+    gated by ``rollout.gateInitialDraft`` starts as none, and the canary replicas load it
+    (NGRAM) while it is canaried against them. Steps, top-k and
     draft tokens come from ``spec.engine``; after ``--`` come SGLang's own arguments,
     ``spec.engine.extra_args`` last so a user can override any flag, the speculative
     ones included (argparse keeps the last value)."""
     engine = spec.engine
     return [
         python, "-m", "aurora.runtime.sglang.serve",
-        "--initial", spec.draft.initial,
+        "--initial", server_day_zero(spec.draft.initial, spec.rollout),
         "--speculative-num-steps", str(engine.speculative_steps),
         "--speculative-eagle-topk", str(engine.speculative_eagle_topk),
         "--speculative-num-draft-tokens", str(engine.num_draft_tokens),

@@ -42,11 +42,11 @@ def test_local_loop_trains_canaries_and_decides_by_measurement(
             baseline_share="0.25",
             canary_share="0.5",
             on_inconclusive="Rollback",
+            gate_initial_draft=False,  # (the day-0 draft is trusted: the decision is on a head)
         ),
         steps_per_trace=6,
         live=False,
         stop_after_decision=True,
-        gate_initial_draft=False,  # (the day-0 draft is trusted: the decision is on a head)
     )
     mode = LocalMode(config)
     # When: it runs until the policy promotes or rolls back a candidate
@@ -87,7 +87,7 @@ def test_the_day0_suffix_draft_serves_everyone_only_once_the_gate_promotes_it(
         live=False,
         stop_after_decision=True,
     )
-    assert config.gate_initial_draft and config.initial_draft == protocol.Builtin.SUFFIX
+    assert config.rollout.gate_initial_draft and config.initial_draft == protocol.Builtin.SUFFIX
     mode = LocalMode(config)
     # When: it runs until the first decision
     mode.execute()

@@ -19,7 +19,10 @@ from aurora.runtime.protocol import CandidateRecord, Keys, LoadedReport, Request
 pytestmark = pytest.mark.integration
 
 KEYS = Keys("team-a", "chat")
-ROLLOUT = {"minSamples": 30, "maxCanarySamples": 100, "intervalSeconds": 1}
+# (the day-0 draft, suffix by default, is trusted here: these tests follow learned candidates)
+ROLLOUT = {
+    "minSamples": 30, "maxCanarySamples": 100, "intervalSeconds": 1, "gateInitialDraft": False
+}  # fmt: skip
 
 
 def offer(client: redis.Redis, revision: str, created: float) -> None:
@@ -90,6 +93,36 @@ def test_candidate_canary_promotion_and_restart_resume(
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True", "Progressing": "False", "Degraded": "False",
     }  # fmt: skip
+    assert events.reasons() == ["StartCanary", "Promote", "Promoted"]
+
+
+def test_the_gated_day0_suffix_draft_is_canaried_from_the_first_round(
+    redis_client: redis.Redis, redis_url: str, events: Events
+) -> None:
+    # Given a Speculator on the default day-0 draft (suffix) with the gate on (the default)
+    memo = operator_memo(RecordingCluster())
+    rollout = {**ROLLOUT, "gateInitialDraft": True}
+    obj, _ = call(
+        handlers.reconcile, speculator(traces={"redisUrl": redis_url}, rollout=rollout), memo
+    )
+    # When the first round runs: suffix goes to canary against plain decoding, with its Event,
+    # and the servers are told to serve it on the canary share only
+    obj = tick(obj, memo)
+    assert obj["status"]["phase"] == "Canary" and obj["status"]["candidateRevision"] == "suffix"
+    assert events.reasons() == ["StartCanary"]
+    desired = protocol.get_desired(redis_client, KEYS)
+    assert desired is not None and desired.stable is None
+    assert desired.candidate == protocol.RevisionRef(revision="suffix", path="")
+    # Then measured 1.5x plain decoding it is promoted, and once servers serve it, stable
+    traffic(redis_client, "", "stable", 50, 20.0)
+    traffic(redis_client, "suffix", "candidate", 50, 30.0)
+    obj = tick(obj, memo)
+    assert obj["status"]["phase"] == "Promoting", obj["status"]["conditions"]
+    protocol.report_loaded(
+        redis_client, KEYS, LoadedReport(server="chat-server-1", stable="suffix")
+    )
+    obj = tick(obj, memo)
+    assert obj["status"]["activeRevision"] == "suffix"
     assert events.reasons() == ["StartCanary", "Promote", "Promoted"]
 
 

@@ -137,7 +137,8 @@ def test_local_modes_command_lines_parse_back_to_the_configs_it_means() -> None:
     assert served == server
     assert (served.draft, served.max_batch, served.seed, served.port) == ("none", 3, 6, 8123)
     # (plain decoding: the ngram day-0 draft is canaried against it; trusted, it serves at once)
-    trusted = server_config(replace(local, gate_initial_draft=False), 1, 8123, url)
+    ungated = local.rollout.model_copy(update={"gate_initial_draft": False})
+    trusted = server_config(replace(local, rollout=ungated), 1, 8123, url)
     assert trusted.draft == "ngram"
     meant = trainer_config(local, url)
     assert replace(from_args(TrainerConfig, trained), consumer=meant.consumer) == meant

@@ -161,12 +161,17 @@ def test_sglang_command_runs_aurora_s_launcher_with_the_spec_s_draft_and_flags()
     assert sglang[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs last
 
 
-@pytest.mark.parametrize("initial", ["ngram", "scratch"])
-def test_sglang_day_0_drafts_go_to_the_launcher(initial: str) -> None:
+@pytest.mark.parametrize(
+    ("initial", "gate", "launched"),
+    [("ngram", False, "ngram"), ("ngram", True, "none"), ("scratch", True, "scratch")],
+)
+def test_sglang_day_0_drafts_go_to_the_launcher(initial: str, gate: bool, launched: str) -> None:
+    # (a gated model-free day-0 draft starts as none; the canary replicas load it)
     body = _body("speculator-sglang-gpu.yaml")
     body["spec"]["draft"] = {"initial": initial}
+    body["spec"].setdefault("rollout", {})["gateInitialDraft"] = gate
     command = commands.sglang_server_command(SpeculatorSpec.model_validate(body["spec"]))
-    assert command[command.index("--initial") + 1] == initial
+    assert command[command.index("--initial") + 1] == launched
     assert "--speculative-draft-model-path" not in command
 
 

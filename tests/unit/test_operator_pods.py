@@ -238,6 +238,21 @@ def test_the_day0_draft_is_fetched_by_an_init_step_not_copied_by_hand() -> None:
     assert "initContainers" not in pod(sglang, "chat-trainer")["spec"]
 
 
+@pytest.mark.parametrize(
+    ("rollout", "served"),
+    [({}, "none"), ({"gateInitialDraft": False}, "suffix"), ({"enabled": False}, "suffix")],
+)
+def test_a_gated_day0_suffix_draft_starts_the_servers_without_a_draft(
+    rollout: dict[str, Any], served: str
+) -> None:
+    # Given the default day-0 draft (suffix): gated by default, the servers start on plain
+    # decoding and the rollout canaries suffix against it; ungated, or with no rollout
+    # running to ever promote it, they serve it from the start
+    kids = children(draft={"initial": "suffix"}, rollout=rollout)
+    server = pod(kids, "chat-server")["spec"]["containers"][0]["command"]
+    assert server[server.index("--draft") + 1] == served
+
+
 def test_a_rediss_ca_bundle_is_mounted_and_named_to_the_runtime() -> None:
     traces = {"redisUrl": "rediss://redis.shared.svc:6380/0",
               "caConfigMapRef": {"name": "redis-ca"}}  # fmt: skip

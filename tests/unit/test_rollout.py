@@ -28,7 +28,9 @@ from aurora.runtime.rollout import (
     RolloutPolicy,
     RolloutState,
     day_zero,
+    gates_day_zero,
     measure,
+    server_day_zero,
 )
 from aurora.runtime.rollout import decide as rollout_decide
 
@@ -193,7 +195,8 @@ def test_day0_candidate_canaries_against_plain_decoding() -> None:
 @pytest.mark.parametrize("initial", ["suffix", "ngram"])
 def test_a_gated_model_free_day0_draft_is_canaried_against_no_draft(initial: str) -> None:
     # Given a run that starts on a model-free day-0 draft, gated
-    state, desired = day_zero(initial, POLICY, 1000.0, gate=True)
+    state, desired = day_zero(initial, POLICY, 1000.0)
+    assert gates_day_zero(initial, POLICY) and server_day_zero(initial, POLICY) == "none"
     # Then servers start without a draft and canary it on the canary share
     assert (state.phase, state.stable_revision, state.candidate_revision) == (
         "Canary",
@@ -227,11 +230,14 @@ def test_a_gated_model_free_day0_draft_is_canaried_against_no_draft(initial: str
 def test_an_ungated_or_learned_day0_draft_is_stable_at_once(
     initial: str | None, gate: bool
 ) -> None:
-    state, desired = day_zero(initial, POLICY, 1000.0, gate=gate)
+    policy = POLICY.model_copy(update={"gate_initial_draft": gate})
+    state, desired = day_zero(initial, policy, 1000.0)
     expected = None if initial in (None, "none") else initial
     assert (state.phase, state.stable_revision, state.history) == ("Idle", expected, [])
     assert (desired.stable.revision if desired.stable else None) == expected
     assert desired.candidate is None and desired.candidate_share == 0.0
+    if initial is not None:
+        assert not gates_day_zero(initial, policy) and server_day_zero(initial, policy) == initial
 
 
 @pytest.mark.parametrize("n", [0, 10])

@@ -21,6 +21,7 @@ import pytest
 import torch
 from sglang_support import CONFIG, VOCAB, save_revision, sglang_source
 
+from aurora.runtime.rollout import RolloutPolicy
 from aurora.runtime.sglang import SUPPORTED_VERSIONS, plugin
 from aurora.runtime.sglang.export import PARAM_NAMES, export_revision
 from aurora.runtime.sglang.launcher import (
@@ -455,6 +456,7 @@ SPEC = SimpleNamespace(
         tensor_parallel=2, speculative_steps=3, speculative_eagle_topk=1, num_draft_tokens=4,
         extra_args=[],
     ),
+    rollout=RolloutPolicy(),
 )  # fmt: skip
 
 

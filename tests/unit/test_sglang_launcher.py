@@ -10,6 +10,7 @@ import pytest
 from sglang_support import save_revision
 
 from aurora.runtime.protocol import Builtin, RevisionRef
+from aurora.runtime.rollout import RolloutPolicy
 from aurora.runtime.sglang.export import export_revision
 from aurora.runtime.sglang.launcher import (
     DRAFT_LOADER,
@@ -34,6 +35,7 @@ def test_the_operator_command_runs_the_launcher_and_keeps_the_users_args_last() 
         draft=SimpleNamespace(initial="scratch"),
         engine=SimpleNamespace(tensor_parallel=2, speculative_steps=3, speculative_eagle_topk=4,
                                num_draft_tokens=8, extra_args=["--speculative-num-steps", "5"]),
+        rollout=RolloutPolicy(),
     )  # fmt: skip
     command = server_command(spec, port=9000)
     assert command[:5] == [
@@ -108,6 +110,27 @@ def test_a_desired_revision_maps_to_a_launch() -> None:
         "r7", "EAGLE3", "/tmp/drafts/r7"
     )
     assert exported == ["r7"]
+
+
+@pytest.mark.parametrize(("gate", "initial"), [(True, "none"), (False, "suffix")])
+def test_a_gated_day0_suffix_draft_starts_sglang_without_speculation(
+    gate: bool, initial: str
+) -> None:
+    # Given draft.initial suffix: gated, the stable replicas start without speculation and
+    # the canary replicas load it (NGRAM) while it is canaried; ungated, every replica does
+    spec = SimpleNamespace(
+        target=SimpleNamespace(model="m", served_name=None),
+        draft=SimpleNamespace(initial="suffix"),
+        engine=SimpleNamespace(tensor_parallel=1, speculative_steps=3, speculative_eagle_topk=1,
+                               num_draft_tokens=4, extra_args=[]),
+        rollout=RolloutPolicy(gate_initial_draft=gate),
+    )  # fmt: skip
+    command = server_command(spec)
+    assert command[command.index("--initial") + 1] == initial
+    assert initial_launch(initial).algorithm == (None if gate else "NGRAM")
+    assert launch_for(RevisionRef(revision="suffix", path=""), initial_launch("none"), Path) == (
+        Launch("ngram", "NGRAM")
+    )
 
 
 def test_a_running_server_s_launch_is_read_from_its_server_args() -> None:
