@@ -131,6 +131,9 @@ def test_ctrl_c_stops_every_process_and_still_writes_the_report(tmp_path: Path) 
         [*command, "--workdir", str(workdir), "--minutes", "10", "--max-new-tokens", "8"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # as in a terminal: a suite started in the background (`... &` without job control)
+        # has SIGINT ignored, and children would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         server_log = workdir / "logs" / "server-0.log"
