@@ -292,8 +292,14 @@ class SwapEvent:
 class RevisionWatcher:
     """Polls the desired state in Redis and reconciles the served revisions with it.
 
-    A revision that fails to load is reported once and not retried until the desired
-    state names something else; the server keeps serving what it has."""
+    A revision that fails to load is reported and the server keeps serving what it has;
+    it is tried again ``retry_first_s`` later, then at doubling intervals up to
+    ``retry_max_s``, while the desired state still names it: a download fails while the
+    trainer restarts, and a server must not stay on the wrong stable revision for good
+    (a corrupt checkpoint just fails again, verified before anything serves it)."""
+
+    retry_first_s = 10.0
+    retry_max_s = 300.0
 
     def __init__(
         self,
@@ -310,6 +316,7 @@ class RevisionWatcher:
         self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
         self.failed: dict[tuple[str, str], str] = {}  # (revision, path) → error
+        self._retry: dict[tuple[str, str], tuple[float, float]] = {}  # → (when, delay)
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None
         self.report_interval = report_interval
@@ -405,7 +412,7 @@ class RevisionWatcher:
             if loaded is not None and loaded.name == ref.revision:
                 return loaded
         key = (ref.revision, ref.path)
-        if key in self.failed:
+        if key in self.failed and time.monotonic() < self._retry[key][0]:
             errors.append(self.failed[key])
             return None
         started = time.perf_counter()
@@ -413,10 +420,15 @@ class RevisionWatcher:
             revision = self.loader.load(ref)
         except Exception as error:  # any failure keeps the old revision serving
             message = f"cannot load revision {ref.revision!r}: {error}"
-            log.error("%s; keeping the served revisions", message)
+            previous = self._retry.get(key)
+            delay = min(2 * previous[1], self.retry_max_s) if previous else self.retry_first_s
+            log.error("%s; keeping the served revisions (retrying in %.0f s)", message, delay)
             self.failed[key] = message
+            self._retry[key] = (time.monotonic() + delay, delay)
             errors.append(message)
             return None
+        self.failed.pop(key, None)
+        self._retry.pop(key, None)
         log.info(
             "loaded revision %s in %.2f s (off the decode path)",
             ref.revision,

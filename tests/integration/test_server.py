@@ -687,6 +687,33 @@ def test_a_corrupt_checkpoint_is_refused_reported_once_and_the_old_revision_keep
     assert "r-corrupt" in server.client.get("/server_info").json()["revision_errors"][0]
 
 
+def test_a_revision_that_failed_to_load_is_tried_again_and_then_served(
+    model: tuple[Any, Any],
+    serve: Callable[..., LiveServer],
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    # Given a server told to serve a checkpoint that is not there yet (as when the trainer
+    # it downloads from restarts), with its retries made quick for the test
+    server = serve(draft="ngram", redis_url=redis_url)
+    server.runtime.watcher.retry_first_s = 0.5
+    late = tmp_path / "late"
+    set_desired(
+        redis_client, KEYS, DesiredState(stable=RevisionRef(revision="r-late", path=str(late)))
+    )
+    report = wait_for(lambda: (r := loaded(redis_client)) and r.error and r, "the failure")
+    assert report.stable == "ngram" and "r-late" in report.error
+    # When the checkpoint appears, then a later attempt loads it: the server does not stay
+    # on the wrong stable revision, and the error is gone from its report
+    save_random_head(model, tmp_path, "r-late", 3).rename(late)
+    wait_for(
+        lambda: (r := loaded(redis_client)) and r.stable == "r-late" and r.error is None,
+        "r-late served after a retry",
+    )
+    assert server.client.get("/server_info").json()["revision_errors"] == []
+
+
 def test_aurora_serve_runs_the_server_in_its_own_process(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
