@@ -315,8 +315,8 @@ class RevisionWatcher:
     ) -> None:
         self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
-        self.failed: dict[tuple[str, str], str] = {}  # (revision, path) → error
-        self._retry: dict[tuple[str, str], tuple[float, float]] = {}  # → (when, delay)
+        # (revision, path) → (error, when to try again, the delay that set it)
+        self.failed: dict[tuple[str, str], tuple[str, float, float]] = {}
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None
         self.report_interval = report_interval
@@ -412,23 +412,21 @@ class RevisionWatcher:
             if loaded is not None and loaded.name == ref.revision:
                 return loaded
         key = (ref.revision, ref.path)
-        if key in self.failed and time.monotonic() < self._retry[key][0]:
-            errors.append(self.failed[key])
+        failure = self.failed.get(key)
+        if failure is not None and time.monotonic() < failure[1]:
+            errors.append(failure[0])
             return None
         started = time.perf_counter()
         try:
             revision = self.loader.load(ref)
         except Exception as error:  # any failure keeps the old revision serving
             message = f"cannot load revision {ref.revision!r}: {error}"
-            previous = self._retry.get(key)
-            delay = min(2 * previous[1], self.retry_max_s) if previous else self.retry_first_s
+            delay = min(2 * failure[2], self.retry_max_s) if failure else self.retry_first_s
             log.error("%s; keeping the served revisions (retrying in %.0f s)", message, delay)
-            self.failed[key] = message
-            self._retry[key] = (time.monotonic() + delay, delay)
+            self.failed[key] = (message, time.monotonic() + delay, delay)
             errors.append(message)
             return None
         self.failed.pop(key, None)
-        self._retry.pop(key, None)
         log.info(
             "loaded revision %s in %.2f s (off the decode path)",
             ref.revision,
