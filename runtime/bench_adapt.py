@@ -14,7 +14,13 @@ same requests, with the torch engine at temperature 0. The arms are a registry
   online-offpath   the same, plus the off-path KL (`lambda_discard`);
   online-reject    the same as online-fkl, plus the negative term (`lambda_reject`,
                    unlikelihood of the first rejected token of each verify step);
-  online-all       all three terms.
+  online-all       all three terms;
+  suffix           suffix decoding, model-free; hybrid-online: it and an online head;
+  static-adaptive  the static draft with adaptive speculation length (how `aurora serve`
+                   serves a head by default: it drafts only what the measured verify cost
+                   says pays, nothing while it does not);
+  online-adaptive  online with the trainer's default objective (forward KL + off-path KL),
+                   served adaptive; its ratio "vs static" is over static-adaptive.
 Adding an arm is one `register_arm(Arm(...))`: a name, whether it starts from no draft or
 the static one, the trainer's objective when a trainer follows it, and optionally a
 ``proposer`` hook (build the served proposer from the arm's learned head, e.g. a
@@ -188,6 +194,7 @@ class Arm:
     proposer: Callable[[ArmState], Any] | None = None
     observe: Callable[[ArmState, Any], None] | None = None
     default: bool = True  # run unless --arms names others
+    static: str = "static"  # the arm its throughput_ratio_vs_static is over
 
 
 ARMS: dict[str, Arm] = {}
@@ -241,15 +248,22 @@ def _suffix(state: ArmState) -> Any:
     return SuffixProposer(_suffix_cache(state), cost=state.memory["cost"]())
 
 
-def _hybrid(state: ArmState) -> Any:
-    """Suffix decoding and the arm's current head, adaptive, as `--draft hybrid:` serves it."""
+def _adaptive(state: ArmState) -> Any:
+    """The arm's current head with adaptive speculation length, as `aurora serve` serves a
+    head by default (its draft step timed now, the verify cost measured once per seed)."""
     from aurora.runtime.cost import Adaptive, measure_draft_step
     from aurora.runtime.draft import EagleProposer
-    from aurora.runtime.suffix import HybridProposer
 
     head = state.head.head
     adaptive = Adaptive(state.memory["cost"](), draft_step_s=measure_draft_step(head))
-    return HybridProposer(_suffix(state), EagleProposer(head, state.revision, adaptive))
+    return EagleProposer(head, state.revision, adaptive)
+
+
+def _hybrid(state: ArmState) -> Any:
+    """Suffix decoding and the arm's current head, adaptive, as `--draft hybrid:` serves it."""
+    from aurora.runtime.suffix import HybridProposer
+
+    return HybridProposer(_suffix(state), _adaptive(state))
 
 
 def _learn_output(state: ArmState, generation: Any) -> None:
@@ -274,6 +288,25 @@ register_arm(
         objective={"discard": True, "reject": True, "reject_term": "unlikelihood"},
         proposer=_hybrid,
         observe=_learn_output,
+    )
+)
+
+
+register_arm(
+    Arm(
+        "static-adaptive",
+        "the static draft with adaptive speculation length (how `aurora serve` serves a head)",
+        proposer=_adaptive,
+    )
+)
+register_arm(
+    Arm(
+        "online-adaptive",
+        "online with the trainer's default objective (forward KL + off-path KL), served with "
+        "adaptive speculation length; compared with static-adaptive",
+        objective={"discard": True, "reject": False, "reject_term": "unlikelihood"},
+        proposer=_adaptive,
+        static="static-adaptive",
     )
 )
 
@@ -373,9 +406,9 @@ def seed_figures(
             "accept_length_window": accept_length(window[name]),
             "swaps": len(state.swaps),
         }
-        for other in ("plain", "static"):
+        for key, other in (("plain", "plain"), ("static", state.arm.static)):
             if other in tps and tps[name] is not None and tps[other]:
-                row[f"throughput_ratio_vs_{other}"] = tps[name] / tps[other]  # type: ignore[operator]
+                row[f"throughput_ratio_vs_{key}"] = tps[name] / tps[other]  # type: ignore[operator]
         if state.curve:
             row["traces_to_accept_length"] = {
                 f"{level:.1f}": traces_to(state.curve, level) for level in config.levels
@@ -662,6 +695,7 @@ def run_adapt(
         "arms": combined,
         "goals": goals(combined, config.levels),
         "descriptions": {name: ARMS[name].description for name in config.arm_names},
+        "static_arms": {name: ARMS[name].static for name in config.arm_names},
         "per_seed": [
             {
                 "seed": seed,

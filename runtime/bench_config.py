@@ -42,7 +42,13 @@ class DecodeBenchConfig(BenchConfig):
         False, "use the held-out half of the domain (the half `aurora draft fit` does not train on)"
     )
     max_new_tokens: int = knob(96, "tokens generated per prompt")
-    spec_tokens: int = knob(4, "k for every speculative method")
+    spec_tokens: int = knob(4, "k for every speculative method (the hybrid's head included)")
+    suffix_tokens: int = knob(
+        16,
+        "with --unseen: the most tokens a suffix draft (suffix, hybrid) proposes per step, "
+        "cut by the verify-cost model, as `aurora serve --suffix-tokens` (0: --spec-tokens)",
+        metavar="N",
+    )
     unseen: bool = knob(
         False,
         "every proposer (plain, n-gram, suffix, the head with a fixed k and adaptive, the "
@@ -59,6 +65,11 @@ class DecodeBenchConfig(BenchConfig):
         "prompts (cycled when the domain has fewer)",
         metavar="N",
     )
+    recurring: bool = knob(
+        False,
+        "with --unseen: the suffix tree has also learned the measured prompts' own outputs "
+        "first (a server that served them before): RECURRING traffic, labelled so in the JSON",
+    )
     fit_prompts: int = knob(48, "with --unseen and no --draft: prompts the head is fitted on")
     fit_epochs: int = knob(10, "with --unseen and no --draft: epochs of that fit")
     workdir: Path = knob(
@@ -67,6 +78,10 @@ class DecodeBenchConfig(BenchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.suffix_tokens <= 64:
+            raise UsageError(
+                f"--suffix-tokens {self.suffix_tokens}: use 0 to 64 (0: --spec-tokens)"
+            )
         if self.unseen and (len(self.draft) > 1 or self.warmup < 0 or not self.domains):
             raise UsageError(
                 f"--unseen takes at most one --draft (got {len(self.draft)}), --warmup >= 0 "

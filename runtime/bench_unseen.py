@@ -8,7 +8,9 @@ with ``warmup`` > 0 it first learns the outputs of that many requests drawn from
 domain's other prompts (cycled when the domain has fewer; cached on disk, since greedy
 outputs do not change). Then, prompt by prompt, every method decodes it (in a
 per-prompt shuffled order, so machine drift hits them alike) and the cache learns the
-plain output, as a server learns every finished request.
+plain output, as a server learns every finished request. With ``recurring`` the cache
+first learns the measured prompts' own outputs too (they were served before): the
+figures are then labelled recurring, not unseen.
 
 Methods: transformers' generate and prompt lookup, our engine plain, n-gram, suffix, the
 learned head with a fixed k, the learned head adaptive, and the hybrid. The verify cost
@@ -33,7 +35,7 @@ from aurora.runtime.bench_config import DecodeBenchConfig
 from aurora.runtime.checkpoint import CheckpointStore, load_draft
 from aurora.runtime.cost import Adaptive, VerifyCost, measure_draft_step, measure_generate_cost
 from aurora.runtime.draft import EagleProposer, NgramProposer
-from aurora.runtime.engine import generate
+from aurora.runtime.engine import draft_length, generate
 from aurora.runtime.models import load_target
 from aurora.runtime.protocol import Builtin
 from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
@@ -165,7 +167,8 @@ def run_unseen(
     draft_path = fitted_draft(config, target, progress)
     head, meta = load_draft(draft_path, model, dtype=model.dtype)
     seen_by_draft = fitted_texts(meta.evaluation.get("prompts", []))
-    cost = VerifyCost(measure_generate_cost(model, config.spec_tokens + 1))
+    reach = config.suffix_tokens or None
+    cost = VerifyCost(measure_generate_cost(model, max(config.spec_tokens, reach or 0) + 1))
     adaptive = Adaptive(cost, draft_step_s=measure_draft_step(head))
     fixed = EagleProposer(head, meta.revision)
     learned = EagleProposer(head, meta.revision, adaptive)
@@ -190,13 +193,22 @@ def run_unseen(
             ):
                 cache.add(output)
         assert not measured_texts & ({p.text for p in warm} | seen_by_draft)
+        if config.recurring:  # served before: the tree holds their continuations
+            for output in warm_outputs(
+                config, target, measured, lambda *a, d=domain: progress and progress(d, *a)
+            ):
+                cache.add(output)
         proposers: dict[str, Any] = {
             "plain": None,
             Builtin.NGRAM: NgramProposer(),
-            Builtin.SUFFIX: SuffixProposer(cache, cost=cost),
+            Builtin.SUFFIX: SuffixProposer(cache, cost=cost, spec_tokens=reach),
             "draft_fixed": fixed,
             "draft_adaptive": learned,
-            "hybrid": HybridProposer(SuffixProposer(cache, cost=cost), learned),
+            "hybrid": HybridProposer(
+                SuffixProposer(cache, cost=cost, spec_tokens=reach),
+                learned,
+                head_tokens=config.spec_tokens,
+            ),
         }
         totals = {m: MethodTotals() for m in METHODS}
         for i, prompt in enumerate(measured):
@@ -214,7 +226,7 @@ def run_unseen(
                         model,
                         ids,
                         proposer=proposers[method],
-                        k=0 if method == "plain" else config.spec_tokens,
+                        k=draft_length(proposers[method], config.spec_tokens),
                         max_new_tokens=config.max_new_tokens,
                         eos_ids=eos,
                     )
@@ -240,7 +252,9 @@ def run_unseen(
             "revision": meta.revision,
             "fitted_on": len(seen_by_draft),
         },
+        "traffic": "recurring" if config.recurring else "unseen",
         "k": config.spec_tokens,
+        "suffix_tokens": reach or config.spec_tokens,
         "max_new_tokens": config.max_new_tokens,
         "prompts_per_domain": config.prompts,
         "warmup": config.warmup,

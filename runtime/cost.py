@@ -231,7 +231,9 @@ def measure_batch_cost(
 
 
 def _token_counts(max_tokens: int) -> list[int]:
-    return sorted({1, 2, 3, 5, max(1, max_tokens)} | set(range(1, min(max_tokens, 3) + 1)))
+    """1, 2, 3, 5, 9, 17, ... up to and including ``max_tokens`` (interpolated between)."""
+    counts = {1, max(1, max_tokens)} | {2**i + 1 for i in range(7) if 2**i + 1 < max_tokens}
+    return sorted(counts | set(range(1, min(max_tokens, 3) + 1)))
 
 
 @torch.inference_mode()

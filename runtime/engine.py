@@ -219,6 +219,14 @@ def _finished(
     return None
 
 
+def draft_length(proposer: Any, k: int) -> int:
+    """The k to decode with ``proposer`` when the caller's is ``k``: a proposer that
+    sets ``spec_tokens`` (suffix decoding and the hybrid, which draft further on long
+    matches) uses its own; k = 0 (no speculation) stays 0."""
+    reach = getattr(proposer, "spec_tokens", None)
+    return k if proposer is None or k <= 0 or reach is None else reach
+
+
 def _propose(
     session: DraftSession | None,
     tokens: list[int],

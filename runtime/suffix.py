@@ -436,7 +436,11 @@ class SuffixConfig:
 class SuffixProposer:
     """Suffix decoding: per verify step, the better-scored draft of the request's own
     tree and the server's global cache. Model-free and deterministic. With ``cost``,
-    the draft is cut where the expected rate peaks (``VerifyCost.best_length``)."""
+    the draft is cut where the expected rate peaks (``VerifyCost.best_length``).
+
+    ``spec_tokens``: the most tokens it drafts per step in place of the caller's k
+    (``engine.draft_length``); suffix decoding drafts further than a head on a long
+    match, and the cost model cuts a draft to what pays. None: the caller's k."""
 
     needs_features = False
 
@@ -447,9 +451,13 @@ class SuffixProposer:
         revision: str = Builtin.SUFFIX,
         cost: VerifyCost | None = None,
         config: SuffixConfig | None = None,
+        spec_tokens: int | None = None,
     ) -> None:
+        if spec_tokens is not None and spec_tokens < 1:
+            raise ValueError(f"spec_tokens={spec_tokens}: use at least 1, or None for k")
         self.cache, self.revision, self.cost = cache, revision, cost
         self.config = config or SuffixConfig(max_depth=cache.max_depth if cache else 32)
+        self.spec_tokens = spec_tokens
 
     def start(self, prompt_ids: list[int]) -> SuffixSession:
         return SuffixSession(self, prompt_ids)
@@ -535,25 +543,33 @@ class SuffixSession:
 class HybridProposer:
     """Suffix decoding and a learned head (``hybrid:<revision>``): per verify step the
     suffix draft when its score (expected accepted tokens) is at least the head's
-    expected accepted tokens, else the head's adaptive draft (EagleSession's rule)."""
+    expected accepted tokens, else the head's adaptive draft (EagleSession's rule).
+    The suffix draft reaches ``suffix.spec_tokens`` tokens (the caller's k when None),
+    the head at most ``head_tokens`` (the caller's k when None)."""
 
     needs_features = True
 
-    def __init__(self, suffix: SuffixProposer, learned: EagleProposer) -> None:
+    def __init__(
+        self, suffix: SuffixProposer, learned: EagleProposer, *, head_tokens: int | None = None
+    ) -> None:
         if learned.adaptive is None:
             raise ValueError("a hybrid's head must be adaptive: pass EagleProposer(adaptive=...)")
-        self.suffix, self.learned = suffix, learned
+        self.suffix, self.learned, self.head_tokens = suffix, learned, head_tokens
         self.head = learned.head  # the engine fuses the target's features through it
         self.revision = hybrid_revision(learned.revision)
+        self.spec_tokens = suffix.spec_tokens
 
     def start(self, prompt_ids: list[int]) -> HybridSession:
-        return HybridSession(self.suffix.start(prompt_ids), self.learned.start(prompt_ids))
+        return HybridSession(
+            self.suffix.start(prompt_ids), self.learned.start(prompt_ids), self.head_tokens
+        )
 
 
 @dataclass
 class HybridSession:
     suffix: SuffixSession
     learned: EagleSession
+    head_tokens: int | None = None
 
     def propose(
         self,
@@ -565,4 +581,5 @@ class HybridSession:
         rows: int = 1,
     ) -> Proposal:
         rival = self.suffix.draft(tokens, k)
-        return self.learned.propose(tokens, features, k, temperature, generator, rows, rival)
+        head_k = k if self.head_tokens is None else min(k, self.head_tokens)
+        return self.learned.propose(tokens, features, head_k, temperature, generator, rows, rival)

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def _progress(console: Any, every_s: float = 10.0) -> Iterator[Callable[[str], None]]:
+    """``update(text)`` for a long benchmark: a live status line on a terminal; else
+    (a log file, CI) the text as a line, at most one every ``every_s`` seconds."""
+    if console.is_terminal:
+        with console.status("benchmarking") as status:
+            yield status.update
+        return
+    last = [-every_s]
+
+    def update(text: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+
+    yield update
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,10 +124,8 @@ def _decode(args: argparse.Namespace) -> int:
     train, held = default_prompts(config.domain, config.prompts, config.seed)
     prompts = held if config.heldout else train
     console = Console()
-    with console.status("benchmarking") as status:
-        result = decode_benchmark(
-            config, prompts, progress=lambda i, n: status.update(f"prompt {i}/{n}")
-        )
+    with _progress(console) as update:
+        result = decode_benchmark(config, prompts, progress=lambda i, n: update(f"prompt {i}/{n}"))
     table = Table(
         title=f"decode: {config.model}, {len(prompts)} {config.domain} prompts, "
         f"{config.max_new_tokens} new tokens, k={config.spec_tokens}, greedy"
@@ -148,8 +168,8 @@ def _unseen(config: Any) -> int:
     from aurora.runtime.bench_unseen import run_unseen
 
     console = Console()
-    with console.status("benchmarking") as status:
-        result = run_unseen(config, lambda *info: status.update(" ".join(map(str, info))))
+    with _progress(console) as update:
+        result = run_unseen(config, lambda *info: update(" ".join(map(str, info))))
     for domain, data in result["domains"].items():
         table = Table(
             title=f"{domain}: {len(data['prompts'])} unseen prompts, warm-up "
@@ -318,11 +338,11 @@ def _batch(args: argparse.Namespace) -> int:
     config = from_args(BatchBenchConfig, args)
     prompts, _ = default_prompts(config.domain, config.prompts, config.seed)
     console = Console()
-    with console.status("benchmarking") as status:
+    with _progress(console) as update:
         result = batch_benchmark(
             config,
             [p.text for p in prompts],
-            progress=lambda i, n: status.update(f"configuration {i}/{n}"),
+            progress=lambda i, n: update(f"configuration {i}/{n}"),
         )
     table = Table(
         title=f"batch: {config.model}, {len(prompts)} {config.domain} requests at once, "

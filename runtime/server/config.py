@@ -38,6 +38,13 @@ class ServerConfig:
         "or a checkpoint directory, whichever drafts further per step)",
     )
     spec_tokens: int = knob(4, "draft tokens per verify step (0 disables speculation)", metavar="K")
+    suffix_tokens: int = knob(
+        16,
+        "the most tokens a suffix draft (suffix, hybrid:HEAD) proposes per verify step: "
+        "suffix decoding drafts further on long matches, and the verify-cost model cuts "
+        "each draft to what pays (0: --spec-tokens)",
+        metavar="N",
+    )
     speculator: str = knob(
         "default/local",
         "the Speculator whose Redis keys this server uses",
@@ -116,6 +123,12 @@ class ServerConfig:
                 "--spec-tokens",
                 self.spec_tokens,
                 "an integer from 0 to 64 (0 = no speculation)",
+            ),
+            (
+                0 <= self.suffix_tokens <= 64,
+                "--suffix-tokens",
+                self.suffix_tokens,
+                "an integer from 0 to 64 (0 = --spec-tokens)",
             ),
             (
                 0.0 <= self.candidate_share <= 1.0,

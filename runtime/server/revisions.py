@@ -159,15 +159,28 @@ class Speculation:
     suffix cache over served outputs (the worker adds each finished request) and the
     verify cost (the worker measures it at start; a prior until then)."""
 
-    def __init__(self, cache: SuffixCache, cost: VerifyCost, adaptive: bool = True) -> None:
+    def __init__(
+        self,
+        cache: SuffixCache,
+        cost: VerifyCost,
+        adaptive: bool = True,
+        *,
+        spec_tokens: int = 4,
+        suffix_tokens: int = 0,
+    ) -> None:
         self.cache, self.cost, self.adaptive = cache, cost, adaptive
+        # k of heads; a suffix draft's reach (0: the same k)
+        self.spec_tokens, self.suffix_tokens = spec_tokens, suffix_tokens or None
+
+    def suffix(self) -> SuffixProposer:
+        return SuffixProposer(self.cache, cost=self.cost, spec_tokens=self.suffix_tokens)
 
     def builtin(self, name: str) -> Revision | None:
         """ngram, suffix or none (scratch needs the target: the caller builds its head)."""
         if name == Builtin.NGRAM:
             return Revision(Builtin.NGRAM, NgramProposer(revision=Builtin.NGRAM))
         if name == Builtin.SUFFIX:
-            return Revision(Builtin.SUFFIX, SuffixProposer(self.cache, cost=self.cost))
+            return Revision(Builtin.SUFFIX, self.suffix())
         if name == Builtin.NONE:
             return Revision(Builtin.NONE, None)
         return None
@@ -192,7 +205,7 @@ class Speculation:
         if learned.adaptive is None:
             plan = Adaptive(self.cost, draft_step_s=measure_draft_step(learned.head))
             learned = EagleProposer(learned.head, inner.name, plan)
-        proposer = HybridProposer(SuffixProposer(self.cache, cost=self.cost), learned)
+        proposer = HybridProposer(self.suffix(), learned, head_tokens=self.spec_tokens)
         return Revision(proposer.revision, proposer, inner.path)
 
 

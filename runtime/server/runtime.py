@@ -74,7 +74,11 @@ class ServerRuntime:
         self._initial: Revision | None = None
         # Shared by every proposer: the suffix tree over served outputs, the verify cost.
         self.speculation = Speculation(
-            SuffixCache(int(config.suffix_cache_mb * 2**20)), VerifyCost(), config.adaptive
+            SuffixCache(int(config.suffix_cache_mb * 2**20)),
+            VerifyCost(),
+            config.adaptive,
+            spec_tokens=config.spec_tokens,
+            suffix_tokens=config.suffix_tokens,
         )
         if target is not None:
             # Fail in create_app, not in the background, when the initial draft is unusable.

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from aurora.runtime.cost import measure_batch_cost, measure_generate_cost
-from aurora.runtime.engine import BatchDecoder, Generation, Row, generate
+from aurora.runtime.engine import BatchDecoder, Generation, Row, draft_length, generate
 from aurora.runtime.llama import Llama, UnsupportedModel
 from aurora.runtime.protocol import RequestStats
 from aurora.runtime.server.metrics import ServerMetrics
@@ -336,10 +336,11 @@ class EngineWorker:
             return
         try:
             started = time.perf_counter()
+            tokens = max(self.k, speculation.suffix_tokens or 0) + 1
             if self.decoder is not None:
-                table = measure_batch_cost(self.decoder.model, self.k + 1, repeats=2)
+                table = measure_batch_cost(self.decoder.model, tokens, repeats=2)
             else:
-                table = measure_generate_cost(self.target, self.k + 1, repeats=2)
+                table = measure_generate_cost(self.target, tokens, repeats=2)
             speculation.cost.update(table)
             log.info(
                 "verify cost measured in %.1f s: %s",
@@ -405,7 +406,7 @@ class EngineWorker:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         return dict(
             proposer=proposer,
-            k=self.k if proposer is not None else 0,
+            k=draft_length(proposer, self.k),
             max_new_tokens=job.max_new_tokens,
             temperature=job.temperature,
             generator=generator,

@@ -14,13 +14,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_path: Path) -> None:
-    # Given a stream of 2 prose then 4 unseen code requests, two seeds, plain, static, two
-    # online variants, suffix decoding and the hybrid of suffix and an online head, a static draft fitted in one short epoch, and a publish margin of 0 (any
-    # candidate at least as good offline as what is served)
+    # Given a stream of 2 prose then 4 unseen code requests, two seeds, plain, static (with
+    # a fixed k and adaptive), an online arm with a fixed k and one served adaptive, suffix
+    # decoding and the hybrid of suffix and an online head, a static draft fitted in one
+    # short epoch, and a publish margin of 0 (any candidate at least as good offline as
+    # what is served)
     out, png = tmp_path / "adapt.json", tmp_path / "adapt.png"
     argv = [
         "bench", "adapt", "--schedule", "prose:2,code:4", "--seeds", "2",
-        "--arms", "plain,static,online-fkl,online-reject,suffix,hybrid-online",
+        "--arms", "plain,static,static-adaptive,online-fkl,online-adaptive,suffix,hybrid-online",
         "--max-new-tokens", "10", "--spec-tokens", "3", "--fit-prompts", "2", "--fit-epochs", "1",
         "--block", "2", "--steps-per-block", "3", "--window", "2", "--eval-prompts", "2",
         "--publish-margin", "0", "--workdir", str(tmp_path / "work"), "--plot", str(png),
@@ -31,15 +33,21 @@ def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_pa
     result = json.loads(out.read_text())
     # Then every arm has its ratios as mean/low/high over the two seeds
     assert result["traffic"] == "unseen" and result["seeds"] == [0, 1]
-    arms = {"plain", "static", "online-fkl", "online-reject", "suffix", "hybrid-online"}
+    arms = {
+        "plain", "static", "static-adaptive", "online-fkl", "online-adaptive", "suffix",
+        "hybrid-online",
+    }  # fmt: skip
     assert set(result["arms"]) == arms
+    # (the adaptive online arm is compared with the static draft served adaptive)
+    assert result["static_arms"]["online-adaptive"] == "static-adaptive"
+    assert result["static_arms"]["online-fkl"] == "static"
     for name, row in result["arms"].items():
         for key in ("throughput_ratio_vs_plain", "throughput_ratio_vs_static"):
             assert set(row[key]) >= {"mean", "low", "high"}, (name, key)
             assert len(row[key]["per_seed"]) == 2
     assert result["arms"]["plain"]["throughput_ratio_vs_plain"]["mean"] == pytest.approx(1.0)
     # and the online arms have traces-to-quality figures for both levels, the others none
-    for name in ("online-fkl", "online-reject", "hybrid-online"):
+    for name in ("online-fkl", "online-adaptive", "hybrid-online"):
         assert set(result["arms"][name]["traces_to_accept_length"]) == {"1.5", "2.0"}
     assert "traces_to_accept_length" not in result["arms"]["static"]
     assert "traces_to_accept_length" not in result["arms"]["suffix"]
@@ -52,7 +60,8 @@ def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_pa
         # the static arm never changed revision, the online arms swapped at least once
         assert len({s["revision"] for s in served["static"]}) == 1 and not seed["swaps"]["static"]
         assert {s["revision"] for s in served["suffix"]} == {"suffix"}
-        assert seed["swaps"]["online-fkl"], "the online arm never swapped to a candidate"
+        for name in ("online-fkl", "online-adaptive"):
+            assert seed["swaps"][name], f"{name} never swapped to a candidate"
         # the curve starts from the static draft, before any post-shift trace
         assert seed["curves"]["online-fkl"][0]["traces"] == 0
     assert png.stat().st_size > 10_000

@@ -112,6 +112,13 @@ def test_seed_figures_compare_the_window_after_the_shift_against_plain_and_stati
         "2.0": None,
     }
     assert "traces_to_accept_length" not in figures["static"]  # nobody trains it
+    # and an arm compares with its own static counterpart (an adaptive online arm with the
+    # static draft served adaptive)
+    arms["static-adaptive"] = _state("static-adaptive", series(12.0))
+    arms["online-adaptive"] = _state("online-adaptive", series(12.0)[:4] + series(18.0)[:2])
+    figures = seed_figures(arms, 2, config)
+    assert figures["online-adaptive"]["throughput_ratio_vs_static"] == pytest.approx(1.5)
+    assert figures["online-adaptive"]["throughput_ratio_vs_plain"] == pytest.approx(1.8)
     # and the combined figures carry mean/low/high for every arm and ratio
     combined = combine([figures, figures])
     assert combined["online-fkl"]["throughput_ratio_vs_plain"]["mean"] == pytest.approx(1.5)
@@ -182,7 +189,7 @@ def test_the_default_arms_and_their_objectives() -> None:
     config = AdaptConfig(lambda_discard=0.5, lambda_reject=2.0)
     assert config.arm_names == [
         "plain", "static", "online-fkl", "online-offpath", "online-reject", "online-all",
-        "suffix", "hybrid-online",
+        "suffix", "hybrid-online", "static-adaptive", "online-adaptive",
     ]  # fmt: skip
     overrides = {name: trainer_overrides(ARMS[name], config) for name in config.arm_names[2:6]}
     assert overrides["online-fkl"] == {
@@ -198,6 +205,11 @@ def test_the_default_arms_and_their_objectives() -> None:
     assert ARMS["suffix"].objective is None and ARMS["suffix"].draft == "none"
     assert ARMS["suffix"].observe is not None and ARMS["suffix"].proposer is not None
     assert trainer_overrides(ARMS["hybrid-online"], config) == overrides["online-all"]
+    # the adaptive online arm trains with the trainer's default objective and is compared
+    # with the static draft served the same way
+    assert trainer_overrides(ARMS["online-adaptive"], config) == overrides["online-offpath"]
+    assert ARMS["online-adaptive"].static == "static-adaptive"
+    assert ARMS["static-adaptive"].objective is None and ARMS["static-adaptive"].draft == "static"
 
 
 def test_an_arm_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -172,3 +172,32 @@ def test_local_refuses_a_gate_it_cannot_keep(
     # is refused before anything starts, as the CRD refuses it.
     assert main(["local", *flags, "--no-live"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_suffix_tokens_are_checked_where_they_are_given(capsys: pytest.CaptureFixture[str]) -> None:
+    # `aurora serve` and `aurora bench decode` take the reach of suffix drafts, 0 to 64
+    assert "--suffix-tokens" in _options("serve")
+    assert {"--suffix-tokens", "--recurring"} <= _options("bench", "decode")
+    assert main(["serve", "--suffix-tokens", "65"]) == 2
+    assert "--suffix-tokens" in capsys.readouterr().err
+    assert main(["bench", "decode", "--unseen", "--suffix-tokens", "-1"]) == 2
+    assert "--suffix-tokens -1: use 0 to 64" in capsys.readouterr().err
+
+
+def test_benchmark_progress_is_printed_as_lines_when_not_on_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from aurora.commands.bench import _progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)  # not a terminal: a log file, CI
+    with _progress(console, every_s=3600) as update:
+        update("code prompt 1/8")
+        update("code prompt 2/8")  # within the interval: not printed
+    with _progress(console, every_s=0) as update:
+        update("chat prompt 8/8")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("] code prompt 1/8") and lines[1].endswith("] chat prompt 8/8")

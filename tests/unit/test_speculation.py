@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aurora.runtime.cost import Adaptive, Throttle, VerifyCost
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer
-from aurora.runtime.engine import BatchDecoder, generate
+from aurora.runtime.engine import BatchDecoder, draft_length, generate
 from aurora.runtime.llama import Llama
 from aurora.runtime.suffix import Draft, HybridProposer, SuffixCache, SuffixProposer
 
@@ -324,3 +324,31 @@ def test_a_suffix_draft_is_scored_only_where_committed_tokens_decide_it() -> Non
     assert s.delivered == 3.0 and s.promised == pytest.approx(3.0 + sum(last[1].probs[:2]))
     # and a calibrated draft's probabilities are scaled by trust
     assert s.trust < 1.0
+
+
+def test_suffix_drafts_reach_their_own_length_and_the_hybrids_head_keeps_k() -> None:
+    # Given a suffix proposer reaching 16 tokens and a scripted head at p = 0.95
+    suffix = SuffixProposer(cost=VerifyCost(FLAT), spec_tokens=16)
+    head = ScriptedHead([(3, 0.95)] * 16)
+    learned = EagleProposer(head, "h", Adaptive(VerifyCost(FLAT)))  # type: ignore[arg-type]
+    hybrid = HybridProposer(suffix, learned, head_tokens=4)
+    # Then decoding uses the proposer's reach in place of the caller's k, k = 0 stays off,
+    # and a head or no proposer keeps the caller's k
+    assert draft_length(suffix, 4) == draft_length(hybrid, 4) == 16
+    assert draft_length(suffix, 0) == 0
+    assert draft_length(learned, 4) == 4 and draft_length(None, 4) == 4
+    # When a request repeats a 20-token run (its own tree holds it; a 16-token match
+    # drafts up to 16)
+    run = list(range(40, 60))
+    tokens = run + run[:16]
+    # Then the suffix draft goes up to 16 tokens, and within the hybrid the head (whose
+    # expectation, at most 4 tokens, loses to the suffix's 16) drafts at most 4
+    assert suffix.start(tokens).propose(tokens, None, 16, 0.0, None).tokens == (run + run)[16:32]
+    s = hybrid.start(tokens)
+    assert s.propose(tokens, FEATURE, 16, 0.0, None).tokens == (run + run)[16:32]
+    calls = head.calls
+    s = hybrid.start([1, 2])  # no suffix match: the head's draft, capped at 4
+    assert s.propose([1, 2], FEATURE, 16, 0.0, None).tokens == [3, 3, 3, 3]
+    assert head.calls - calls == 4
+    with pytest.raises(ValueError, match="spec_tokens=0"):
+        SuffixProposer(spec_tokens=0)
