@@ -38,6 +38,7 @@ from aurora.runtime.protocol import (
     hybrid_head,
     report_loaded,
 )
+from aurora.runtime.retry import FailedLoads
 from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
 
 log = logging.getLogger(__name__)
@@ -306,13 +307,8 @@ class RevisionWatcher:
     """Polls the desired state in Redis and reconciles the served revisions with it.
 
     A revision that fails to load is reported and the server keeps serving what it has;
-    it is tried again ``retry_first_s`` later, then at doubling intervals up to
-    ``retry_max_s``, while the desired state still names it: a download fails while the
-    trainer restarts, and a server must not stay on the wrong stable revision for good
-    (a corrupt checkpoint just fails again, verified before anything serves it)."""
-
-    retry_first_s = 10.0
-    retry_max_s = 300.0
+    it is tried again later (``FailedLoads``: 10 s, doubling to 300 s) while the desired
+    state still names it: a server must not stay on the wrong stable revision for good."""
 
     def __init__(
         self,
@@ -329,7 +325,7 @@ class RevisionWatcher:
         self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
         # (revision, path) → (error, when to try again, the delay that set it)
-        self.failed: dict[tuple[str, str], tuple[str, float, float]] = {}
+        self.failed = FailedLoads()
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None
         self.report_interval = report_interval
@@ -425,21 +421,20 @@ class RevisionWatcher:
             if loaded is not None and loaded.name == ref.revision:
                 return loaded
         key = (ref.revision, ref.path)
-        failure = self.failed.get(key)
-        if failure is not None and time.monotonic() < failure[1]:
-            errors.append(failure[0])
+        waiting = self.failed.waiting(key)
+        if waiting is not None:
+            errors.append(waiting)
             return None
         started = time.perf_counter()
         try:
             revision = self.loader.load(ref)
         except Exception as error:  # any failure keeps the old revision serving
             message = f"cannot load revision {ref.revision!r}: {error}"
-            delay = min(2 * failure[2], self.retry_max_s) if failure else self.retry_first_s
+            delay = self.failed.record(key, message)
             log.error("%s; keeping the served revisions (retrying in %.0f s)", message, delay)
-            self.failed[key] = (message, time.monotonic() + delay, delay)
             errors.append(message)
             return None
-        self.failed.pop(key, None)
+        self.failed.clear(key)
         log.info(
             "loaded revision %s in %.2f s (off the decode path)",
             ref.revision,

@@ -245,9 +245,7 @@ async def server_info(runtime: Runtime) -> dict[str, Any]:
         if served
         else {},
         "last_swap_pause_ms": watcher.last_pause_ms if watcher else None,
-        "revision_errors": sorted(error for error, *_ in watcher.failed.values())
-        if watcher
-        else [],
+        "revision_errors": watcher.failed.errors() if watcher else [],
         "redis": {
             "configured": runtime.redis is not None,
             "publishing": bool(runtime.publisher and runtime.publisher.connected),

@@ -56,6 +56,7 @@ from aurora.runtime.protocol import (
     get_loaded,
     report_loaded,
 )
+from aurora.runtime.retry import FailedLoads
 from aurora.runtime.sglang import PRIMARY_VERSION
 from aurora.runtime.sglang.launcher import (
     DRAFT_LOADER,
@@ -333,8 +334,8 @@ class SGLangRevisionWatcher:
     server that holds one draft: hot-swaps the wanted revision when it can, otherwise
     restarts into it (``restarter``; None: reports why it cannot), and reports what is
     loaded. With no desired revision for its role the server serves ``initial`` (the
-    spec's draft.initial). A revision that failed is not retried until the desired
-    state names another."""
+    spec's draft.initial). A revision that failed is tried again later (``FailedLoads``:
+    10 s, doubling to 300 s) while the desired state still names it."""
 
     def __init__(
         self,
@@ -369,7 +370,7 @@ class SGLangRevisionWatcher:
         self.waiting: str | None = None  # a restart waits for a free slot
         self.pause_ms: float | None = None
         self.swapped: float | None = None  # wall clock of the last swap, for rollout timings
-        self.failed: dict[tuple[str, str], str] = {}
+        self.failed = FailedLoads()
         self._stop = threading.Event()
 
     def path_of(self, ref: RevisionRef) -> Path:
@@ -393,8 +394,9 @@ class SGLangRevisionWatcher:
         name, ref = self.target(get_desired(self.client, self.keys))
         if name is not None and name != self.loaded:
             key = (name, ref.path if ref is not None else "")
-            if key in self.failed:
-                self.error = self.failed[key]
+            waiting = self.failed.waiting(key)
+            if waiting is not None:
+                self.error = waiting
             else:
                 self._serve(name, ref, key)
         elif name is not None:
@@ -428,8 +430,7 @@ class SGLangRevisionWatcher:
             return
         except Exception as error:  # keep serving the old draft, or restart into the new
             if self.restarter is None:
-                self.error = self.failed[key] = f"cannot swap in revision {name!r}: {error}"
-                log.error("aurora: %s", self.error)
+                self._fail(key, f"cannot swap in revision {name!r}: {error}")
             else:
                 self._restart(name, ref, key, f"the swap failed ({error})")
             return
@@ -439,20 +440,25 @@ class SGLangRevisionWatcher:
             "aurora: SGLang serves draft %s (paused %.1f ms)", result.revision, result.pause_ms
         )
 
+    def _fail(self, key: tuple[str, str], error: str) -> None:
+        """Report ``error`` and keep serving what is loaded; try again later."""
+        self.error = error
+        delay = self.failed.record(key, error)
+        log.error("aurora: %s (trying again in %.0f s)", error, delay)
+
     def _restart(self, name: str, ref: RevisionRef | None, key: tuple[str, str], why: str) -> None:
         if self.restarter is None:
-            self.error = self.failed[key] = (
+            self._fail(
+                key,
                 f"cannot swap in revision {name!r} in place: {why}; start SGLang through "
                 "`python3 -m aurora.runtime.sglang.serve` (the operator does) so it can "
-                "restart into it, or restart it with that draft exported"
+                "restart into it, or restart it with that draft exported",
             )
-            log.error("aurora: %s", self.error)
             return
         try:
             self.restarter.prepare(ref)
         except Exception as error:
-            self.error = self.failed[key] = f"cannot restart into revision {name!r}: {error}"
-            log.error("aurora: %s", self.error)
+            self._fail(key, f"cannot restart into revision {name!r}: {error}")
             return
         if not self.restarter.slots.acquire():
             if self.waiting != name:

@@ -697,7 +697,7 @@ def test_a_revision_that_failed_to_load_is_tried_again_and_then_served(
     # Given a server told to serve a checkpoint that is not there yet (as when the trainer
     # it downloads from restarts), with its retries made quick for the test
     server = serve(draft="ngram", redis_url=redis_url)
-    server.runtime.watcher.retry_first_s = 0.5
+    server.runtime.watcher.failed.first_s = 0.5
     late = tmp_path / "late"
     set_desired(
         redis_client, KEYS, DesiredState(stable=RevisionRef(revision="r-late", path=str(late)))

@@ -21,6 +21,7 @@ from aurora.runtime.protocol import (
     get_loaded,
     set_desired,
 )
+from aurora.runtime.retry import FailedLoads
 from aurora.runtime.sglang.export import load_export
 from aurora.runtime.sglang.launcher import Launch, initial_launch
 from aurora.runtime.sglang.plugin import PluginSettings
@@ -269,6 +270,32 @@ def test_a_revision_sglang_never_came_up_with_is_reported_and_the_initial_draft_
     report = get_loaded(redis_client, KEYS)["pod-stable"]
     assert exits.reasons == [] and report.stable == Builtin.NGRAM
     assert report.error is not None and "did not come up with draft r4" in report.error
+
+
+def test_a_revision_that_failed_to_swap_in_is_tried_again_later_and_then_served(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a stable server told to serve r5 before its checkpoint exists anywhere (the
+    # trainer that holds it restarting), with a clock the test moves
+    desire(redis_client, tmp_path, "r5")
+    sglang = FakeSGLang()
+    config = settings(redis_url, "pod-stable", "stable", tmp_path)
+    server = watcher(redis_client, sglang, config, running=EAGLE_R0)
+    now = [0.0]
+    server.failed = FailedLoads(first_s=10, max_s=300, clock=lambda: now[0])
+    server.poll()
+    report = get_loaded(redis_client, KEYS)["pod-stable"]
+    assert report.stable == "r0" and report.error is not None and "r5" in report.error
+    # When the checkpoint appears: within the delay nothing is tried, the error stays
+    save_revision(tmp_path / "ckpt", "r5", seed=5)
+    now[0] = 9.0
+    server.poll()
+    assert sglang.calls == [] and get_loaded(redis_client, KEYS)["pod-stable"].error
+    # Then after it the swap is tried again and r5 is served, the error gone
+    now[0] = 10.0
+    server.poll()
+    report = get_loaded(redis_client, KEYS)["pod-stable"]
+    assert (report.stable, report.error) == ("r5", None) and sglang.calls
 
 
 def test_without_redis_the_launcher_starts_the_initial_draft(tmp_path: Path) -> None:
