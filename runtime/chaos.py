@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +162,21 @@ def scrape(text: str, family: str) -> dict[str, float]:
 
 
 class Load:
-    """``clients`` threads posting /generate back to back until stopped."""
+    """``clients`` threads posting /generate back to back until stopped, cycling through
+    ``prompts`` (tagged with ``domain`` when given)."""
 
-    def __init__(self, base_url: str, clients: int, max_new_tokens: int, seed: int) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        clients: int,
+        max_new_tokens: int,
+        seed: int,
+        *,
+        prompts: Sequence[str] = PROMPTS,
+        domain: str | None = None,
+    ) -> None:
         self.base_url, self.clients, self.max_new_tokens = base_url, clients, max_new_tokens
+        self.prompts, self.domain = list(prompts), domain
         self.latencies: list[float] = []
         self.failures: list[str] = []
         self.served_by: Counter[str] = Counter()
@@ -190,12 +201,14 @@ class Load:
         with httpx.Client(base_url=self.base_url, timeout=300) as http:
             n = 0
             while not self.stop.is_set():
-                prompt = PROMPTS[(index + n) % len(PROMPTS)]
+                prompt = self.prompts[(index + n) % len(self.prompts)]
                 n += 1
-                body = {
+                body: dict[str, Any] = {
                     "text": prompt,
                     "sampling_params": {"max_new_tokens": self.max_new_tokens, "temperature": 0},
                 }
+                if self.domain is not None:
+                    body["domain"] = self.domain
                 started = time.perf_counter()
                 try:
                     reply = http.post("/generate", json=body)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import redis
 
 from aurora.runtime import protocol
-from aurora.runtime.chaos import write_revision
+from aurora.runtime.chaos import Load, write_revision
 from aurora.runtime.checkpoint import META_FILE
 from aurora.runtime.embedded_redis import free_port
 from aurora.runtime.models import load_target
@@ -111,38 +110,10 @@ def server(
         log.close()
 
 
-class Traffic:
+def traffic(url: str) -> Load:
     """CLIENTS threads sending recurring code prompts back to back until stopped."""
-
-    def __init__(self, url: str) -> None:
-        self.prompts = load_domain("code")[:24]
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.client, args=(url, i)) for i in range(CLIENTS)]
-
-    def client(self, url: str, index: int) -> None:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            i = index
-            while not self.stop.is_set():
-                prompt = self.prompts[i % len(self.prompts)]
-                body = {
-                    "text": prompt.text, "domain": "code",
-                    "sampling_params": {"max_new_tokens": 8, "temperature": 0},
-                }  # fmt: skip
-                reply = client.post("/generate", json=body)
-                if reply.status_code != 200:
-                    self.failures.append(f"{reply.status_code}: {reply.text[:200]}")
-                i += CLIENTS
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(300)
+    prompts = [p.text for p in load_domain("code")[:24]]
+    return Load(url, CLIENTS, max_new_tokens=8, seed=0, prompts=prompts, domain="code")
 
 
 def rounds(
@@ -180,7 +151,7 @@ def test_an_aa_canary_is_not_promoted_and_a_known_slowdown_is_rolled_back(
     while not served_stable(redis_client, "a0"):
         assert time.monotonic() < deadline, "the server did not load a0"
         time.sleep(0.2)
-    with Traffic(server) as traffic:
+    with traffic(server) as load:
         # when the same draft is offered again as a1 (an A/A canary),
         offer(redis_client, drafts, "a1", created=2.0)
         started = loop.run_round(
@@ -206,7 +177,7 @@ def test_an_aa_canary_is_not_promoted_and_a_known_slowdown_is_rolled_back(
     assert m is not None and m.speedup_vs_stable is not None
     assert m.speedup_vs_stable.upper < float(rollout.regression_threshold)
     assert (state.stable_revision, state.candidate_revision) == ("a0", None)
-    assert traffic.failures == []
+    assert load.failures == []
     if max_batch > 1:  # the server did batch, and every batch was one cohort of one arm
         stats = [s for _, s in protocol.read_stats(redis_client, KEYS)]
         assert max(s.batch_rows for s in stats) > 1.0
