@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,6 +149,30 @@ class Throttle:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, self.max_skip)
 
 
+@dataclass
+class GainPrior:
+    """What a head's drafts measured over every request it served (one per proposer,
+    shared by its sessions): the gain over plain decoding, averaged over steps weighting
+    the latest by ``alpha``. A new request's ``Throttle`` starts from it: where the head
+    has not paid, the request begins with ``max_skip`` steps without drafting instead of
+    probing from its first step (a 64-token request would otherwise pay for about six
+    failed probes, each a longer verify for nothing). Probes keep it current."""
+
+    gain: float = 1.0
+    alpha: float = 0.05
+    steps: int = 0
+
+    def record(self, gain: float) -> None:
+        self.gain = gain if self.steps == 0 else self.alpha * gain + (1 - self.alpha) * self.gain
+        self.steps += 1
+
+    def throttle(self) -> Throttle:
+        throttle = Throttle(gain=self.gain)
+        if self.gain < 1.0:
+            throttle.skip = throttle.backoff = throttle.max_skip
+        return throttle
+
+
 @dataclass(frozen=True)
 class Adaptive:
     """Adaptive speculation length for a learned head: drafting stops when the head's
@@ -165,13 +188,24 @@ class Adaptive:
 # ------------------------------------------------------------------ measuring
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+def _fastest_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` runs: noise on a shared machine only ever adds time."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
+
+
+def monotone(row: dict[int, float]) -> dict[int, float]:
+    """A verify over more tokens never costs less than one over fewer: a measured point
+    above a later one is noise, lowered to it."""
+    out, floor = {}, float("inf")
+    for tokens in sorted(row, reverse=True):
+        floor = min(floor, row[tokens])
+        out[tokens] = floor
+    return dict(sorted(out.items()))
 
 
 @torch.inference_mode()
@@ -195,7 +229,9 @@ def measure_generate_cost(
 
     forward(1)  # warm-up
     counts = _token_counts(max_tokens)
-    return {1: {t: _median_seconds(functools.partial(forward, t), repeats) for t in counts}}
+    return {
+        1: monotone({t: _fastest_seconds(functools.partial(forward, t), repeats) for t in counts})
+    }
 
 
 @torch.inference_mode()
@@ -223,10 +259,12 @@ def measure_batch_cost(
             )
 
         forward(1)
-        table[r] = {
-            t: _median_seconds(functools.partial(forward, t), repeats)
-            for t in _token_counts(max_tokens)
-        }
+        table[r] = monotone(
+            {
+                t: _fastest_seconds(functools.partial(forward, t), repeats)
+                for t in _token_counts(max_tokens)
+            }
+        )
     return table
 
 
@@ -255,4 +293,4 @@ def measure_draft_step(head: Any, *, context: int = 64, repeats: int = 5) -> flo
             g, ck, cv = head.chain(g, head.d2t[j : j + 1], anchor + s, keys, values, anchor, ck, cv)
 
     step()
-    return _median_seconds(step, repeats) / 2
+    return _fastest_seconds(step, repeats) / 2

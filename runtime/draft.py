@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aurora.runtime.cost import Adaptive, Throttle, VerifyCost
+from aurora.runtime.cost import Adaptive, GainPrior, Throttle, VerifyCost
 from aurora.runtime.llama import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, rope_theta
 from aurora.runtime.protocol import Builtin
 
@@ -391,9 +391,14 @@ class EagleProposer:
         self, head: EagleDraftHead, revision: str, adaptive: Adaptive | None = None
     ) -> None:
         self.head, self.revision, self.adaptive = head, revision, adaptive
+        self.prior = GainPrior()  # what its drafts measured over every request so far
 
     def start(self, prompt_ids: list[int]) -> EagleSession:
-        return EagleSession(self.head, adaptive=self.adaptive)
+        if self.adaptive is None:
+            return EagleSession(self.head)
+        return EagleSession(
+            self.head, adaptive=self.adaptive, throttle=self.prior.throttle(), prior=self.prior
+        )
 
 
 @dataclass
@@ -402,7 +407,8 @@ class EagleSession:
     it has taken in.
 
     Adaptive (``adaptive`` set): features are buffered and taken in only when the head
-    drafts. It drafts nothing while its ``Throttle`` says it does not pay; else it
+    drafts. It drafts nothing while its ``Throttle`` (started from the proposer's
+    ``GainPrior``, what its drafts measured in earlier requests) says it does not pay; else it
     drafts greedily, token by token, and stops before a token whose probability under
     the head is below ``min_prob`` or that would not raise the expected rate
     (``VerifyCost.pays``, with c_i the product of the head's probabilities of its first
@@ -424,6 +430,7 @@ class EagleSession:
     adaptive: Adaptive | None = None
     pending: list[Tensor] = field(default_factory=list)
     throttle: Throttle = field(default_factory=Throttle)
+    prior: GainPrior | None = None  # the proposer's, updated by every step's gain
     # The head's last proposal: (committed length then, tokens, draft seconds, rows,
     # the head's own expected accepted tokens)
     last: tuple[int, list[int], float, int, float] | None = None
@@ -509,6 +516,8 @@ class EagleSession:
             accepted += 1
         gain = adaptive.cost.gain(rows, len(proposed), accepted, spent)
         self.throttle.record(gain, accepted, own)
+        if self.prior is not None:
+            self.prior.record(gain)
 
     def _take_in(self, tokens: list[int]) -> Tensor:
         """Run step 1 over the buffered features; the head's hidden state [1, H] at the

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aurora.runtime.cost import Adaptive, Throttle, VerifyCost
+from aurora.runtime.cost import Adaptive, Throttle, VerifyCost, monotone
 from aurora.runtime.draft import DraftConfig, EagleDraftHead, EagleProposer
 from aurora.runtime.engine import BatchDecoder, draft_length, generate
 from aurora.runtime.llama import Llama
@@ -114,9 +114,12 @@ def test_batched_rows_decode_what_generate_gives_them_alone(tiny: LlamaForCausal
         )
     # when they go through a batch of 3 rows
     rows = BatchDecoder(Llama(tiny, rows=3), eos_ids=[0]).decode_all(requests)
-    # then each row's output and verify steps equal generate's for it alone
-    for request, row in zip(requests, rows, strict=True):
+    # then each row's output and verify steps equal generate's for it alone (with a fresh
+    # proposer built the same way: an adaptive head's prior remembers the batch run)
+    for i, (request, row) in enumerate(zip(requests, rows, strict=True)):
         assert row.error is None and row.generation is not None
+        options = list(proposers(tiny, i, cache).values())
+        request = {**request, "proposer": options[i % len(options)]}
         alone = generate(tiny, eos_ids=[0], **request)  # type: ignore[arg-type]
         assert row.generation.output_ids == alone.output_ids
         assert [(s.proposed, s.accepted) for s in row.generation.steps] == [
@@ -223,6 +226,36 @@ def test_a_head_that_does_not_pay_drafts_nothing_between_probes() -> None:
         tokens = [*tokens, 0]  # the target's token differs from the draft's: rejected
     # then after the first rejection it skips 1, 2, 4 then 8 steps between probes
     assert drafted == [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_a_new_request_starts_from_what_the_head_measured_in_earlier_ones() -> None:
+    # given a head that drafts one token per step, always rejected, over two requests
+    head = ScriptedHead([(9, 0.99), (9, 0.1)])
+    plan = Adaptive(VerifyCost(FLAT), draft_step_s=0.5)
+    proposer = EagleProposer(head, "scripted", plan)  # type: ignore[arg-type]
+
+    def serve(steps: int) -> list[int]:
+        s, tokens, drafted = proposer.start([]), [1, 2], []
+        for _ in range(steps):
+            drafted.append(len(s.propose(tokens, FEATURE, 4, 0.0, None).tokens))
+            tokens = [*tokens, 0]  # the target's token differs: rejected
+        return drafted
+
+    # the first request knows nothing yet: it drafts at once and backs off
+    assert serve(6) == [1, 0, 1, 0, 0, 1]
+    # (two probes scored; the third is scored once its verify step is committed)
+    assert proposer.prior.steps == 2 and proposer.prior.gain < 1
+    # then the second starts where the first left off: max_skip (16) steps without a
+    # draft, then a probe, instead of a failed probe from its first step
+    assert serve(18) == [0] * 16 + [1, 0]
+    # and a head without adaptive drafting keeps no prior
+    assert EagleProposer(head, "fixed").start([]).prior is None  # type: ignore[arg-type]
+
+
+def test_a_measured_verify_cost_never_falls_with_more_tokens() -> None:
+    assert monotone({1: 0.07, 2: 0.13, 3: 0.17, 5: 0.10, 9: 0.12}) == {
+        1: 0.07, 2: 0.10, 3: 0.10, 5: 0.10, 9: 0.12
+    }  # fmt: skip
 
 
 def test_throttle_resets_once_a_probe_pays() -> None:
