@@ -59,6 +59,7 @@ GOAL_METHODS = ("draft_adaptive", "hybrid")  # min_speedup_vs_plain is reported 
 class MethodTotals:
     new_tokens: int = 0
     seconds: float = 0.0
+    per_prompt: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     verify_steps: int = 0
     accept_lengths: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
@@ -233,8 +234,10 @@ def run_unseen(
                     out = g.output_ids
                     t.accept_lengths.append(g.accept_length)
                     t.verify_steps += len(g.steps) if g.steps else max(len(out) - 1, 0)
-                t.seconds += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                t.seconds += elapsed
                 t.new_tokens += len(out)
+                t.per_prompt.append((len(out), elapsed))
                 t.outputs.append(out)
             cache.add(totals["plain"].outputs[-1])  # the server learns the finished request
             if progress:
@@ -273,6 +276,33 @@ def run_unseen(
     }
 
 
+def speedup_interval(
+    method: Sequence[tuple[int, float]],
+    plain: Sequence[tuple[int, float]],
+    *,
+    resamples: int = 2000,
+    level: float = 0.90,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A ``level`` bootstrap interval of the time-weighted speedup (total tokens over
+    total seconds, over plain's on the same prompts), resampling prompts with the pairs
+    kept together: how far the figure could move on other prompts of the domain and
+    other moments of a shared machine. None with fewer than 2 prompts."""
+    n = len(plain)
+    if n < 2 or len(method) != n:
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        mine = sum(method[i][0] for i in picks) / sum(method[i][1] for i in picks)
+        base = sum(plain[i][0] for i in picks) / sum(plain[i][1] for i in picks)
+        ratios.append(mine / base)
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * resamples)], ratios[min(int((1 - tail) * resamples), resamples - 1)]
+
+
 def _summarize(totals: dict[str, MethodTotals]) -> dict[str, Any]:
     plain = totals["plain"]
     plain_rate = plain.new_tokens / plain.seconds if plain.seconds else 0.0
@@ -282,6 +312,7 @@ def _summarize(totals: dict[str, MethodTotals]) -> dict[str, Any]:
         rows[method] = {
             "tokens_per_s": rate,
             "speedup_vs_plain": rate / plain_rate if plain_rate else None,
+            "speedup_interval_90": speedup_interval(t.per_prompt, plain.per_prompt),
             "accept_length": sum(t.accept_lengths) / len(t.accept_lengths)
             if t.accept_lengths
             else None,

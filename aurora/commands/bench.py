@@ -176,13 +176,15 @@ def _unseen(config: Any) -> int:
             f"{data['warmup']['requests']} requests, {config.max_new_tokens} new tokens, "
             f"k={config.spec_tokens}, greedy"
         )
-        for col in ("method", "tok/s", "vs plain", "accept len", "identical"):
+        for col in ("method", "tok/s", "vs plain", "90% interval", "accept len", "identical"):
             table.add_column(col)
         for name, row in data["methods"].items():
+            low_high = row["speedup_interval_90"]
             table.add_row(
                 name,
                 f"{row['tokens_per_s']:.1f}",
                 f"{row['speedup_vs_plain']:.2f}x",
+                "-" if low_high is None else f"{low_high[0]:.2f}x-{low_high[1]:.2f}x",
                 "-" if row["accept_length"] is None else f"{row['accept_length']:.2f}",
                 "yes" if row["identical"] else "NO",
             )

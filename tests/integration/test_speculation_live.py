@@ -212,6 +212,8 @@ def test_bench_decode_unseen_reports_every_method_on_prompts_nobody_saw(
         assert list(methods) == list(METHODS)
         assert all(row["identical"] for row in methods.values()), domain
         assert methods["plain"]["speedup_vs_plain"] == 1.0
+        assert methods["plain"]["speedup_interval_90"] == (1.0, 1.0)  # paired with itself
+    assert result["traffic"] == "unseen" and result["suffix_tokens"] == 16
     assert set(result["min_speedup_vs_plain"]) == {"draft_adaptive", "hybrid"}
     assert result["min_speedup_vs_plain"]["hybrid"] == min(
         result["domains"][d]["methods"]["hybrid"]["speedup_vs_plain"] for d in ("code", "math")
