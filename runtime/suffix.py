@@ -433,6 +433,27 @@ class SuffixConfig:
     max_prompt_tokens: int = 8192
 
 
+@dataclass
+class TrustPrior:
+    """Tokens a proposer's drafts delivered and promised over every request it served,
+    decayed by ``decay`` per scored draft (a memory of about 1 / (1 - decay) drafts). A
+    new request's calibration starts from their ratio instead of from trust 1, so on
+    traffic where suffix drafts keep being rejected (chat) a request does not pay for
+    its first rejected drafts again."""
+
+    delivered: float = 0.0
+    promised: float = 0.0
+    decay: float = 0.99
+
+    def record(self, delivered: float, promised: float) -> None:
+        self.delivered = self.decay * self.delivered + delivered
+        self.promised = self.decay * self.promised + promised
+
+    @property
+    def trust(self) -> float:
+        return min(self.delivered / self.promised, 1.0) if self.promised > 0 else 1.0
+
+
 class SuffixProposer:
     """Suffix decoding: per verify step, the better-scored draft of the request's own
     tree and the server's global cache. Model-free and deterministic. With ``cost``,
@@ -458,6 +479,7 @@ class SuffixProposer:
         self.cache, self.revision, self.cost = cache, revision, cost
         self.config = config or SuffixConfig(max_depth=cache.max_depth if cache else 32)
         self.spec_tokens = spec_tokens
+        self.prior = TrustPrior()  # what its drafts delivered over every request so far
 
     def start(self, prompt_ids: list[int]) -> SuffixSession:
         return SuffixSession(self, prompt_ids)
@@ -472,7 +494,8 @@ class SuffixSession:
     was proposed or not (the hybrid's head may have been; a draft cut to nothing by the
     cost model is scored too), over the positions those tokens decide: ``trust`` is the
     matched tokens over the drafts' running probabilities at those positions, with a
-    prior of ``CALIBRATION_PRIOR`` tokens delivered as promised, capped at 1. Drafts are
+    prior of ``CALIBRATION_PRIOR`` tokens promised and delivered at the proposer's
+    ``TrustPrior`` (what its drafts delivered in earlier requests), capped at 1. Drafts are
     returned with their probabilities times ``trust``, so the cost model (and the
     hybrid's comparison with the head) stops proposing what does not pay here. Every
     decision depends on committed tokens only: lossless at any temperature."""
@@ -482,7 +505,8 @@ class SuffixSession:
         self.own = SuffixTree(config.max_depth)
         self.own.extend(0, prompt_ids[-config.max_prompt_tokens :])
         self.taken = len(prompt_ids)  # tokens of the request in its own tree
-        self.delivered = self.promised = CALIBRATION_PRIOR
+        self.promised = CALIBRATION_PRIOR
+        self.delivered = CALIBRATION_PRIOR * proposer.prior.trust
         self.last: tuple[int, Draft] | None = None  # (committed length then, raw draft)
 
     @property
@@ -522,8 +546,10 @@ class SuffixSession:
         matched = 0
         while matched < decided and draft.tokens[matched] == tokens[base + matched]:
             matched += 1
+        promised = math.fsum(draft.probs[:decided])
         self.delivered += matched
-        self.promised += math.fsum(draft.probs[:decided])
+        self.promised += promised
+        self.proposer.prior.record(matched, promised)
 
     def propose(
         self,

@@ -339,6 +339,14 @@ def test_suffix_drafts_the_target_keeps_rejecting_are_trusted_less_until_none_pa
     # and once trust times the draft's probability is below 0.3 nothing is proposed
     assert s.last is not None and s.trust * s.last[1].probs[0] < 0.3
     assert proposed[-1] == [] and proposed[:2] == [[3], [3]]
+    # and the next request starts from what the drafts delivered so far, server-wide
+    # (0 of sum(raw) promised tokens, decayed), not from full trust
+    proposer = s.proposer
+    assert proposer.prior.delivered == 0.0 and proposer.prior.trust == 0.0
+    again = proposer.start([1, 2, 3, 1, 2, 3, 1, 2])
+    assert again.trust == 0.0 and again.propose(tokens, None, 1, 0.0, None).tokens == []
+    # while a proposer with no history starts at full trust
+    assert SuffixProposer(cost=cost).start([1, 2]).trust == 1.0
 
 
 def test_a_suffix_draft_is_scored_only_where_committed_tokens_decide_it() -> None:
