@@ -324,7 +324,7 @@ class RevisionWatcher:
     ) -> None:
         self.revisions, self.loader, self.client, self.keys = revisions, loader, client, keys
         self.server_id, self.poll_interval, self.on_swap = server_id, poll_interval, on_swap
-        # (revision, path) → (error, when to try again, the delay that set it)
+        # by (revision, path): the error and when to try it again
         self.failed = FailedLoads()
         self.last_pause_ms: float | None = None
         self.last_swap_at: float | None = None
