@@ -435,6 +435,7 @@ class SGLangRevisionWatcher:
                 self._restart(name, ref, key, f"the swap failed ({error})")
             return
         self.loaded, self.pause_ms, self.error = result.revision, result.pause_ms, None
+        self.failed.clear(key)
         self.swapped = time.time()
         log.info(
             "aurora: SGLang serves draft %s (paused %.1f ms)", result.revision, result.pause_ms
