@@ -624,11 +624,15 @@ def evaluation_examples(
 
 
 def run_adapt(
-    config: AdaptConfig, progress: Callable[[str, dict[str, Any]], None] | None = None
+    config: AdaptConfig,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark over every seed; returns the JSON document (config, figures with
     intervals, per-seed figures, per-request series, swaps, curves). ``progress(event,
-    info)`` is called with "fit", "seed", "request" and "train" events."""
+    info)`` is called with "fit", "seed", "request" and "train" events; ``partial(doc)``
+    with the document of the seeds done so far after each seed but the last (``complete``
+    false), so a run stopped part-way keeps its finished seeds."""
     import torch
 
     from aurora.runtime.embedded_redis import EmbeddedRedis
@@ -653,6 +657,16 @@ def run_adapt(
     evaluation = evaluation_examples(
         loads[0].evaluation, (model, tokenizer), static_head.head, config
     )
+    from aurora.runtime.trainer.objective import evaluate
+
+    static = (
+        draft_path,
+        fit_s,
+        evaluate(evaluation, config.k, static_head.head)["accept_length"],
+    )
+    document = functools.partial(
+        _document, config, schedule, shift, loads, static=static, started=started
+    )
     redis_server = EmbeddedRedis().start()
     seeds: list[tuple[int, dict[str, ArmState]]] = []
     try:
@@ -664,14 +678,33 @@ def run_adapt(
                 redis_server.url, report,
             )  # fmt: skip
             seeds.append((seed, arms))
+            if partial is not None and len(seeds) < config.seeds:
+                partial(document(seeds))
     finally:
         redis_server.close()
+    return document(seeds)
+
+
+def _document(
+    config: AdaptConfig,
+    schedule: Schedule,
+    shift: int,
+    loads: Sequence[Workload],
+    seeds: Sequence[tuple[int, dict[str, ArmState]]],
+    static: tuple[Path, float, float],
+    started: float,
+) -> dict[str, Any]:
+    """The JSON document of the seeds run so far; ``static`` is the static draft's path,
+    fit seconds and offline accept length on the evaluation prompts."""
+    import torch
+
+    draft_path, fit_s, static_accept = static
     per_seed = [seed_figures(arms, shift, config) for _, arms in seeds]
     combined = combine(per_seed)
-    from aurora.runtime.trainer.objective import evaluate
-
     return {
         "benchmark": "adapt",
+        "complete": len(seeds) == config.seeds,
+        "seeds_planned": config.seeds,
         "traffic": "recurring" if config.recurring else "unseen",
         "traffic_note": (
             f"recurring: each domain cycles through {config.distinct_prompts} prompts, so "
@@ -687,9 +720,7 @@ def run_adapt(
         "threads": torch.get_num_threads(),
         "static_draft": str(draft_path),
         "static_fit_seconds": fit_s,
-        "static_offline_accept_length_on_eval": evaluate(evaluation, config.k, static_head.head)[
-            "accept_length"
-        ],
+        "static_offline_accept_length_on_eval": static_accept,
         "eval_prompts": [p.id for p in loads[0].evaluation],
         "wall_seconds": time.perf_counter() - started,
         "arms": combined,
@@ -708,6 +739,72 @@ def run_adapt(
             for (seed, arms), figures in zip(seeds, per_seed, strict=True)
         ],
     }
+
+
+MERGE_FREE = ("seed", "seeds", "workdir")  # config keys that may differ between merged runs
+
+
+def merge_documents(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One document from several runs of one configuration over different seeds (e.g. one
+    seed per machine, ``--seed S --seeds 1``): the seeds' figures are pooled and every
+    interval and goal recomputed, as if one run had served them all. ``docs`` are (name,
+    document) pairs; the name only labels errors and the ``merged_from`` list. A run stopped
+    part-way (``complete`` false) contributes the seeds it finished."""
+    if len(docs) < 2:
+        raise UsageError("--merge: give at least two JSON documents of `aurora bench adapt`")
+    first_name, first = docs[0]
+    seen: dict[int, str] = {}
+    for name, doc in docs:
+        if doc.get("benchmark") != "adapt" or "per_seed" not in doc:
+            raise UsageError(f"--merge {name}: not a JSON document of `aurora bench adapt --json`")
+        differ = sorted(
+            key
+            for key in set(first["config"]) | set(doc["config"])
+            if key not in MERGE_FREE and first["config"].get(key) != doc["config"].get(key)
+        )
+        if differ:
+            raise UsageError(
+                f"--merge {name}: its configuration differs from {first_name}'s in "
+                f"{', '.join(differ)}; only runs of one configuration (seeds apart) can be pooled"
+            )
+        if doc["eval_prompts"] != first["eval_prompts"]:
+            raise UsageError(f"--merge {name}: its evaluation prompts differ from {first_name}'s")
+        for entry in doc["per_seed"]:
+            if entry["seed"] in seen:
+                raise UsageError(
+                    f"--merge {name}: seed {entry['seed']} is also in {seen[entry['seed']]}; "
+                    "each seed may be pooled once"
+                )
+            seen[entry["seed"]] = name
+    per_seed = sorted(
+        (entry for _, doc in docs for entry in doc["per_seed"]), key=lambda e: e["seed"]
+    )
+    combined = combine([entry["figures"] for entry in per_seed])
+    seeds = [entry["seed"] for entry in per_seed]
+    merged = {key: value for key, value in first.items() if key not in ("wall_seconds",)}
+    merged.update(
+        complete=all(doc.get("complete", True) for _, doc in docs),
+        seeds_planned=len(seeds),
+        config={**first["config"], "seed": seeds[0], "seeds": len(seeds)},
+        seeds=seeds,
+        arms=combined,
+        goals=goals(combined, first["config"]["levels"]),
+        per_seed=per_seed,
+        merged_from=[
+            {
+                "file": name,
+                "seeds": [entry["seed"] for entry in doc["per_seed"]],
+                "complete": doc.get("complete", True),
+                "wall_seconds": doc.get("wall_seconds"),
+                "workdir": doc["config"].get("workdir"),
+                "static_offline_accept_length_on_eval": doc.get(
+                    "static_offline_accept_length_on_eval"
+                ),
+            }
+            for name, doc in docs
+        ],
+    )
+    return merged
 
 
 def _run_seed(

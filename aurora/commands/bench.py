@@ -105,7 +105,22 @@ def _register_adapt(sub: argparse._SubParsersAction) -> None:
     add_options(a, AdaptConfig)
     a.add_argument("--plot", type=Path, default=None, help="PNG path (default: WORKDIR/adapt.png)")
     a.add_argument(
-        "--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON"
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON (rewritten after each seed, so a run stopped "
+        "part-way keeps the seeds it finished; `complete` says whether every seed ran)",
+    )
+    a.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: pool the seeds of several --json documents of one configuration "
+        "(e.g. `--seed 1 --seeds 1` on another machine) into one report, every interval "
+        "recomputed over all their seeds; with --json, write it there",
     )
     a.set_defaults(handler=_adapt)
 
@@ -232,6 +247,8 @@ def _adapt(args: argparse.Namespace) -> int:
     from aurora.runtime.bench_adapt import AdaptConfig, accept_length, plot, run_adapt
     from aurora.runtime.options import from_args
 
+    if args.merge:
+        return _merge_adapt(args)
     config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
     console = Console()
     columns = (
@@ -265,10 +282,41 @@ def _adapt(args: argparse.Namespace) -> int:
                 )
                 bar.update(serve, completed=i + 1, total=info["total"], detail=f"{phase}: {accept}")
 
-        result = run_adapt(config, progress)
+        def partial(document: dict) -> None:
+            if args.json:
+                write_json(args.json, document)
+                console.print(f"json (seeds {document['seeds']} so far): {args.json}")
+
+        result = run_adapt(config, progress, partial)
     _print_adapt(console, result)
     png = plot(result, args.plot or config.workdir / "adapt.png")
     console.print(f"plot: {png}")
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"json: {args.json}")
+    return 0
+
+
+def _merge_adapt(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from aurora.errors import UsageError
+    from aurora.runtime.bench import write_json
+    from aurora.runtime.bench_adapt import merge_documents, plot
+
+    docs = []
+    for path in args.merge:
+        try:
+            docs.append((str(path), json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--merge {path}: cannot read it as JSON ({exc})") from exc
+    result = merge_documents(docs)
+    console = Console()
+    _print_adapt(console, result)
+    if args.plot:
+        console.print(f"plot: {plot(result, args.plot)}")
     if args.json:
         write_json(args.json, result)
         console.print(f"json: {args.json}")

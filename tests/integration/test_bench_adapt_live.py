@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from aurora.cli import main
+from aurora.runtime import bench
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_path: Path) -> None:
+def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a stream of 2 prose then 4 unseen code requests, two seeds, plain, static (with
     # a fixed k and adaptive), an online arm with a fixed k and one served adaptive, suffix
     # decoding and the hybrid of suffix and an online head, a static draft fitted in one
@@ -28,9 +31,16 @@ def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_pa
         "--publish-margin", "0", "--workdir", str(tmp_path / "work"), "--plot", str(png),
         "--json", str(out),
     ]  # fmt: skip
+    written: list[dict] = []
+    real_write = bench.write_json
+    monkeypatch.setattr(
+        bench, "write_json", lambda path, doc: (written.append(doc), real_write(path, doc))
+    )
     # When the benchmark runs
     assert main(argv) == 0
     result = json.loads(out.read_text())
+    # Then the JSON was written after the first seed too (a stopped run keeps it), then whole
+    assert [(doc["seeds"], doc["complete"]) for doc in written] == [([0], False), ([0, 1], True)]
     # Then every arm has its ratios as mean/low/high over the two seeds
     assert result["traffic"] == "unseen" and result["seeds"] == [0, 1]
     arms = {
@@ -65,3 +75,16 @@ def test_bench_adapt_writes_the_figures_per_arm_with_intervals_over_seeds(tmp_pa
         # the curve starts from the static draft, before any post-shift trace
         assert seed["curves"]["online-fkl"][0]["traces"] == 0
     assert png.stat().st_size > 10_000
+    # and two one-seed runs merged with --merge give the two-seed figures
+    halves = []
+    for entry in result["per_seed"]:
+        half = tmp_path / f"seed{entry['seed']}.json"
+        config = {**result["config"], "seed": entry["seed"], "seeds": 1}
+        half.write_text(json.dumps({**result, "config": config, "per_seed": [entry]}))
+        halves.append(str(half))
+    merged = tmp_path / "merged.json"
+    assert main(["bench", "adapt", "--merge", *halves, "--json", str(merged)]) == 0
+    pooled = json.loads(merged.read_text())
+    assert pooled["seeds"] == [0, 1] and pooled["arms"] == result["arms"]
+    assert pooled["goals"] == result["goals"]
+    assert [m["seeds"] for m in pooled["merged_from"]] == [[0], [1]]

@@ -21,6 +21,7 @@ from aurora.runtime.bench_adapt import (
     combine,
     goals,
     interval,
+    merge_documents,
     register_arm,
     rolling_mean,
     seed_figures,
@@ -129,6 +130,56 @@ def test_seed_figures_compare_the_window_after_the_shift_against_plain_and_stati
 
 def _figure(mean: float, low: float, high: float) -> dict[str, Any]:
     return {"mean": mean, "low": low, "high": high, "n": 3, "per_seed": []}
+
+
+def _doc(seed: int, traces: float, **config: Any) -> dict[str, Any]:
+    figures = {
+        "plain": {"throughput_ratio_vs_plain": 1.0},
+        "online-fkl": {
+            "throughput_ratio_vs_plain": 0.9 + seed / 10,
+            "traces_to_accept_length": {"1.5": traces},
+        },
+    }
+    return {
+        "benchmark": "adapt",
+        "complete": True,
+        "config": {"seed": seed, "seeds": 1, "workdir": f"w{seed}", "k": 3, "levels": [1.5]}
+        | config,
+        "eval_prompts": ["code/1", "code/2"],
+        "seeds": [seed],
+        "per_seed": [{"seed": seed, "figures": figures}],
+    }
+
+
+def test_merge_pools_the_seeds_of_runs_of_one_configuration() -> None:
+    # Given three one-seed runs given out of order, one stopped after its seed
+    docs = [("b.json", _doc(2, 40.0)), ("a.json", _doc(0, 30.0)), ("c.json", _doc(1, 35.0))]
+    docs[0][1]["complete"] = False
+    merged = merge_documents(docs)
+    # Then the seeds are pooled in order and every interval is over all three
+    assert merged["seeds"] == [0, 1, 2] and merged["config"]["seeds"] == 3
+    assert merged["config"]["seed"] == 0 and merged["complete"] is False
+    ratio = merged["arms"]["online-fkl"]["throughput_ratio_vs_plain"]
+    assert ratio["per_seed"] == pytest.approx([0.9, 1.0, 1.1])
+    assert ratio["mean"] == pytest.approx(1.0) and ratio["low"] < 1.0 < ratio["high"]
+    traces = merged["arms"]["online-fkl"]["traces_to_accept_length"]["1.5"]
+    assert traces == interval([30.0, 35.0, 40.0])
+    assert [m["file"] for m in merged["merged_from"]] == ["b.json", "a.json", "c.json"]
+
+
+def test_merge_refuses_other_configurations_repeated_seeds_and_other_documents() -> None:
+    with pytest.raises(UsageError, match=r"b\.json.*differs.*in k;"):
+        merge_documents([("a.json", _doc(0, 30.0)), ("b.json", _doc(1, 30.0, k=4))])
+    with pytest.raises(UsageError, match=r"seed 0 is also in a\.json"):
+        merge_documents([("a.json", _doc(0, 30.0)), ("b.json", _doc(0, 30.0))])
+    with pytest.raises(UsageError, match=r"b\.json: not a JSON document"):
+        merge_documents([("a.json", _doc(0, 30.0)), ("b.json", {"benchmark": "decode"})])
+    with pytest.raises(UsageError, match="at least two"):
+        merge_documents([("a.json", _doc(0, 30.0))])
+    other = _doc(1, 30.0)
+    other["eval_prompts"] = ["code/3"]
+    with pytest.raises(UsageError, match=r"b\.json: its evaluation prompts differ"):
+        merge_documents([("a.json", _doc(0, 30.0)), ("b.json", other)])
 
 
 def test_goals_check_the_negative_variant_against_forward_kl_only() -> None:
