@@ -896,6 +896,8 @@ def _run_seed(
                     max_new_tokens=config.max_new_tokens,
                     eos_ids=eos,
                     trace_topk=config.trace_topk,  # every arm pays for it, only online ones send it
+                    # as a server refines it: the verify cost this arm's drafts decide with
+                    cost=getattr(state.proposer, "cost", None),
                 )
                 state.served.append(
                     {

@@ -230,6 +230,7 @@ def run_unseen(
                         k=draft_length(proposers[method], config.spec_tokens),
                         max_new_tokens=config.max_new_tokens,
                         eos_ids=eos,
+                        cost=cost,  # every verify forward refines it, as in a server
                     )
                     out = g.output_ids
                     t.accept_lengths.append(g.accept_length)
@@ -264,6 +265,10 @@ def run_unseen(
         "threads": torch.get_num_threads(),
         "verify_cost_ms": {
             r: {t: round(s * 1000, 2) for t, s in points} for r, points in cost.table.items()
+        },
+        # as the served forwards refined it by the end (VerifyCost.observe)
+        "verify_cost_ms_observed": {
+            r: {t: round(s * 1000, 2) for t, s in row.items()} for r, row in cost.seconds().items()
         },
         "draft_step_ms": round(adaptive.draft_step_s * 1000, 3),
         "domains": domains,

@@ -2,7 +2,7 @@
 
 ``VerifyCost`` holds the seconds of one target forward over ``tokens`` tokens per row at
 ``rows`` rows, measured on this machine's engine path when a server starts (a prior
-until then). With c_i a proposer's estimate that its first i draft tokens are all
+until then) and refined by every verify forward the engine times (``observe``). With c_i a proposer's estimate that its first i draft tokens are all
 accepted and E_n = c_1 + ... + c_n, proposing n tokens is expected to yield
 
     rate(n) = (1 + E_n) / (verify(rows, n + 1) + drafting seconds)
@@ -36,10 +36,21 @@ class VerifyCost:
     """Seconds of a verify forward by (rows, tokens per row). Rows between measured
     sizes use the nearest measured size below (the smallest above when none is);
     tokens are interpolated linearly and extrapolated with the last slope. Replaced
-    whole by ``update`` (one attribute write, safe to read from any thread)."""
+    whole by ``update`` (one attribute write, safe to read from any thread).
+
+    The table is measured once, at one context length, on an idle engine; the forwards
+    that serve traffic run at other context lengths, with other threads and tenants on
+    the machine. So ``observe`` takes each verify forward the engine times and keeps, per
+    measured point, a moving average of observed over measured seconds (``scale``; a point
+    never observed takes its nearest observed neighbour's, 1 before any): the costs the
+    proposers decide with follow what verifying actually costs now."""
+
+    OBSERVE_WEIGHT = 0.05  # a moving average over about the last 20 forwards per point
+    OBSERVE_CLIP = 2.0  # one forward moves the ratio by at most this factor (a GC pause)
 
     def __init__(self, table: dict[int, dict[int, float]] | None = None) -> None:
         self.table: dict[int, tuple[tuple[int, float], ...]] = {}
+        self.scale: dict[int, dict[int, tuple[float, int]]] = {}  # (ratio, forwards seen)
         self.measured = False
         self.update(table or prior_table())
         self.measured = table is not None
@@ -55,12 +66,17 @@ class VerifyCost:
                 )
             rows[int(r)] = points
         self.table = rows
+        self.scale = {}  # a new measurement starts the observed ratios again
         self.measured = True
 
-    def verify(self, rows: int, tokens: int) -> float:
+    def _size(self, rows: int) -> int:
         sizes = sorted(self.table)
         below = [r for r in sizes if r <= rows]
-        points = self.table[below[-1] if below else sizes[0]]
+        return below[-1] if below else sizes[0]
+
+    def measured_seconds(self, rows: int, tokens: int) -> float:
+        """The table's seconds, before any observation."""
+        points = self.table[self._size(rows)]
         if len(points) == 1:
             return points[0][1] * tokens  # one point: proportional, the pessimistic guess
         for (t0, s0), (t1, s1) in itertools.pairwise(points):
@@ -68,6 +84,48 @@ class VerifyCost:
                 return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
         (t0, s0), (t1, s1) = points[-2], points[-1]
         return s1 + (s1 - s0) * (tokens - t1) / (t1 - t0)
+
+    def verify(self, rows: int, tokens: int) -> float:
+        return self.measured_seconds(rows, tokens) * self.ratio(rows, tokens)
+
+    def ratio(self, rows: int, tokens: int) -> float:
+        """Observed over measured seconds at this size: interpolated between the observed
+        points around ``tokens``, the nearest observed one beyond them, 1 when none is."""
+        observed = sorted((t, r) for t, (r, _) in self.scale.get(self._size(rows), {}).items())
+        if not observed:
+            return 1.0
+        below = [(t, r) for t, r in observed if t <= tokens]
+        above = [(t, r) for t, r in observed if t > tokens]
+        if not above:
+            return below[-1][1]
+        if not below:
+            return above[0][1]
+        (t0, r0), (t1, r1) = below[-1], above[0]
+        return r0 + (r1 - r0) * (tokens - t0) / (t1 - t0)
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        """One verify forward of ``tokens`` tokens per row at ``rows`` rows took ``seconds``
+        (as the engine timed it): the nearest measured point's ratio moves toward it."""
+        if tokens < 1 or rows < 1 or not seconds > 0:
+            return
+        size = self._size(rows)
+        point = min((t for t, _ in self.table[size]), key=lambda t: (abs(t - tokens), t))
+        ratios = dict(self.scale.get(size, {}))
+        old, count = ratios.get(point, (1.0, 0))
+        seen = seconds / self.measured_seconds(rows, tokens)
+        seen = min(max(seen, old / self.OBSERVE_CLIP), old * self.OBSERVE_CLIP)
+        # the mean of the first forwards, then a moving average over the recent ones
+        weight = max(self.OBSERVE_WEIGHT, 1.0 / (count + 1))
+        ratios[point] = (old + weight * (seen - old), count + 1)
+        self.scale = {**self.scale, size: ratios}  # replaced whole: readers see old or new
+
+    def observed(self) -> int:
+        """Verify forwards observed since the table was measured."""
+        return sum(n for points in self.scale.values() for _, n in points.values())
+
+    def seconds(self) -> dict[int, dict[int, float]]:
+        """The costs decided with now, at the measured points (the table times the ratios)."""
+        return {r: {t: self.verify(r, t) for t, _ in points} for r, points in self.table.items()}
 
     def rate(self, rows: int, expected: float, n: int, spent_s: float = 0.0) -> float:
         """Expected tokens per second of a step proposing n tokens expected to yield

@@ -393,6 +393,11 @@ class EagleProposer:
         self.head, self.revision, self.adaptive = head, revision, adaptive
         self.prior = GainPrior()  # what its drafts measured over every request so far
 
+    @property
+    def cost(self) -> VerifyCost | None:
+        """The verify cost its adaptive drafts decide with (the engine refines it)."""
+        return self.adaptive.cost if self.adaptive is not None else None
+
     def start(self, prompt_ids: list[int]) -> EagleSession:
         if self.adaptive is None:
             return EagleSession(self.head)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from aurora.runtime.cost import VerifyCost
 from aurora.runtime.draft import DraftSession, Proposal, Proposer, tempered_probs
 from aurora.runtime.llama import Llama
 
@@ -125,12 +126,14 @@ def generate(
     generator: torch.Generator | None = None,
     trace_topk: int = 0,
     before_step: Callable[[], None] | None = None,
+    cost: VerifyCost | None = None,
 ) -> Generation:
     """Decode up to ``max_new_tokens`` after ``prompt_ids``.
 
     ``stop(output_ids)`` may return a cut length when a stop string appeared;
     ``before_step`` runs between decode steps (the server swaps draft revisions
-    there, so a swap never lands inside a verify step)."""
+    there, so a swap never lands inside a verify step); ``cost`` (the verify cost the
+    proposers decide with) observes every verify forward, as timed here."""
     device = next(target.parameters()).device
     speculate = proposer is not None and k > 0
     need_features = speculate and proposer is not None and proposer.needs_features
@@ -157,6 +160,7 @@ def generate(
         proposal = _propose(session, tokens, features, k, room, temperature, generator)
         verify_in = [tokens[-1], *proposal.tokens]
         processed = len(tokens) - 1  # the target has seen every token but the last
+        started = time.perf_counter()
         out = target(
             torch.tensor([verify_in], device=device),
             cache=cache,
@@ -164,7 +168,9 @@ def generate(
             output_hidden_states=need_features,
         )
         logits = out.logits[0]
-        n_acc, next_token = accept(logits, proposal, temperature, generator)
+        n_acc, next_token = accept(logits, proposal, temperature, generator)  # synchronises
+        if cost is not None:
+            cost.observe(1, len(verify_in), time.perf_counter() - started)
         crop_cache(cache, processed + 1 + n_acc)
         if need_features:
             features = _features(proposer, out)[: n_acc + 1]
@@ -312,8 +318,16 @@ class BatchDecoder:
     forward) fails that row only: when the batched forward raises, each row is
     retried alone and only the rows that still fail get the error."""
 
-    def __init__(self, model: Llama, *, max_rows: int | None = None, eos_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        model: Llama,
+        *,
+        max_rows: int | None = None,
+        eos_ids: Sequence[int] = (),
+        cost: VerifyCost | None = None,
+    ):
         rows = model.rows if max_rows is None else max_rows
+        self.cost = cost  # learns from every verify forward timed in ``step``
         if not 1 <= rows <= model.rows:
             raise ValueError(f"max_rows={max_rows}: use 1 to the model's {model.rows} cache rows")
         self.model, self.eos = model, set(eos_ids)
@@ -433,7 +447,14 @@ class BatchDecoder:
                 row.error = error
                 proposals.append(Proposal([]))
         live = [(row, p) for row, p in zip(rows, proposals, strict=True) if not row.done]
-        for (row, proposal), verified in zip(live, self._verify(live), strict=True):
+        started = time.perf_counter()
+        results = self._verify(live)
+        if self.cost is not None and live and not any(isinstance(r, Exception) for r in results):
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)  # kernels run asynchronously there
+            width = 1 + max(len(proposal.tokens) for _, proposal in live)  # rows are padded
+            self.cost.observe(len(live), width, time.perf_counter() - started)
+        for (row, proposal), verified in zip(live, results, strict=True):
             try:
                 if isinstance(verified, Exception):
                     raise verified

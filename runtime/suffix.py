@@ -585,6 +585,11 @@ class HybridProposer:
         self.revision = hybrid_revision(learned.revision)
         self.spec_tokens = suffix.spec_tokens
 
+    @property
+    def cost(self) -> VerifyCost | None:
+        """The verify cost its drafts decide with (the engine refines it)."""
+        return self.suffix.cost if self.suffix.cost is not None else self.learned.cost
+
     def start(self, prompt_ids: list[int]) -> HybridSession:
         return HybridSession(
             self.suffix.start(prompt_ids), self.learned.start(prompt_ids), self.head_tokens

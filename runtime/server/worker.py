@@ -277,13 +277,18 @@ class EngineWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aurora-engine-worker", daemon=True)
         # The global suffix cache learns every finished request; the verify cost is
-        # measured on this thread before the first request (see _measure_cost).
+        # measured on this thread before the first request (see _measure_cost) and
+        # refined by every verify forward after it (VerifyCost.observe).
         self.speculation = speculation
         self.device = next(target.parameters()).device
         self.decoder: BatchDecoder | None = None
         if max_batch > 1:
             try:
-                self.decoder = BatchDecoder(Llama(target, rows=max_batch), eos_ids=self.eos_ids)
+                self.decoder = BatchDecoder(
+                    Llama(target, rows=max_batch),
+                    eos_ids=self.eos_ids,
+                    cost=speculation.cost if speculation is not None else None,
+                )
             except UnsupportedModel as error:
                 log.warning("%s; decoding one request at a time", error)
 
@@ -432,6 +437,7 @@ class EngineWorker:
                 eos_ids=self.eos_ids,
                 stop=tracker if tracker.active else None,
                 before_step=before_step,
+                cost=self.speculation.cost if self.speculation is not None else None,
                 **self._decode_options(job, proposer, traced),
             )
         except Exception as error:

@@ -162,6 +162,12 @@ def test_every_endpoint_serves_greedy_output_identical_to_plain_decoding(
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": expected_chat}
     assert chat["usage"]["prompt_tokens"] == len(chat_ids)
 
+    # and the verify cost drafts are sized by was refined by every verify forward served
+    # (8 + 8 + 8 + 8 + 6 tokens decoded above, each after at least one forward but the first)
+    cost = server.client.get("/server_info").json()["verify_cost_ms"]
+    assert cost["forwards_observed"] >= 7 + 7 + 7 + 7 + 5
+    assert set(cost["now"]) == set(cost["at_start"]) and cost["now"]["1"]["1"] > 0
+
 
 def test_streaming_sends_text_as_it_is_decoded_and_ends_with_done(
     model: tuple[Any, Any], serve: Callable[..., LiveServer]

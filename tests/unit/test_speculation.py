@@ -294,6 +294,57 @@ def test_the_verify_cost_interpolates_and_picks_the_best_length() -> None:
         VerifyCost({1: {2: 0.05}})
 
 
+def test_observed_verify_forwards_refine_the_measured_cost() -> None:
+    # given a table measured at start: 40 ms for 1 token, 50 ms for 5 (cheap extra tokens)
+    cost = VerifyCost({1: {1: 0.04, 5: 0.05}})
+    assert cost.best_length([0.2, 0.2, 0.2, 0.2], 1) == 4
+    # when served 5-token forwards take 80 ms and 1-token ones 40 ms
+    cost.observe(1, 5, 0.08)
+    cost.observe(1, 1, 0.04)
+    # then the 5-token point is at what was observed, 3 tokens between the two points,
+    # and the drafts that paid under the table do not any more
+    assert cost.verify(1, 5) == pytest.approx(0.08)
+    assert cost.verify(1, 3) == pytest.approx(0.045 * (1.0 + 1.6) / 2)
+    assert cost.best_length([0.2, 0.2, 0.2, 0.2], 1) == 0  # (1 + 0.8) / 0.08 < 1 / 0.04
+    assert cost.seconds() == {1: {1: pytest.approx(0.04), 5: pytest.approx(0.08)}}
+    # and later forwards move it as a moving average, one outlier by at most 2x
+    for _ in range(200):
+        cost.observe(1, 5, 0.06)
+    assert cost.verify(1, 5) == pytest.approx(0.06, rel=0.01)
+    cost.observe(1, 5, 60.0)  # a 60 s stall
+    assert cost.verify(1, 5) == pytest.approx(0.06 * (1 + VerifyCost.OBSERVE_WEIGHT), rel=0.01)
+    # and a point never observed follows its nearest observed neighbour (other row
+    # counts, measured separately, are untouched), and a new measurement starts again
+    wide = VerifyCost({1: {1: 0.04, 5: 0.05, 9: 0.06}, 4: {1: 0.08}})
+    wide.observe(1, 5, 0.1)
+    assert wide.verify(1, 9) == pytest.approx(0.12) and wide.verify(1, 1) == pytest.approx(0.08)
+    assert wide.verify(4, 1) == pytest.approx(0.08)
+    wide.update({1: {1: 0.04, 5: 0.05}})
+    assert wide.verify(1, 5) == pytest.approx(0.05)
+    # and nonsense observations are ignored
+    wide.observe(1, 0, 0.1)
+    wide.observe(1, 2, 0.0)
+    assert wide.scale == {}
+
+
+def test_the_engine_times_every_verify_forward_into_the_cost(tiny: LlamaForCausalLM) -> None:
+    # given a suffix proposer deciding with a cost model, alone and in a batch
+    cost = VerifyCost({1: {1: 1e-9, 17: 1e-9}})  # a table far below any real forward
+    alone = generate(
+        tiny, [3, 1, 4], proposer=SuffixProposer(cost=cost), k=4, max_new_tokens=12, cost=cost
+    )
+    # then each verify forward was observed once, and the costs now exceed the table's
+    assert sum(n for _, n in cost.scale[1].values()) == len(alone.steps)
+    assert cost.verify(1, 1) > 1e-9
+    batched = VerifyCost({1: {1: 1e-9}, 2: {1: 1e-9, 17: 1e-9}})
+    decoder = BatchDecoder(Llama(tiny, rows=2), cost=batched)
+    requests = [dict(prompt_ids=[3, 1, 4], proposer=None, k=0, max_new_tokens=6)] * 2
+    decoder.decode_all(requests)
+    # (both rows decode every step together: each step is one 2-row forward, observed once)
+    assert decoder.steps > 0 and decoder.row_steps == 2 * decoder.steps
+    assert {t: n for t, (_, n) in batched.scale[2].items()} == {1: decoder.steps}
+
+
 def test_a_head_that_expected_too_much_trusts_its_probabilities_less() -> None:
     # given a head at p = 0.9 per token under a steep verify cost: it first drafts 3
     _, s = session([(7, 0.9)] * 6, table={1: {1: 1.0, 2: 1.5}})
