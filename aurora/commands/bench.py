@@ -239,18 +239,41 @@ def adapt_schedule(args: argparse.Namespace) -> str:
     return f"{before}:{args.requests_before},{after}:{args.requests_after}"
 
 
-def _adapt(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _adapt_detail(info: dict, rolling: int) -> str:
+    """Where a `bench adapt` run is: the phase and each arm's rolling accept length."""
+    from aurora.runtime.bench_adapt import accept_length
+
+    phase = "before shift" if info["index"] < info["shift"] else "after shift"
+    accept = "  ".join(
+        f"{name} {accept_length(state.served[-rolling:]):.2f}"
+        for name, state in info["arms"].items()
+    )
+    return f"{phase}: {accept}"
+
+
+@contextlib.contextmanager
+def _adapt_progress(console: Any, rolling: int) -> Iterator[Callable[[str, dict], None]]:
+    """The ``progress(event, info)`` callback of `run_adapt`: bars on a terminal; else (a log
+    file, CI) one line at most every 10 s, and every fitting stage and seed as it starts."""
+    if not console.is_terminal:
+        with _progress(console) as update:
+
+            def line(event: str, info: dict) -> None:
+                if event == "fit":
+                    update(f"fit static draft: {info['stage']} {info['done']}/{info['total']}")
+                elif event == "seed":
+                    console.print(
+                        f"[{time.strftime('%H:%M:%S')}] seed {info['seed']}", highlight=False
+                    )
+                elif event == "request":
+                    update(
+                        f"request {info['index'] + 1}/{info['total']} {_adapt_detail(info, rolling)}"
+                    )
+
+            yield line
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from aurora.runtime.bench import write_json
-    from aurora.runtime.bench_adapt import AdaptConfig, accept_length, plot, run_adapt
-    from aurora.runtime.options import from_args
-
-    if args.merge:
-        return _merge_adapt(args)
-    config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
-    console = Console()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -274,13 +297,24 @@ def _adapt(args: argparse.Namespace) -> int:
                 bar.update(fit, visible=False)
                 bar.update(serve, visible=True, description=f"seed {info['seed']}", completed=0)
             elif event == "request":
-                arms, i = info["arms"], info["index"]
-                phase = "before shift" if i < info["shift"] else "after shift"
-                accept = "  ".join(
-                    f"{name} {accept_length(state.served[-config.rolling :]):.2f}"
-                    for name, state in arms.items()
-                )
-                bar.update(serve, completed=i + 1, total=info["total"], detail=f"{phase}: {accept}")
+                detail = _adapt_detail(info, rolling)
+                bar.update(serve, completed=info["index"] + 1, total=info["total"], detail=detail)
+
+        yield progress
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from aurora.runtime.bench import write_json
+    from aurora.runtime.bench_adapt import AdaptConfig, plot, run_adapt
+    from aurora.runtime.options import from_args
+
+    if args.merge:
+        return _merge_adapt(args)
+    config = from_args(AdaptConfig, args, schedule=adapt_schedule(args))
+    console = Console()
+    with _adapt_progress(console, config.rolling) as progress:
 
         def partial(document: dict) -> None:
             if args.json:

@@ -201,3 +201,28 @@ def test_benchmark_progress_is_printed_as_lines_when_not_on_a_terminal() -> None
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("] code prompt 1/8") and lines[1].endswith("] chat prompt 8/8")
+
+
+def test_bench_adapt_progress_is_printed_as_lines_when_not_on_a_terminal() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from aurora.commands.bench import _adapt_progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    online = SimpleNamespace(served=[{"verify_steps": 4, "step_tokens": 10}])
+    with _adapt_progress(console, rolling=8) as progress:
+        progress("fit", {"stage": "generate", "done": 3, "total": 48})
+        progress("seed", {"seed": 1})
+        progress("request", {"index": 39, "shift": 24, "total": 88, "arms": {"online": online}})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2  # the request line falls within 10 s of the fitting line
+    assert lines[0].endswith("] fit static draft: generate 3/48")
+    assert lines[1].endswith("] seed 1")
+    out = io.StringIO()
+    with _adapt_progress(Console(file=out, width=200), rolling=8) as progress:
+        progress("request", {"index": 39, "shift": 24, "total": 88, "arms": {"online": online}})
+    assert out.getvalue().rstrip().endswith("] request 40/88 after shift: online 2.50")
