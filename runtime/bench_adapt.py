@@ -659,13 +659,16 @@ def run_adapt(
     )
     from aurora.runtime.trainer.objective import evaluate
 
-    static = (
-        draft_path,
-        fit_s,
-        evaluate(evaluation, config.k, static_head.head)["accept_length"],
-    )
     document = functools.partial(
-        _document, config, schedule, shift, loads, static=static, started=started
+        _document,
+        config,
+        schedule,
+        shift,
+        loads,
+        started=started,
+        static_path=draft_path,
+        static_fit_s=fit_s,
+        static_accept=evaluate(evaluation, config.k, static_head.head)["accept_length"],
     )
     redis_server = EmbeddedRedis().start()
     seeds: list[tuple[int, dict[str, ArmState]]] = []
@@ -691,14 +694,16 @@ def _document(
     shift: int,
     loads: Sequence[Workload],
     seeds: Sequence[tuple[int, dict[str, ArmState]]],
-    static: tuple[Path, float, float],
+    *,
     started: float,
+    static_path: Path,
+    static_fit_s: float,
+    static_accept: float,
 ) -> dict[str, Any]:
-    """The JSON document of the seeds run so far; ``static`` is the static draft's path,
-    fit seconds and offline accept length on the evaluation prompts."""
+    """The JSON document of the seeds run so far; ``static_accept`` is the static draft's
+    offline accept length on the evaluation prompts."""
     import torch
 
-    draft_path, fit_s, static_accept = static
     per_seed = [seed_figures(arms, shift, config) for _, arms in seeds]
     combined = combine(per_seed)
     return {
@@ -718,8 +723,8 @@ def _document(
         "window": {"start": max(shift, len(loads[0].requests) - config.window)},
         "seeds": [seed for seed, _ in seeds],
         "threads": torch.get_num_threads(),
-        "static_draft": str(draft_path),
-        "static_fit_seconds": fit_s,
+        "static_draft": str(static_path),
+        "static_fit_seconds": static_fit_s,
         "static_offline_accept_length_on_eval": static_accept,
         "eval_prompts": [p.id for p in loads[0].evaluation],
         "wall_seconds": time.perf_counter() - started,

@@ -263,13 +263,9 @@ def run_unseen(
         "prompts_per_domain": config.prompts,
         "warmup": config.warmup,
         "threads": torch.get_num_threads(),
-        "verify_cost_ms": {
-            r: {t: round(s * 1000, 2) for t, s in points} for r, points in cost.table.items()
-        },
+        "verify_cost_ms": cost.milliseconds(observed=False, digits=2),
         # as the served forwards refined it by the end (VerifyCost.observe)
-        "verify_cost_ms_observed": {
-            r: {t: round(s * 1000, 2) for t, s in row.items()} for r, row in cost.seconds().items()
-        },
+        "verify_cost_ms_observed": cost.milliseconds(observed=True, digits=2),
         "draft_step_ms": round(adaptive.draft_step_s * 1000, 3),
         "domains": domains,
         "min_speedup_vs_plain": {

@@ -127,6 +127,12 @@ class VerifyCost:
         """The costs decided with now, at the measured points (the table times the ratios)."""
         return {r: {t: self.verify(r, t) for t, _ in points} for r, points in self.table.items()}
 
+    def milliseconds(self, *, observed: bool, digits: int = 1) -> dict[int, dict[int, float]]:
+        """rows -> tokens per row -> ms at the measured points: as measured (``observed``
+        false) or as decided with now (``seconds``)."""
+        table = self.seconds() if observed else {r: dict(p) for r, p in self.table.items()}
+        return {r: {t: round(s * 1000, digits) for t, s in row.items()} for r, row in table.items()}
+
     def rate(self, rows: int, expected: float, n: int, spent_s: float = 0.0) -> float:
         """Expected tokens per second of a step proposing n tokens expected to yield
         ``expected`` accepted ones, after ``spent_s`` seconds of drafting."""

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _line(console: Any, text: str) -> None:
+    """One timestamped progress line (a log file, CI)."""
+    console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+
+
 @contextlib.contextmanager
 def _progress(console: Any, every_s: float = 10.0) -> Iterator[Callable[[str], None]]:
     """``update(text)`` for a long benchmark: a live status line on a terminal; else
@@ -24,7 +29,7 @@ def _progress(console: Any, every_s: float = 10.0) -> Iterator[Callable[[str], N
         now = time.monotonic()
         if now - last[0] >= every_s:
             last[0] = now
-            console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+            _line(console, text)
 
     yield update
 
@@ -262,9 +267,7 @@ def _adapt_progress(console: Any, rolling: int) -> Iterator[Callable[[str, dict]
                 if event == "fit":
                     update(f"fit static draft: {info['stage']} {info['done']}/{info['total']}")
                 elif event == "seed":
-                    console.print(
-                        f"[{time.strftime('%H:%M:%S')}] seed {info['seed']}", highlight=False
-                    )
+                    _line(console, f"seed {info['seed']}")
                 elif event == "request":
                     update(
                         f"request {info['index'] + 1}/{info['total']} {_adapt_detail(info, rolling)}"

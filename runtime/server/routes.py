@@ -221,24 +221,12 @@ async def metrics(runtime: Runtime) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _cost_ms(cost: Any) -> dict[str, Any]:
-    def ms(table: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:
-        return {r: {t: round(s * 1000, 1) for t, s in row.items()} for r, row in table.items()}
-
-    measured = {r: dict(points) for r, points in cost.table.items()}
-    return {
-        "measured": cost.measured,
-        "at_start": ms(measured),
-        "now": ms(cost.seconds()),
-        "forwards_observed": cost.observed(),
-    }
-
-
 @router.get("/server_info", tags=["ops"])
 async def server_info(runtime: Runtime) -> dict[str, Any]:
     config = runtime.config
     served = runtime.revisions.snapshot() if runtime.revisions else None
     watcher = runtime.watcher
+    cost = runtime.speculation.cost
     return {
         "server_id": config.server_id,
         "version": __version__,
@@ -260,7 +248,12 @@ async def server_info(runtime: Runtime) -> dict[str, Any]:
         "last_swap_pause_ms": watcher.last_pause_ms if watcher else None,
         # The verify cost drafts are sized by: measured at start, and as refined since by
         # the forwards served (rows -> tokens per row -> ms).
-        "verify_cost_ms": _cost_ms(runtime.speculation.cost),
+        "verify_cost_ms": {
+            "measured": cost.measured,
+            "at_start": cost.milliseconds(observed=False),
+            "now": cost.milliseconds(observed=True),
+            "forwards_observed": cost.observed(),
+        },
         "revision_errors": watcher.failed.errors() if watcher else [],
         "redis": {
             "configured": runtime.redis is not None,
