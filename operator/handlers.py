@@ -334,7 +334,7 @@ def _rollout_round(
     """Run the policy through Redis (or, with the rollout disabled, only measure) and
     say what was seen; Events for the policy's events. Redis errors propagate."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    keys, policy = Keys(namespace, name), spec.rollout  # spec.rollout is the policy
+    keys, policy = Keys(namespace, name), spec.rollout_policy()
     window = memo.get("window")
     if window is None or window.size != loop.window_size(policy):
         window = memo.window = loop.SampleWindow(size=loop.window_size(policy))

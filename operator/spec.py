@@ -558,6 +558,14 @@ class SpeculatorSpec(ApiModel):
         _check_rules(self, SPEC_RULES)
         return self
 
+    def rollout_policy(self) -> RolloutSpec:
+        """spec.rollout as the policy runs it for this engine: an SGLang process serves one
+        speculative algorithm (EAGLE-3 for a head, its n-gram for suffix), so there a
+        candidate is canaried alone even with rollout.hybridCanaries."""
+        if self.engine.kind == EngineKind.SGLANG and self.rollout.hybrid_canaries:
+            return self.rollout.model_copy(update={"hybrid_canaries": False})
+        return self.rollout
+
 
 # --------------------------------------------------------------------------- status
 

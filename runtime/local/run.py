@@ -231,7 +231,8 @@ class LocalMode:
             return  # ("Promoted" comes once every server confirmed: too late to time from)
         record = run.swaps.setdefault(revision, {})
         if action == "StartCanary":
-            candidate = protocol.get_candidate(self.client, self.config.keys, revision)
+            head = protocol.hybrid_head(revision) or revision  # (a hybrid canary's head)
+            candidate = protocol.get_candidate(self.client, self.config.keys, head)
             if candidate is not None:
                 record["published"] = candidate.created
             record["canary_decided"] = at

@@ -9,7 +9,8 @@ decision.
 State machine (`RolloutState.phase`; event actions in brackets, kept in the bounded history)::
 
     Idle        -> Canary          newest eligible candidate [StartCanary]
-    Idle        -> Idle            newest eligible candidate is not loadable [Reject]
+    Idle        -> Idle            newest eligible candidate is not loadable [Reject]; within
+                                   the back-off after a rollback (Wait, no event)
     Canary      -> Promoting       lower bound >= minSpeedup [Promote]
     Canary      -> Idle            upper bound < regressionThreshold [Rollback] (RolledBack);
                                    a server failed to load it [Reject] (Rejected)
@@ -25,7 +26,14 @@ State machine (`RolloutState.phase`; event actions in brackets, kept in the boun
 
 - Idle: the stable revision serves alone (None = no draft, plain decoding). The newest
   candidate (by `created`) that is newer than every candidate already tried, not rejected
-  and not the stable one starts a canary; older ones are skipped for good.
+  and not the stable one starts a canary; older ones are skipped for good. Over a stable
+  that drafts with suffix decoding (suffix, hybrid:<head>) and with `hybridCanaries`, the
+  trainer's candidate is canaried as hybrid:<candidate> (suffix decoding and its head;
+  `canary_name`), and promoted under that name. After the gate rolls a candidate back
+  (regression, or onInconclusive Rollback) the next canary waits
+  `rollbackBackoffSeconds`, doubled for each rollback in a row up to
+  `maxRollbackBackoffSeconds` (`RolloutState.next_canary_at`); a new stable (Promoted,
+  Fallback) ends the streak. A person's rollback and a rejected checkpoint never wait.
 - Canary: the candidate serves `canaryShare` of requests (or replicas; the caller decides),
   `baselineShare` is served without speculation. A candidate arriving mid-canary waits for
   the canary to resolve, except that with `replaceCanaryWithNewer` a candidate trained from
@@ -76,12 +84,15 @@ from pydantic import BaseModel, Field, model_validator
 
 from aurora.runtime.protocol import (
     BUILTIN_REVISIONS,
+    HYBRID_PREFIX,
     Builtin,
     CandidateRecord,
     DesiredState,
     LoadedReport,
     RequestStats,
     RevisionRef,
+    hybrid_head,
+    hybrid_revision,
 )
 from aurora.runtime.rollout.policy import WIRE_MODEL, RolloutPolicy
 from aurora.runtime.rollout.statistics import (
@@ -156,6 +167,10 @@ class RolloutState(_Model):
     # traffic-mix change since the last change of what is served.
     window_since: float | None = None
     window_restarts: int = Field(default=0, ge=0)
+    # Candidates the gate rolled back since the last promotion (or fallback), and when
+    # the next canary may start (rollbackBackoffSeconds, doubling with each of them).
+    rollbacks_in_a_row: int = Field(default=0, ge=0)
+    next_canary_at: float | None = None
     rejected: list[str] = Field(default_factory=list)
     history: list[RolloutEvent] = Field(default_factory=list)
 
@@ -375,6 +390,41 @@ def _name(revision: str | None, none: str = "no draft") -> str:
     return revision if revision not in (None, NO_DRAFT) else none
 
 
+def _suffix_backed(revision: str | None) -> bool:
+    """Whether a revision drafts with suffix decoding (suffix, or hybrid:<head>)."""
+    return revision == Builtin.SUFFIX or (
+        revision is not None and hybrid_head(revision) is not None
+    )
+
+
+def canary_name(policy: RolloutPolicy, stable: str | None, revision: str) -> str:
+    """The name the trainer's candidate `revision` is canaried under against `stable`:
+    hybrid:<revision> over a suffix-decoding stable when the policy has hybridCanaries
+    (a head alone rarely beats suffix decoding where suffix decoding wins), else itself."""
+    if (
+        policy.hybrid_canaries
+        and _suffix_backed(stable)
+        and revision not in BUILTIN_REVISIONS
+        and hybrid_head(revision) is None
+    ):
+        return hybrid_revision(revision)
+    return revision
+
+
+def head_of(revision: str) -> str:
+    """The trainer's revision behind a served one: a hybrid's head, else itself."""
+    return hybrid_head(revision) or revision
+
+
+def _served_names(revision: str) -> set[str]:
+    """The names a trainer's revision can be served under: alone or as a hybrid's head."""
+    return {revision, HYBRID_PREFIX + revision}
+
+
+def _clock(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S UTC")
+
+
 def _percent(fraction: float) -> str:
     text = f"{fraction:.1%}"
     return text.replace(".0%", "%")
@@ -392,8 +442,7 @@ def _window(m: Measurement) -> str:
     if m.window_since is None:
         text = f"window of {m.window_seconds:.0f} s"
     else:
-        start = datetime.fromtimestamp(m.window_since, UTC).strftime("%H:%M:%S UTC")
-        text = f"window since {start} ({m.window_seconds:.0f} s)"
+        text = f"window since {_clock(m.window_since)} ({m.window_seconds:.0f} s)"
     if m.window_restarts:
         text += f", restarted {m.window_restarts}x by a traffic-mix change"
     return text
@@ -458,8 +507,8 @@ def _desired(
             return None
         if revision in BUILTIN_REVISIONS:  # plain decoding or a model-free draft
             return RevisionRef(revision=revision, path="")
-        if revision in paths:
-            return RevisionRef(revision=revision, path=paths[revision])
+        if head_of(revision) in paths:  # (a hybrid's path is its head's checkpoint)
+            return RevisionRef(revision=revision, path=paths[head_of(revision)])
         for old in known:
             if old is not None and old.revision == revision:
                 return old
@@ -519,6 +568,8 @@ class _Tick:
         if {"stable_revision", "candidate_revision"} & changes.keys():
             # What is served changed: comparisons start over, on the new arms only.
             changes.update(window_since=self.now, window_restarts=0)
+        if "stable_revision" in changes:  # a new stable: rollbacks against the old one end
+            changes.update(rollbacks_in_a_row=0, next_canary_at=None)
         history = [*state.history, event][-HISTORY_LIMIT:]
         return state.model_copy(update={**changes, "history": history})
 
@@ -532,11 +583,11 @@ class _Tick:
         return Decision(action, reason, state, desired, m, tuple(self.events), problem)
 
     def newest_eligible(self, state: RolloutState) -> CandidateRecord | None:
+        taken = {*state.rejected, state.stable_revision, state.candidate_revision}
         eligible = [
             c
             for c in self.candidates
-            if c.revision not in state.rejected
-            and c.revision not in (state.stable_revision, state.candidate_revision)
+            if not _served_names(c.revision) & taken
             and (state.tried_through is None or c.created > state.tried_through)
         ]
         return max(eligible, key=lambda c: (c.created, c.revision), default=None)
@@ -550,11 +601,28 @@ class _Tick:
                 return load
         return None
 
-    def retire(self, state: RolloutState, action: EventAction, reason: str) -> RolloutState:
-        """End the current candidate for good (Rollback or Reject): stable serves alone."""
+    def retire(
+        self, state: RolloutState, action: EventAction, reason: str, backoff: bool = False
+    ) -> tuple[RolloutState, str]:
+        """End the current candidate for good (Rollback or Reject): stable serves alone.
+        With `backoff` (the gate rolled it back) the next canary waits
+        rollbackBackoffSeconds, doubled for each earlier rollback in a row; the reason,
+        returned with the state, says how long."""
         revision = state.candidate_revision
         assert revision is not None
-        return self.record(
+        changes: dict[str, Any] = {}
+        if backoff:
+            count = state.rollbacks_in_a_row + 1
+            policy = self.policy
+            wait = min(
+                policy.max_rollback_backoff_seconds,
+                policy.rollback_backoff_seconds * 2 ** min(count - 1, 30),
+            )
+            changes = {"rollbacks_in_a_row": count, "next_canary_at": self.now + wait}
+            if wait > 0:
+                ordinal = "1 rollback" if count == 1 else f"{count} rollbacks in a row"
+                reason += f"; after {ordinal} the next canary waits {wait} s"
+        state = self.record(
             state,
             action,
             revision,
@@ -563,7 +631,20 @@ class _Tick:
             candidate_revision=None,
             canary_started_at=None,
             rejected=[*state.rejected, revision][-REJECTED_LIMIT:],
+            **changes,
         )
+        return state, reason
+
+    def end(
+        self,
+        state: RolloutState,
+        action: Literal["Rollback", "Reject"],
+        reason: str,
+        backoff: bool = False,
+    ) -> Decision:
+        """The decision that retires the current candidate (`retire`)."""
+        state, reason = self.retire(state, action, reason, backoff)
+        return self.decision(action, reason, state)
 
     def fallback(self, state: RolloutState) -> RolloutState | None:
         """Stable is slower than no speculation: the state serving plain decoding instead
@@ -618,6 +699,15 @@ class _Tick:
                 "None", done or f"serving {_name(state.stable_revision)}; no new candidate", state
             )
         prefix = f"{done}; " if done else ""
+        if state.next_canary_at is not None and self.now < state.next_canary_at:
+            count = state.rollbacks_in_a_row
+            reason = (
+                f"{prefix}backing off after {count} rollback{'s' if count != 1 else ''} in a "
+                f"row: the next canary starts at {_clock(state.next_canary_at)} (in "
+                f"{state.next_canary_at - self.now:.0f} s) with the newest candidate then "
+                f"(now {candidate.revision}); {_name(state.stable_revision)} keeps serving"
+            )
+            return self.decision("Wait", reason, state)
         if not candidate.loadable:
             reason = f"{prefix}trainer marked {candidate.revision} not loadable; {_name(state.stable_revision)} keeps serving"
             state = self.record(
@@ -629,10 +719,13 @@ class _Tick:
                 rejected=[*state.rejected, candidate.revision][-REJECTED_LIMIT:],
             )
             return self.decision("Reject", reason, state)
+        served = canary_name(self.policy, state.stable_revision, candidate.revision)
         reason = (
-            f"canary {candidate.revision} against {_name(state.stable_revision)} on "
+            f"canary {served} against {_name(state.stable_revision)} on "
             f"{self.policy.canary_share:.0%} of requests"
         )
+        if served != candidate.revision:
+            reason += f" (suffix decoding and {candidate.revision}'s head: hybridCanaries)"
         if candidate.offline_accept_length is not None:
             reason += f"; offline accept length {candidate.offline_accept_length:.2f}"
             if candidate.stable_offline_accept_length is not None:
@@ -640,10 +733,10 @@ class _Tick:
         state = self.record(
             state,
             "StartCanary",
-            candidate.revision,
+            served,
             reason,
             phase="Canary",
-            candidate_revision=candidate.revision,
+            candidate_revision=served,
             canary_started_at=self.now,
             tried_through=candidate.created,
         )
@@ -655,23 +748,23 @@ class _Tick:
         m, policy = self.measurement, self.policy
         if failure := self.load_failure(revision):
             reason = f"server {failure.server} failed to load {revision}: {failure.error}; {stable} keeps serving"
-            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
-        offered = next((c for c in self.candidates if c.revision == revision), None)
+            return self.end(state, "Reject", reason)
+        offered = next((c for c in self.candidates if c.revision == head_of(revision)), None)
         if offered is not None and not offered.loadable:
             reason = f"trainer marked {revision} not loadable; {stable} keeps serving"
-            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
+            return self.end(state, "Reject", reason)
         if override is not None and override.revision == revision:
             if override.action == "Promote":
                 return self.promote(state, f"{revision} promoted by a person; {_figures(m)}")
             reason = f"{revision} rolled back by a person; {_figures(m)}"
-            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+            return self.end(state, "Rollback", reason)
         newer = self.newest_eligible(state)
         if (
             newer is not None
             and newer.loadable
             and (
                 state.phase == "Hold"
-                or (policy.replace_canary_with_newer and newer.parent == revision)
+                or (policy.replace_canary_with_newer and newer.parent == head_of(revision))
             )
         ):
             reason = f"{newer.revision} (trained from {_name(newer.parent)}) supersedes {state.phase.lower()} {revision}"
@@ -712,7 +805,7 @@ class _Tick:
                 f"{revision} regresses against {stable}: upper bound {speedup.upper:.3f}x < "
                 f"regressionThreshold {policy.regression_threshold}; {_figures(m)}"
             )
-            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+            return self.end(state, "Rollback", reason, backoff=True)
         if m.candidate.samples < policy.max_canary_samples:
             reason = (
                 f"inconclusive so far ({m.candidate.samples}/{policy.max_canary_samples} samples): "
@@ -727,7 +820,7 @@ class _Tick:
             f"(onInconclusive {policy.on_inconclusive}); {_figures(m)}"
         )
         if policy.on_inconclusive == "Rollback":
-            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+            return self.end(state, "Rollback", reason, backoff=True)
         return self.decision(
             "Hold", reason, self.record(state, "Hold", revision, reason, phase="Hold")
         )
@@ -741,10 +834,10 @@ class _Tick:
         assert revision is not None
         if override is not None and override.action == "Rollback" and override.revision == revision:
             reason = f"promotion of {revision} rolled back by a person; {previous} stays stable"
-            return self.decision("Rollback", reason, self.retire(state, "Rollback", reason))
+            return self.end(state, "Rollback", reason)
         if failure := self.load_failure(revision):
             reason = f"server {failure.server} failed to load {revision} as stable: {failure.error}; {previous} stays stable"
-            return self.decision("Reject", reason, self.retire(state, "Reject", reason))
+            return self.end(state, "Reject", reason)
         if not self.loads:
             reason = f"promoting {revision}: no server has reported what it serves yet"
             return self.decision("Wait", reason, state)

@@ -57,6 +57,12 @@ ROLLOUT_RULES = (
         lambda r: 0 < r.false_promotion_rate < Decimal("0.5"),
     ),
     Rule(
+        "self.maxRollbackBackoffSeconds >= self.rollbackBackoffSeconds",
+        "rollout.maxRollbackBackoffSeconds must be at least rollout.rollbackBackoffSeconds, "
+        "e.g. 600 with 30",
+        lambda r: r.max_rollback_backoff_seconds >= r.rollback_backoff_seconds,
+    ),
+    Rule(
         f"self.minSamples >= {MIN_CLUSTERS}",
         f"rollout.minSamples must be at least {MIN_CLUSTERS}: the gate's confidence sequence "
         f"needs {MIN_CLUSTERS} requests per arm before its bounds mean anything, e.g. 30",
@@ -136,6 +142,29 @@ class RolloutPolicy(BaseModel):
         True,
         description="When stable measures slower than no speculation, serve without a draft "
         "until a candidate beats plain decoding.",
+    )
+    hybrid_canaries: bool = Field(
+        True,
+        description="While stable drafts with suffix decoding (suffix, or hybrid:<head>), "
+        "a learned candidate is canaried as hybrid:<candidate>: suffix decoding and its head, "
+        "per verify step whichever is expected to be accepted further. A head alone rarely "
+        "beats suffix decoding on traffic that suffix decoding wins; with it, it can. torch "
+        "servers only: with engine.kind sglang a candidate is always canaried alone.",
+    )
+    rollback_backoff_seconds: int = Field(
+        30,
+        ge=0,
+        le=86_400,
+        description="After a candidate is rolled back, the next canary waits this long, "
+        "doubling with each further rollback in a row (up to maxRollbackBackoffSeconds) "
+        "until a candidate is promoted; meanwhile the trainer keeps learning and the newest "
+        "candidate is canaried when the wait ends. 0: no wait.",
+    )
+    max_rollback_backoff_seconds: int = Field(
+        600,
+        ge=0,
+        le=86_400,
+        description="The longest wait between a rollback and the next canary.",
     )
     gate_initial_draft: bool = Field(
         True,

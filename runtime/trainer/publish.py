@@ -108,7 +108,9 @@ class Publisher:
         desired = protocol.get_desired(self.redis, self.keys)
         refs = [desired.stable, desired.candidate] if desired else []
         revisions = {r.revision for r in refs if r is not None}
-        return revisions | ({published} if published else set())
+        # hybrid:<revision> is served from its head's checkpoint (the rollout's hybrid canaries)
+        heads = {head for r in revisions if (head := protocol.hybrid_head(r)) is not None}
+        return revisions | heads | ({published} if published else set())
 
     def status(self, fields: dict[str, Any]) -> None:
         """Write the trainer's status hash (what `aurora local` and operators read)."""

@@ -127,7 +127,9 @@ def example(env: Installed) -> dict[str, Any]:
     spec["engine"]["extraArgs"] = ["--threads", "1", "--max-new-tokens-limit", "32"]
     spec["engine"]["nodeSelector"] = {"pool": "serving"}
     spec["training"]["nodeSelector"] = {"pool": "training"}
-    spec["rollout"].update(minSamples=20, maxCanarySamples=200, intervalSeconds=1)
+    spec["rollout"].update(
+        minSamples=20, maxCanarySamples=200, intervalSeconds=1, rollbackBackoffSeconds=5
+    )
     return spx
 
 
@@ -333,7 +335,10 @@ def test_a_regressing_candidate_is_rolled_back(
         now["revisionHistory"][0]["outcome"],
     )
     assert revision in now["rollout"]["rejected"]
-    assert any(t == "Warning" and r == "Rollback" and revision in m for t, r, m, _ in events(env))
+    assert any(
+        t == "Warning" and r == "Rollback" and revision in m and "next canary waits 5 s" in m
+        for t, r, m, _ in events(env)
+    )  # (the back-off after a rollback, from spec.rollout.rollbackBackoffSeconds)
     wait_for(servers_load(env, stable, None), "servers back on stable alone", 60)
 
 

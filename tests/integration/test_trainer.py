@@ -28,6 +28,7 @@ from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
 from aurora.runtime.trainer.config import TrainerConfig
 from aurora.runtime.trainer.delivery import GROUP
+from aurora.runtime.trainer.publish import Publisher
 from aurora.runtime.trainer.trainer import Trainer
 from aurora.runtime.workloads import code_prompts
 
@@ -269,3 +270,25 @@ def test_two_ranks_share_the_stream_and_keep_one_model(
     assert status["weights_rank0"] == status["weights_rank1"]
     assert CheckpointStore(tmp_path).latest() is not None
     assert torch.distributed.is_available()
+
+
+def test_pruning_keeps_the_heads_of_hybrid_revisions_being_served(
+    redis_client: redis.Redis,
+) -> None:
+    # Given servers told to serve hybrid:r2 as stable and hybrid:r3 on canary (the rollout's
+    # hybrid canaries over suffix decoding), each from its head's checkpoint
+    keys = protocol.Keys("default", f"hybrid-{uuid.uuid4().hex[:6]}")
+    protocol.set_desired(
+        redis_client,
+        keys,
+        protocol.DesiredState(
+            stable=protocol.RevisionRef(revision="hybrid:r2", path="/ckpt/r2"),
+            candidate=protocol.RevisionRef(revision="hybrid:r3", path="/ckpt/r3"),
+            candidate_share=0.5,
+        ),
+    )
+    publisher = Publisher(
+        redis_client, keys, None, spec_tokens=3, publish_margin=0.05, min_accept_length=1.0
+    )
+    # Then the checkpoints r2 and r3 are kept, with the last one offered
+    assert publisher.protected("r4") == {"hybrid:r2", "hybrid:r3", "r2", "r3", "r4"}

@@ -226,6 +226,16 @@ def test_spec_rollout_is_the_rollout_policy_with_its_defaults() -> None:
     assert rollout["default"]["minSpeedup"] == "1.05"
 
 
+def test_an_sglang_speculator_never_canaries_a_hybrid() -> None:
+    # An SGLang process serves one speculative algorithm: no suffix tree beside a head.
+    torch = SpeculatorSpec.model_validate(_spec())
+    assert torch.rollout_policy().hybrid_canaries is True
+    spec = SpeculatorSpec.model_validate(_spec(engine={"kind": "sglang", "replicas": 2, "gpus": 1}))
+    assert spec.rollout.hybrid_canaries is True  # as written
+    assert spec.rollout_policy().hybrid_canaries is False  # as the policy runs it
+    assert spec.rollout_policy().min_speedup == spec.rollout.min_speedup
+
+
 def test_printer_columns_point_at_schema_fields() -> None:
     paths = {path for path, _ in walk(SCHEMA)}
     for column in crd.PRINTER_COLUMNS:

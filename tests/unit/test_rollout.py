@@ -393,7 +393,8 @@ def test_candidate_arriving_mid_canary_waits_for_it_to_resolve() -> None:
 
     # When r2 resolves, then r3 gets the next canary.
     rolled_back = decide(POLICY, state, offered, traffic(candidate=24.0), [], NOW).new_state
-    next_canary = decide(POLICY, rolled_back, offered, [], [], NOW + 10)
+    later = NOW + POLICY.rollback_backoff_seconds  # (the back-off after a rollback)
+    next_canary = decide(POLICY, rolled_back, offered, [], [], later)
     assert next_canary.action == "StartCanary"
     assert next_canary.new_state.candidate_revision == "r3"
 
@@ -785,3 +786,152 @@ def test_a_decision_quotes_its_gated_figure_comparator_window_and_counts() -> No
     assert f"({m.candidate.ms_per_token:.1f} / {m.stable.ms_per_token:.1f} ms per token)" in reason
     assert "window since 00:16:40 UTC (4000 s)" in reason  # the canary started at t=1000
     assert "vs no speculation (40 requests): candidate" in reason
+
+
+# ------------------------------------------------------- hybrid canaries over suffix decoding
+
+
+def test_over_a_suffix_stable_a_learned_candidate_is_canaried_and_promoted_as_a_hybrid() -> None:
+    # Given suffix decoding stable and the trainer's head r2 offered
+    idle = RolloutState(stable_revision="suffix")
+    started = decide(POLICY, idle, [offer("r2", 2.0)], [], [], 1000.0, published=None)
+    # then r2 is canaried as hybrid:r2, served from r2's checkpoint
+    assert started.action == "StartCanary"
+    assert started.new_state.candidate_revision == "hybrid:r2"
+    assert started.desired is not None and started.desired.candidate == RevisionRef(
+        revision="hybrid:r2", path="/ckpt/r2"
+    )
+    assert "canary hybrid:r2 against suffix" in started.reason and "r2's head" in started.reason
+    # when hybrid:r2 measures faster than suffix, it is promoted under that name
+    samples = traffic(candidate=39.0, stable_revision="suffix", candidate_revision="hybrid:r2")
+    promoting = decide(POLICY, started.new_state, [offer("r2", 2.0)], samples, [], NOW)
+    assert promoting.action == "Promote", promoting.reason
+    assert served(promoting) == ("hybrid:r2", None)
+    loads = serving("a", stable="hybrid:r2")
+    done = decide(POLICY, promoting.new_state, [offer("r2", 2.0)], [], loads, NOW + 1).new_state
+    assert (done.phase, done.stable_revision) == ("Idle", "hybrid:r2")
+    # and the next head is canaried as a hybrid over the hybrid stable, its checkpoint
+    # path known even once r2's record is gone
+    nxt = decide(
+        POLICY, done, [offer("r3", 3.0, "r2")], [], loads, NOW + 2, published=promoting.desired
+    )
+    assert nxt.new_state.candidate_revision == "hybrid:r3"
+    assert nxt.desired is not None
+    assert (nxt.desired.stable, nxt.desired.candidate) == (
+        RevisionRef(revision="hybrid:r2", path="/ckpt/r2"),
+        RevisionRef(revision="hybrid:r3", path="/ckpt/r3"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("stable", "policy", "expected"),
+    [
+        ("r1", POLICY, "r2"),  # a head stable: a head against a head
+        (None, POLICY, "r2"),  # plain decoding
+        ("none", POLICY, "r2"),  # after a fallback
+        ("suffix", POLICY.model_copy(update={"hybrid_canaries": False}), "r2"),
+        ("ngram", POLICY, "r2"),
+        ("suffix", POLICY, "hybrid:r2"),
+        ("hybrid:r1", POLICY, "hybrid:r2"),
+    ],
+)
+def test_a_candidate_is_canaried_as_a_hybrid_only_over_suffix_decoding(
+    stable: str | None, policy: RolloutPolicy, expected: str
+) -> None:
+    started = decide(policy, RolloutState(stable_revision=stable), [offer("r2", 2.0)], [], [], NOW)
+    assert started.new_state.candidate_revision == expected
+
+
+def test_a_rolled_back_hybrid_canary_is_never_offered_again_alone_or_as_a_hybrid() -> None:
+    state = RolloutState(stable_revision="suffix", rejected=["hybrid:r2"])
+    decision = decide(POLICY, state, [offer("r2", 2.0)], [], [], NOW)
+    assert decision.action == "None"
+    state = RolloutState(stable_revision="r1", rejected=["hybrid:r2"])
+    assert decide(POLICY, state, [offer("r2", 2.0)], [], [], NOW).action == "None"
+
+
+def test_a_hybrid_canary_is_superseded_by_a_candidate_trained_from_its_head() -> None:
+    policy = POLICY.model_copy(update={"replace_canary_with_newer": True})
+    started = decide(
+        policy, RolloutState(stable_revision="suffix"), [offer("r2", 2.0)], [], [], NOW
+    )
+    offered = [offer("r2", 2.0), offer("r3", 3.0, "r2")]
+    decision = decide(policy, started.new_state, offered, [], [], NOW + 1)
+    assert decision.new_state.candidate_revision == "hybrid:r3", decision.reason
+    assert "supersedes canary hybrid:r2" in decision.reason
+
+
+# ------------------------------------------------------------- back-off after rollbacks
+
+
+def rolled_back(state: RolloutState, at: float, candidate: str) -> RolloutState:
+    """`state` (a canary of `candidate` against r1) after the gate rolls it back at `at`."""
+    samples = traffic(candidate=20.0, candidate_revision=candidate, start=at - 200)
+    decision = decide(POLICY, state, [], samples, [], at)
+    assert decision.action == "Rollback", decision.reason
+    return decision.new_state
+
+
+def test_after_a_rollback_the_next_canary_waits_and_the_wait_doubles_until_a_promotion() -> None:
+    # Given r2 rolled back by the gate at NOW
+    state = rolled_back(canary(), NOW, "r2")
+    assert (state.rollbacks_in_a_row, state.next_canary_at) == (1, NOW + 30)
+    assert "after 1 rollback the next canary waits 30 s" in state.history[-1].reason
+    # when r3 arrives within the back-off, it waits, and the reason says until when
+    offered = [offer("r3", 3.0, "r1")]
+    waiting = decide(POLICY, state, offered, [], [], NOW + 10)
+    assert (waiting.action, waiting.new_state) == ("Wait", state)
+    assert served(waiting) == ("r1", None)
+    assert "backing off after 1 rollback in a row" in waiting.reason
+    assert "in 20 s" in waiting.reason and "now r3" in waiting.reason
+    # then once it is over, the newest candidate by then (r4, not r3) is canaried
+    offered.append(offer("r4", 4.0, "r1"))
+    started = decide(POLICY, state, offered, [], [], NOW + 30)
+    assert (started.action, started.new_state.candidate_revision) == ("StartCanary", "r4")
+    # and a second rollback in a row doubles the wait, capped at maxRollbackBackoffSeconds
+    state = rolled_back(started.new_state, NOW + 300, "r4")
+    assert (state.rollbacks_in_a_row, state.next_canary_at) == (2, NOW + 300 + 60)
+    capped = POLICY.model_copy(update={"max_rollback_backoff_seconds": 45})
+    assert decide(capped, state, [], [], [], NOW).new_state == state  # (nothing offered)
+    again = state.model_copy(update={"phase": "Canary", "candidate_revision": "r5"})
+    samples = traffic(candidate=20.0, candidate_revision="r5", start=NOW + 300)
+    third = decide(capped, again, [], samples, [], NOW + 400)
+    assert (third.new_state.rollbacks_in_a_row, third.new_state.next_canary_at) == (3, NOW + 445)
+    # a promotion ends the streak
+    promoting = decide(
+        POLICY,
+        canary(candidate="r6", created=6.0),
+        [],
+        traffic(candidate=39.0, candidate_revision="r6"),
+        [],
+        NOW,
+    )
+    streak = promoting.new_state.model_copy(
+        update={"rollbacks_in_a_row": 4, "next_canary_at": NOW + 900}
+    )
+    done = decide(POLICY, streak, [], [], serving("a", stable="r6"), NOW + 1).new_state
+    assert (done.stable_revision, done.rollbacks_in_a_row, done.next_canary_at) == ("r6", 0, None)
+
+
+def test_a_persons_rollback_and_a_rejected_checkpoint_do_not_back_off() -> None:
+    by_person = decide(
+        POLICY, canary(), [], [], [], NOW, override=Override(action="Rollback", revision="r2")
+    )
+    assert by_person.action == "Rollback"
+    assert (by_person.new_state.rollbacks_in_a_row, by_person.new_state.next_canary_at) == (0, None)
+    loads = [LoadedReport(server="a", stable="r1", error="bad checkpoint", error_revision="r2")]
+    rejected = decide(POLICY, canary(), [], [], loads, NOW)
+    assert rejected.action == "Reject"
+    assert rejected.new_state.next_canary_at is None
+    # and with rollbackBackoffSeconds 0 the next canary starts at once
+    no_wait = POLICY.model_copy(update={"rollback_backoff_seconds": 0})
+    samples = traffic(candidate=20.0)
+    state = decide(no_wait, canary(), [], samples, [], NOW).new_state
+    started = decide(no_wait, state, [offer("r3", 3.0, "r1")], [], [], NOW)
+    assert started.action == "StartCanary"
+    assert "waits" not in state.history[-1].reason
+
+
+def test_the_backoff_bounds_are_checked() -> None:
+    with pytest.raises(ValidationError, match=r"rollout\.maxRollbackBackoffSeconds"):
+        RolloutPolicy(rollback_backoff_seconds=60, max_rollback_backoff_seconds=30)
