@@ -185,3 +185,45 @@ def test_an_aa_canary_is_not_promoted_and_a_known_slowdown_is_rolled_back(
         for s in stats:
             cohorts.setdefault(s.cohort, set()).add((s.arm, s.revision))
         assert all(s.cohort for s in stats) and all(len(arms) == 1 for arms in cohorts.values())
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("server", [1], indirect=True, ids=["max-batch-1"])
+def test_over_suffix_decoding_a_head_is_canaried_as_a_hybrid_and_measured_under_its_name(
+    server: str, redis_client: redis.Redis, drafts: Path
+) -> None:
+    # Given a server whose stable draft is suffix decoding, and the trainer's head a1 offered
+    rollout = policy(1)
+    state = RolloutState(stable_revision="suffix")
+    window = loop.SampleWindow(size=loop.window_size(rollout))
+    offer(redis_client, drafts, "a1", created=time.time())
+    # when the rollout loop runs a round
+    started = loop.run_round(redis_client, KEYS, rollout, state, window, time.time())
+    # then a1 goes to canary as hybrid:a1, served from a1's checkpoint
+    assert started.decision.action == "StartCanary", started.decision.reason
+    assert started.published is not None and started.published.candidate is not None
+    assert started.published.candidate.revision == "hybrid:a1"
+    assert started.published.candidate.path == str(drafts / "a1")
+    deadline = time.monotonic() + 300
+    while not any(
+        (r.stable, r.candidate) == ("suffix", "hybrid:a1")
+        for r in protocol.get_loaded(redis_client, KEYS).values()
+    ):
+        assert time.monotonic() < deadline, protocol.get_loaded(redis_client, KEYS)
+        time.sleep(0.2)
+    # and under traffic the server reports its requests under that name, which the gate
+    # measures against suffix decoding
+    state = started.decision.new_state
+    with traffic(server) as load:
+        deadline = time.monotonic() + 600
+        while True:
+            result = loop.run_round(redis_client, KEYS, rollout, state, window, time.time())
+            state, m = result.decision.new_state, result.decision.measurement
+            assert m is not None
+            if min(m.candidate.samples, m.stable.samples) >= 3:
+                break
+            assert time.monotonic() < deadline, result.decision.reason
+            time.sleep(1)
+    assert (m.candidate.revision, m.stable.revision) == ("hybrid:a1", "suffix")
+    assert m.candidate.accept_length is not None and m.candidate.accept_length >= 1.0
+    assert load.failures == []
