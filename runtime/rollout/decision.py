@@ -421,6 +421,12 @@ def _served_names(revision: str) -> set[str]:
     return {revision, HYBRID_PREFIX + revision}
 
 
+def _names(override: Override, revision: str) -> bool:
+    """Whether a person's override names `revision` (a hybrid also by its head's name, the
+    revision the trainer offered)."""
+    return override.revision in (revision, head_of(revision))
+
+
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S UTC")
 
@@ -753,7 +759,7 @@ class _Tick:
         if offered is not None and not offered.loadable:
             reason = f"trainer marked {revision} not loadable; {stable} keeps serving"
             return self.end(state, "Reject", reason)
-        if override is not None and override.revision == revision:
+        if override is not None and _names(override, revision):
             if override.action == "Promote":
                 return self.promote(state, f"{revision} promoted by a person; {_figures(m)}")
             reason = f"{revision} rolled back by a person; {_figures(m)}"
@@ -832,7 +838,7 @@ class _Tick:
     def promoting(self, state: RolloutState, override: Override | None) -> Decision:
         revision, previous = state.candidate_revision, _name(state.stable_revision)
         assert revision is not None
-        if override is not None and override.action == "Rollback" and override.revision == revision:
+        if override is not None and override.action == "Rollback" and _names(override, revision):
             reason = f"promotion of {revision} rolled back by a person; {previous} stays stable"
             return self.end(state, "Rollback", reason)
         if failure := self.load_failure(revision):

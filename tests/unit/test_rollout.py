@@ -935,3 +935,18 @@ def test_a_persons_rollback_and_a_rejected_checkpoint_do_not_back_off() -> None:
 def test_the_backoff_bounds_are_checked() -> None:
     with pytest.raises(ValidationError, match=r"rollout\.maxRollbackBackoffSeconds"):
         RolloutPolicy(rollback_backoff_seconds=60, max_rollback_backoff_seconds=30)
+
+
+@pytest.mark.parametrize("named", ["hybrid:r2", "r2"])
+def test_a_person_may_name_a_hybrid_canary_by_its_own_name_or_its_heads(named: str) -> None:
+    started = decide(
+        POLICY, RolloutState(stable_revision="suffix"), [offer("r2", 2.0)], [], [], NOW
+    )
+    override = Override(action="Promote", revision=named)
+    decision = decide(
+        POLICY, started.new_state, [offer("r2", 2.0)], [], [], NOW + 1, override=override
+    )
+    assert decision.action == "Promote" and served(decision) == ("hybrid:r2", None)
+    rollback = Override(action="Rollback", revision=named)
+    undone = decide(POLICY, decision.new_state, [], [], [], NOW + 2, override=rollback)
+    assert undone.action == "Rollback" and undone.new_state.stable_revision == "suffix"
