@@ -70,6 +70,12 @@ def hybrid_head(revision: str) -> str | None:
     return None
 
 
+def head_of(revision: str) -> str:
+    """The trainer's revision behind a served one: a hybrid's head (whose checkpoint it is
+    served from), else the revision itself."""
+    return hybrid_head(revision) or revision
+
+
 class ProtocolError(ValueError):
     """A record read from Redis is malformed; the message says which and why."""
 

@@ -231,8 +231,10 @@ class LocalMode:
             return  # ("Promoted" comes once every server confirmed: too late to time from)
         record = run.swaps.setdefault(revision, {})
         if action == "StartCanary":
-            head = protocol.hybrid_head(revision) or revision  # (a hybrid canary's head)
-            candidate = protocol.get_candidate(self.client, self.config.keys, head)
+            # (a hybrid canary was published as its head)
+            candidate = protocol.get_candidate(
+                self.client, self.config.keys, protocol.head_of(revision)
+            )
             if candidate is not None:
                 record["published"] = candidate.created
             record["canary_decided"] = at

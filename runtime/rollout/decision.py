@@ -91,6 +91,7 @@ from aurora.runtime.protocol import (
     LoadedReport,
     RequestStats,
     RevisionRef,
+    head_of,
     hybrid_head,
     hybrid_revision,
 )
@@ -411,11 +412,6 @@ def canary_name(policy: RolloutPolicy, stable: str | None, revision: str) -> str
     return revision
 
 
-def head_of(revision: str) -> str:
-    """The trainer's revision behind a served one: a hybrid's head, else itself."""
-    return hybrid_head(revision) or revision
-
-
 def _served_names(revision: str) -> set[str]:
     """The names a trainer's revision can be served under: alone or as a hybrid's head."""
     return {revision, HYBRID_PREFIX + revision}
@@ -681,7 +677,7 @@ class _Tick:
         if cut is None:
             return state, window
         before, after = window[:cut], window[cut:]
-        at = datetime.fromtimestamp(after[0].created, UTC).strftime("%H:%M:%S UTC")
+        at = _clock(after[0].created)
         reason = (
             f"traffic mix changed at {at} ({_mix(before)} -> {_mix(after)}): comparisons "
             f"restart there; the {len(before)} requests before it no longer count"

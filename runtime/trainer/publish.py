@@ -109,7 +109,7 @@ class Publisher:
         refs = [desired.stable, desired.candidate] if desired else []
         revisions = {r.revision for r in refs if r is not None}
         # hybrid:<revision> is served from its head's checkpoint (the rollout's hybrid canaries)
-        heads = {head for r in revisions if (head := protocol.hybrid_head(r)) is not None}
+        heads = {protocol.head_of(r) for r in revisions}
         return revisions | heads | ({published} if published else set())
 
     def status(self, fields: dict[str, Any]) -> None:
