@@ -31,7 +31,7 @@ from aurora.runtime.engine import generate
 from aurora.runtime.models import load_target
 from aurora.runtime.protocol import Builtin
 from aurora.runtime.trainer.config import FitConfig
-from aurora.runtime.workloads import Prompt, load_domain, split_prompts
+from aurora.runtime.workloads import Prompt, load_domain, prompt_ids, split_prompts
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,19 @@ class BenchSetup:
         return [self.eos_id] if self.eos_id is not None else []
 
 
-def bench_setup(model_spec: str, prompts: Sequence[str], threads: int | None) -> BenchSetup:
-    """Set torch's threads (None: its default), load the target and tokenise `prompts`."""
+def bench_setup(
+    model_spec: str, prompts: Sequence[str | Prompt], threads: int | None
+) -> BenchSetup:
+    """Set torch's threads (None: its default), load the target and tokenise `prompts`:
+    a string as raw text, a workload Prompt as a server receives it (`prompt_ids`)."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_target(model_spec)
-    prompt_ids = [list(tokenizer(text).input_ids) for text in prompts]
-    return BenchSetup(model, tokenizer.eos_token_id, prompt_ids)
+    encoded = [
+        list(tokenizer(p).input_ids) if isinstance(p, str) else prompt_ids(tokenizer, p)
+        for p in prompts
+    ]
+    return BenchSetup(model, tokenizer.eos_token_id, encoded)
 
 
 def decode_benchmark(
@@ -110,7 +116,7 @@ def decode_benchmark(
     and with each of `config.draft`, on the same prompts (interleaved), greedy."""
     model_spec, k, max_new_tokens = config.model, config.spec_tokens, config.max_new_tokens
     drafts = [Builtin.NGRAM, *config.draft]
-    setup = bench_setup(model_spec, [prompt.text for prompt in prompts], config.threads or None)
+    setup = bench_setup(model_spec, prompts, config.threads or None)
     model, eos = setup.model, setup.eos_id
     proposers: dict[str, Any] = {}
     for spec in drafts:
@@ -214,7 +220,7 @@ def fit_draft(
     def traces(items: Sequence[Prompt]) -> list[Any]:
         records = []
         for p in items:
-            ids = tokenizer(p.text).input_ids
+            ids = prompt_ids(tokenizer, p)
             g = generate(
                 model,
                 ids,

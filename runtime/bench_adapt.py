@@ -72,7 +72,14 @@ from aurora.errors import UsageError
 from aurora.runtime.models import model_knob
 from aurora.runtime.options import knob
 from aurora.runtime.protocol import Builtin
-from aurora.runtime.workloads import Prompt, Schedule, ScheduledRequest, load_domain, split_prompts
+from aurora.runtime.workloads import (
+    Prompt,
+    Schedule,
+    ScheduledRequest,
+    load_domain,
+    prompt_ids,
+    split_prompts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -613,7 +620,7 @@ def evaluation_examples(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
     for prompt in prompts:
-        ids = tokenizer(prompt.text).input_ids
+        ids = prompt_ids(tokenizer, prompt)
         g = generate(model, ids, max_new_tokens=config.max_new_tokens, eos_ids=eos)
         record = SimpleNamespace(
             trace_id=prompt.id, domain=prompt.domain, prompt_ids=ids, output_ids=g.output_ids,
@@ -885,11 +892,11 @@ def _run_seed(
             hashlib.sha256(f"aurora/adapt/{seed}/{r.index}".encode()).hexdigest()[:16]
             for r in load.requests
         ]
-        warm = tokenizer(load.requests[0].prompt.text).input_ids
+        warm = prompt_ids(tokenizer, load.requests[0].prompt)
         for state in arms.values():  # warm-up: first-call allocations hit no arm's figures
             generate(model, warm, proposer=state.proposer, k=config.k, max_new_tokens=8)
         for request in load.requests:
-            ids = tokenizer(request.prompt.text).input_ids
+            ids = prompt_ids(tokenizer, request.prompt)
             order = list(arms.values())
             random.Random(f"{seed}/{request.index}").shuffle(order)
             for state in order:

@@ -40,7 +40,7 @@ from aurora.runtime.models import load_target
 from aurora.runtime.protocol import Builtin
 from aurora.runtime.suffix import HybridProposer, SuffixCache, SuffixProposer
 from aurora.runtime.trainer.config import FitConfig
-from aurora.runtime.workloads import BUILTIN_DOMAINS, Prompt, load_domain
+from aurora.runtime.workloads import BUILTIN_DOMAINS, Prompt, load_domain, prompt_ids
 
 METHODS: tuple[str, ...] = (
     "hf_generate",
@@ -63,20 +63,6 @@ class MethodTotals:
     verify_steps: int = 0
     accept_lengths: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
-
-
-CHAT_DOMAINS = ("chat", "math")  # instructions: sent through the chat template, as users do
-
-
-def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """Prompt token ids: instructions (chat, math) through the tokenizer's chat template,
-    as /v1/chat/completions sends them; code and prose as raw text to continue."""
-    if prompt.domain not in CHAT_DOMAINS and prompt.messages is None:
-        return list(tokenizer(prompt.text).input_ids)
-    text = tokenizer.apply_chat_template(
-        prompt.as_chat(), add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def fitted_draft(config: DecodeBenchConfig, target: tuple[Any, Any], progress: Any) -> Path:
@@ -137,11 +123,11 @@ def warm_outputs(
     proposer = SuffixProposer(SuffixCache())
     outputs = []
     for i, prompt in enumerate(prompts):
-        key = hashlib.sha256(json.dumps(encode(tokenizer, prompt)).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps(prompt_ids(tokenizer, prompt)).encode()).hexdigest()
         if key not in cache:
             g = generate(
                 model,
-                encode(tokenizer, prompt),
+                prompt_ids(tokenizer, prompt),
                 proposer=proposer,
                 k=config.spec_tokens,
                 max_new_tokens=config.max_new_tokens,
@@ -213,7 +199,7 @@ def run_unseen(
         }
         totals = {m: MethodTotals() for m in METHODS}
         for i, prompt in enumerate(measured):
-            ids = encode(tokenizer, prompt)
+            ids = prompt_ids(tokenizer, prompt)
             order = list(METHODS)
             random.Random(f"{domain}/{i}").shuffle(order)
             for method in order:

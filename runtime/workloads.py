@@ -55,6 +55,26 @@ class Prompt:
         return [dict(message) for message in self.messages]
 
 
+CHAT_DOMAINS = ("chat", "math")  # instructions: sent through the chat template, as users do
+
+
+def is_instruction(prompt: Prompt) -> bool:
+    """Whether a prompt is an instruction to answer (a chat turn) rather than text to continue."""
+    return prompt.domain in CHAT_DOMAINS or prompt.messages is not None
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as a server receives it: instructions (chat and math domains, and
+    every prompt given as messages) through the tokenizer's chat template, as
+    /v1/chat/completions applies it; code and prose as raw text to continue."""
+    if not is_instruction(prompt):
+        return list(tokenizer(prompt.text).input_ids)
+    text = tokenizer.apply_chat_template(
+        prompt.as_chat(), add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 # --------------------------------------------------------------------------- built-in domains
 
 

@@ -37,7 +37,8 @@ from aurora.runtime.local.report import (
 from aurora.runtime.options import to_args
 from aurora.runtime.rollout import NO_DRAFT, day_zero
 from aurora.runtime.rollout.loop import SampleWindow, run_round, window_size
-from aurora.runtime.workloads import Schedule, load_domain
+from aurora.runtime.server.routes import DOMAIN_HEADER
+from aurora.runtime.workloads import Prompt, Schedule, is_instruction, load_domain
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,11 @@ class LocalMode:
                         )
                     self.run.phase = item.phase
                 port = self.ports[item.index % len(self.ports)]
-                body = {
-                    "text": item.prompt.text,
-                    "domain": item.prompt.domain,
-                    "sampling_params": {"max_new_tokens": c.max_new_tokens, "temperature": 0},
-                }
+                path, body, headers = request_body(item.prompt, c.max_new_tokens)
                 try:
-                    response = client.post(f"http://127.0.0.1:{port}/generate", json=body)
+                    response = client.post(
+                        f"http://127.0.0.1:{port}{path}", json=body, headers=headers
+                    )
                     ok = response.status_code == 200
                     if not ok:
                         self.run.errors.append(f"{response.status_code}: {response.text[:200]}")
@@ -307,6 +306,22 @@ class LocalMode:
             report = write_report(self.run, c.report_dir or c.workdir / "report")
             self.shutdown()
         return report
+
+
+def request_body(prompt: Prompt, max_new_tokens: int) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """The path, JSON body and headers that send a workload prompt as a user would: text to
+    continue (code, prose) to /generate; an instruction (chat, math, messages) to
+    /v1/chat/completions, so the server applies the chat template (sent as raw text, an
+    instruct model often ends the turn at once). Greedy either way, the domain tagged."""
+    if is_instruction(prompt):
+        body = {"messages": prompt.as_chat(), "max_tokens": max_new_tokens, "temperature": 0}
+        return "/v1/chat/completions", body, {DOMAIN_HEADER: prompt.domain}
+    body = {
+        "text": prompt.text,
+        "domain": prompt.domain,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0},
+    }
+    return "/generate", body, {}
 
 
 def _recent_accept_length(window: SampleWindow, revision: str | None, n: int = 20) -> float | None:

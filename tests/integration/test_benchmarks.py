@@ -52,3 +52,19 @@ def test_a_batch_benchmark_that_cannot_run_is_refused_naming_the_flag(
 ) -> None:
     with pytest.raises(UsageError, match=flag):
         BatchBenchConfig(**options)  # type: ignore[arg-type]
+
+
+def test_instruction_prompts_are_answered_not_ended_at_once() -> None:
+    """Math word problems sent as raw text make SmolLM2-Instruct end its turn at once (the
+    benchmarks once served them so: 0 tokens); through the chat template it answers."""
+    from aurora.runtime.engine import generate
+    from aurora.runtime.workloads import load_domain
+
+    problem = load_domain("math")[0]
+    setup = bench_setup("smollm2-135m", [problem.text, problem], threads=1)
+    raw, templated = (
+        generate(setup.model, ids, max_new_tokens=8, eos_ids=setup.eos_ids)
+        for ids in setup.prompt_ids
+    )
+    assert raw.finish_reason == "stop" and len(raw.output_ids) <= 1
+    assert templated.finish_reason == "length" and len(templated.output_ids) == 8

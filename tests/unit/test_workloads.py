@@ -394,3 +394,65 @@ def test_cli_domains_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["workload", "domains"]) == 0
     out = capsys.readouterr().out
     assert "164" in out and "HumanEval-0" in out and "chat/0" in out
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class RecordingTokenizer:
+    """Tokenises text as one id per character; the chat template wraps the turns."""
+
+    def __init__(self) -> None:
+        self.templated: list[tuple[list[dict[str, str]], bool]] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> object:
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool
+    ) -> str:
+        assert tokenize is False
+        self.templated.append((messages, add_generation_prompt))
+        return "<user>" + "".join(m["content"] for m in messages) + "<assistant>"
+
+
+@pytest.mark.parametrize("domain", ["code", "prose"])
+def test_text_to_continue_is_encoded_raw(domain: str) -> None:
+    tokenizer = RecordingTokenizer()
+    ids = workloads.prompt_ids(tokenizer, Prompt(domain, "def f(", f"{domain}/0"))
+    assert ids == [ord(c) for c in "def f("] and tokenizer.templated == []
+
+
+@pytest.mark.parametrize("domain", ["math", "chat"])
+def test_instructions_go_through_the_chat_template(domain: str) -> None:
+    tokenizer = RecordingTokenizer()
+    ids = workloads.prompt_ids(tokenizer, Prompt(domain, "How many?", f"{domain}/0"))
+    assert ids == [ord(c) for c in "<user>How many?<assistant>"]
+    assert tokenizer.templated == [([{"role": "user", "content": "How many?"}], True)]
+
+
+def test_a_prompt_given_as_messages_is_an_instruction_in_any_domain() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = Prompt("support", "Be brief.\n\nHi", "support/0", messages)
+    tokenizer = RecordingTokenizer()
+    assert workloads.prompt_ids(tokenizer, prompt) == [
+        ord(c) for c in "<user>Be brief.Hi<assistant>"
+    ]
+    assert tokenizer.templated == [(messages, True)]
+
+
+def test_local_mode_sends_instructions_to_chat_completions_and_text_to_generate() -> None:
+    from aurora.runtime.local.run import request_body
+    from aurora.runtime.server.routes import DOMAIN_HEADER
+
+    path, body, headers = request_body(Prompt("math", "2 + 2?", "math/0"), 16)
+    assert path == "/v1/chat/completions" and headers == {DOMAIN_HEADER: "math"}
+    assert body == {
+        "messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": 16, "temperature": 0
+    }  # fmt: skip
+    path, body, headers = request_body(Prompt("code", "def f(", "code/0"), 16)
+    assert (path, headers) == ("/generate", {})
+    assert body == {
+        "text": "def f(", "domain": "code",
+        "sampling_params": {"max_new_tokens": 16, "temperature": 0},
+    }  # fmt: skip
