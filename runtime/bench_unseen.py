@@ -123,11 +123,12 @@ def warm_outputs(
     proposer = SuffixProposer(SuffixCache())
     outputs = []
     for i, prompt in enumerate(prompts):
-        key = hashlib.sha256(json.dumps(prompt_ids(tokenizer, prompt)).encode()).hexdigest()
+        ids = prompt_ids(tokenizer, prompt)
+        key = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
         if key not in cache:
             g = generate(
                 model,
-                prompt_ids(tokenizer, prompt),
+                ids,
                 proposer=proposer,
                 k=config.spec_tokens,
                 max_new_tokens=config.max_new_tokens,

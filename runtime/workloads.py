@@ -69,9 +69,14 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     /v1/chat/completions applies it; code and prose as raw text to continue."""
     if not is_instruction(prompt):
         return list(tokenizer(prompt.text).input_ids)
-    text = tokenizer.apply_chat_template(
-        prompt.as_chat(), add_generation_prompt=True, tokenize=False
-    )
+    return chat_ids(tokenizer, prompt.as_chat())
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Chat messages as the assistant's turn to answer: the tokenizer's chat template with
+    the generation prompt, tokenised without adding special tokens again. What
+    /v1/chat/completions serves (`ServerRuntime.chat_prompt`) and the benchmarks send."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -48,6 +48,7 @@ from aurora.runtime.server.worker import (
     RequestError,
 )
 from aurora.runtime.suffix import SuffixCache
+from aurora.runtime.workloads import chat_ids
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,7 @@ class ServerRuntime:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         try:
             with self.tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-                return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+                return chat_ids(self.tokenizer, messages)
         except Exception as error:  # a template that rejects this conversation
             raise APIError(
                 400,
