@@ -107,7 +107,7 @@ class AdaptConfig:
     k: int = knob(3, "draft tokens per verify step, every arm", flag="--spec-tokens")
     block: int = knob(4, "requests served between training slices")
     steps_per_block: int = knob(
-        8, "optimizer steps each online trainer runs per slice, at most (2 per trace at block 4)"
+        32, "optimizer steps each online trainer runs per slice, at most (8 per trace at block 4)"
     )
     fit_prompts: int = knob(16, "prompts the static draft is fitted on")
     fit_epochs: int = knob(6, "epochs of the static draft's fit")

@@ -154,13 +154,10 @@ class VerifyCost:
             rows, expected, n, spent_s
         )
 
-    def gain(self, rows: int, proposed: int, accepted: int, spent_s: float) -> float:
-        """A finished step's measured rate over plain decoding's."""
-        return (
-            (accepted + 1)
-            * self.verify(rows, 1)
-            / (self.verify(rows, proposed + 1) + max(spent_s, 0.0))
-        )
+    def forwards(self, rows: int, proposed: int, spent_s: float) -> float:
+        """A finished step's verifying and drafting, in 1-token forwards (plain decoding
+        spends 1 per token)."""
+        return (self.verify(rows, proposed + 1) + max(spent_s, 0.0)) / self.verify(rows, 1)
 
 
 def prior_table(max_tokens: int = 16) -> dict[int, dict[int, float]]:
@@ -216,23 +213,39 @@ class Throttle:
 @dataclass
 class GainPrior:
     """What a head's drafts measured over every request it served (one per proposer,
-    shared by its sessions): the gain over plain decoding, averaged over steps weighting
-    the latest by ``alpha``. A new request's ``Throttle`` starts from it: where the head
-    has not paid, the request begins with ``max_skip`` steps without drafting instead of
+    shared by its sessions): tokens committed over 1-token forwards spent, on the steps
+    where it proposed something, each the mean over its first ``1 / alpha`` such steps
+    and then a moving average weighting the latest by ``alpha``. A new request's
+    ``Throttle`` starts from it: once it rests on ``min_steps`` drafts and the head has
+    not paid, the request begins with ``max_skip`` steps without drafting instead of
     probing from its first step (a 64-token request would otherwise pay for about six
-    failed probes, each a longer verify for nothing). Probes keep it current."""
+    failed probes, each a longer verify for nothing). Probes keep it current.
 
-    gain: float = 1.0
+    Steps where the head ran and proposed nothing do not count (they say nothing about
+    its drafts), and a few drafts decide nothing: a head whose first draft was
+    rejected would otherwise start every later request throttled and, probing once in
+    ``max_skip`` steps, take dozens of requests to climb back (seen in `bench adapt`
+    after a hot swap to a head that pays)."""
+
+    tokens: float = 1.0
+    forwards: float = 1.0
     alpha: float = 0.05
+    min_steps: int = 8
     steps: int = 0
 
-    def record(self, gain: float) -> None:
-        self.gain = gain if self.steps == 0 else self.alpha * gain + (1 - self.alpha) * self.gain
+    @property
+    def gain(self) -> float:
+        return self.tokens / self.forwards
+
+    def record(self, tokens: int, forwards: float) -> None:
+        weight = max(self.alpha, 1.0 / (self.steps + 1))
+        self.tokens += weight * (tokens - self.tokens)
+        self.forwards += weight * (forwards - self.forwards)
         self.steps += 1
 
     def throttle(self) -> Throttle:
-        throttle = Throttle(gain=self.gain)
-        if self.gain < 1.0:
+        throttle = Throttle(gain=self.gain if self.steps >= self.min_steps else 1.0)
+        if throttle.gain < 1.0:
             throttle.skip = throttle.backoff = throttle.max_skip
         return throttle
 

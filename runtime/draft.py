@@ -519,10 +519,10 @@ class EagleSession:
             proposed[accepted] == committed[accepted]
         ):
             accepted += 1
-        gain = adaptive.cost.gain(rows, len(proposed), accepted, spent)
-        self.throttle.record(gain, accepted, own)
-        if self.prior is not None:
-            self.prior.record(gain)
+        forwards = adaptive.cost.forwards(rows, len(proposed), spent)
+        self.throttle.record((accepted + 1) / forwards, accepted, own)
+        if self.prior is not None and proposed:
+            self.prior.record(accepted + 1, forwards)
 
     def _take_in(self, tokens: list[int]) -> Tensor:
         """Run step 1 over the buffered features; the head's hidden state [1, H] at the

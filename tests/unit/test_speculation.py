@@ -5,6 +5,7 @@ the target's distribution; on a scripted head each follows its documented rule."
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -228,28 +229,48 @@ def test_a_head_that_does_not_pay_drafts_nothing_between_probes() -> None:
     assert drafted == [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
 
 
+def serve_requests(proposer: EagleProposer, steps: int, accept: Callable[[int], bool]) -> list[int]:
+    """One request of ``steps`` verify steps with a head always drafting token 9: the
+    target commits 9 where ``accept(step)`` (and then the bonus token 0), else 0.
+    Returns the tokens drafted per step."""
+    s, tokens, drafted = proposer.start([]), [1, 2], []
+    for step in range(steps):
+        drafted.append(len(s.propose(tokens, FEATURE, 4, 0.0, None).tokens))
+        tokens = [*tokens, 9, 0] if drafted[-1] and accept(step) else [*tokens, 0]
+    return drafted
+
+
 def test_a_new_request_starts_from_what_the_head_measured_in_earlier_ones() -> None:
-    # given a head that drafts one token per step, always rejected, over two requests
+    # given a head that drafts one token per step, always rejected, over several requests
     head = ScriptedHead([(9, 0.99), (9, 0.1)])
     plan = Adaptive(VerifyCost(FLAT), draft_step_s=0.5)
     proposer = EagleProposer(head, "scripted", plan)  # type: ignore[arg-type]
-
-    def serve(steps: int) -> list[int]:
-        s, tokens, drafted = proposer.start([]), [1, 2], []
-        for _ in range(steps):
-            drafted.append(len(s.propose(tokens, FEATURE, 4, 0.0, None).tokens))
-            tokens = [*tokens, 0]  # the target's token differs: rejected
-        return drafted
-
-    # the first request knows nothing yet: it drafts at once and backs off
-    assert serve(6) == [1, 0, 1, 0, 0, 1]
-    # (two probes scored; the third is scored once its verify step is committed)
-    assert proposer.prior.steps == 2 and proposer.prior.gain < 1
-    # then the second starts where the first left off: max_skip (16) steps without a
-    # draft, then a probe, instead of a failed probe from its first step
-    assert serve(18) == [0] * 16 + [1, 0]
+    never = lambda step: False  # noqa: E731
+    # the first requests know too little (fewer than 8 drafts scored): each drafts at
+    # once and backs off (two probes scored each; the third is never committed)
+    assert [serve_requests(proposer, 6, never) for _ in range(4)] == [[1, 0, 1, 0, 0, 1]] * 4
+    assert proposer.prior.steps == 8 and proposer.prior.gain < 1
+    # then the next starts where they left off: max_skip (16) steps without a draft, then
+    # a probe, instead of a failed probe from its first step
+    assert serve_requests(proposer, 18, never) == [0] * 16 + [1, 0]
     # and a head without adaptive drafting keeps no prior
     assert EagleProposer(head, "fixed").start([]).prior is None  # type: ignore[arg-type]
+
+
+def test_a_head_whose_first_drafts_were_rejected_is_not_throttled_for_them() -> None:
+    # given a head that pays (a step costs 1.3 forwards: a flat verify and three draft
+    # steps of 0.1), whose first two drafts are rejected and every later one accepted
+    head = ScriptedHead([(9, 0.99), (9, 0.1)])
+    plan = Adaptive(VerifyCost(FLAT), draft_step_s=0.1)
+    proposer = EagleProposer(head, "scripted", plan)  # type: ignore[arg-type]
+    drafted = serve_requests(proposer, 12, lambda step: step not in (0, 2))
+    # (each rejection backs off, 1 then 2 steps; the next probe pays)
+    assert drafted == [1, 0, 1, 0, 0] + [1] * 7
+    # then its prior is over its drafts (8 scored: 2 * 1 + 6 * 2 tokens for 8 * 1.3
+    # forwards), not mostly the first one's, and the next request drafts from its first step
+    assert proposer.prior.steps == 8
+    assert proposer.prior.gain == pytest.approx(14 / 10.4)
+    assert serve_requests(proposer, 4, lambda step: True) == [1] * 4
 
 
 def test_a_measured_verify_cost_never_falls_with_more_tokens() -> None:
