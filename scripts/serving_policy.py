@@ -34,10 +34,13 @@ POLICIES = ("plain", "k1", "k2", "k3", "adaptive")
 
 
 def proposer(policy: str, head: Any, revision: str, cost: VerifyCost, step_s: float) -> Any:
+    """plain, kN (a fixed N), adaptive (`Adaptive`'s defaults) or adaptive@P (its
+    ``min_prob`` set to P)."""
     if policy == "plain":
         return None, 0
-    if policy == "adaptive":
-        return EagleProposer(head, revision, Adaptive(cost, draft_step_s=step_s)), 3
+    if policy.startswith("adaptive"):
+        knobs = {"min_prob": float(policy.split("@")[1])} if "@" in policy else {}
+        return EagleProposer(head, revision, Adaptive(cost, draft_step_s=step_s, **knobs)), 3
     return EagleProposer(head, revision), int(policy[1:])
 
 
@@ -49,8 +52,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--min-prob",
+        default="",
+        help="also serve adaptive with these min_prob values, e.g. 0.1,0.2",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    policies = [*POLICIES, *(f"adaptive@{p}" for p in args.min_prob.split(",") if p)]
     torch.set_num_threads(args.threads)
     config = AdaptConfig(schedule=args.schedule, max_new_tokens=args.max_new_tokens)
     prompts = workload(Schedule.from_string(args.schedule), config, 0).evaluation
@@ -58,8 +67,8 @@ def main() -> None:
     head, revision = _load_head(args.draft, model)
     cost = VerifyCost(measure_generate_cost(model, 4))
     step_s = measure_draft_step(head.head)
-    served = {p: proposer(p, head.head, revision, cost, step_s) for p in POLICIES}
-    totals = {p: {"tokens": 0, "seconds": 0.0, "steps": 0, "step_tokens": 0} for p in POLICIES}
+    served = {p: proposer(p, head.head, revision, cost, step_s) for p in policies}
+    totals = {p: {"tokens": 0, "seconds": 0.0, "steps": 0, "step_tokens": 0} for p in policies}
     eos = [tokenizer.eos_token_id]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     for draft, k in served.values():  # warm-up
@@ -100,7 +109,7 @@ def main() -> None:
     for policy, figures in result["policies"].items():
         accept = figures["accept_length"]
         print(
-            f"{policy:>9}  {figures['vs_plain']:.3f}x plain  {figures['tokens_per_s']:.1f} tok/s"
+            f"{policy:>12}  {figures['vs_plain']:.3f}x plain  {figures['tokens_per_s']:.1f} tok/s"
             + (f"  accept length {accept:.2f}" if accept else "")
         )
     if args.json:
