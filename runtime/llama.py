@@ -192,7 +192,7 @@ class Llama:
             hidden[self.n_layers] = x
         if last_only:
             x = x[:, -1:]
-        return LlamaOutput(F.linear(x, self.lm_head.weight, self.lm_head.bias), hidden)
+        return LlamaOutput(self.lm_head(x), hidden)
 
     def _attention(
         self,
@@ -224,7 +224,7 @@ class Llama:
 
 
 def _linear(module: Any, x: Tensor) -> Tensor:
-    return F.linear(x, module.weight, module.bias)
+    return module(x)  # an nn.Linear, or the PackedLinear that load_target made of it
 
 
 def _rms_norm(norm: Any, x: Tensor) -> Tensor:

@@ -286,6 +286,8 @@ def load_target(spec: str, *, device: str = "cpu", dtype: str = "float32") -> tu
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from aurora.runtime import packed
+
     source = resolve_model(spec)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -295,4 +297,6 @@ def load_target(spec: str, *, device: str = "cpu", dtype: str = "float32") -> tu
     model = model.to(torch.device(device))
     model.eval()
     model.requires_grad_(False)
+    if packed.wanted(device, dtype):
+        packed.pack_linears(model)  # cheaper few-token verify forwards (see aurora.runtime.packed)
     return model, tokenizer

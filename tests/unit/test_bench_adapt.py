@@ -90,15 +90,15 @@ def _state(name: str, served: list[dict[str, Any]], curve: list | None = None) -
 
 def test_seed_figures_compare_the_window_after_the_shift_against_plain_and_static() -> None:
     # Given 2 requests before the shift and 4 after, a window of the last 2
-    def series(rate: float) -> list[dict[str, Any]]:
-        return [_request(10, 10 / rate, steps=5, step_tokens=10) for _ in range(6)]
+    def series(rate: float, step_tokens: int = 10) -> list[dict[str, Any]]:
+        return [_request(10, 10 / rate, steps=5, step_tokens=step_tokens) for _ in range(6)]
 
     arms = {
         "plain": _state("plain", series(10.0)),
         "static": _state("static", series(8.0)),
         "online-fkl": _state(
             "online-fkl",
-            series(8.0)[:4] + series(15.0)[:2],
+            series(8.0)[:4] + series(15.0, step_tokens=15)[:2],
             [{"traces": 0, "accept_length": 1.2}, {"traces": 2, "accept_length": 1.6}],
         ),
     }
@@ -113,6 +113,9 @@ def test_seed_figures_compare_the_window_after_the_shift_against_plain_and_stati
         "2.0": None,
     }
     assert "traces_to_accept_length" not in figures["static"]  # nobody trains it
+    # and the tokens per target forward in the window compare with static's too
+    assert "accept_length_ratio_vs_static" not in figures["static"]
+    assert figures["online-fkl"]["accept_length_ratio_vs_static"] == pytest.approx(1.5)
     # and an arm compares with its own static counterpart (an adaptive online arm with the
     # static draft served adaptive)
     arms["static-adaptive"] = _state("static-adaptive", series(12.0))
@@ -205,6 +208,18 @@ def test_goals_check_the_negative_variant_against_forward_kl_only() -> None:
     everything = result["online-all_vs_online-fkl_traces_to_1.5"]
     assert everything["intervals_separate"] is False  # 28 reaches into 26..34
     assert everything["goal_20pct_fewer_and_separate"] is False
+
+
+def test_goals_rank_online_arms_by_the_ratio_to_plain_when_no_static_arm_ran() -> None:
+    arms = {
+        "plain": {"throughput_ratio_vs_plain": _figure(1.0, 1.0, 1.0)},
+        "online-fkl": {"throughput_ratio_vs_plain": _figure(0.87, 0.83, 0.92)},
+        "online-offpath": {"throughput_ratio_vs_plain": _figure(0.89, 0.87, 0.90)},
+    }
+    result = goals(arms, (1.5,))
+    assert result["best_online_arm_by_throughput"] == "online-offpath"
+    assert result["online_vs_static_at_least_1.25_low_above_1"] is None
+    assert result["online_vs_plain_at_least_1.0"] is False
 
 
 def test_unseen_traffic_never_serves_a_prompt_twice_and_never_serves_the_eval_prompts() -> None:
