@@ -404,25 +404,23 @@ def seed_figures(
     start = max(shift, n - config.window)
     window = {name: state.served[start:n] for name, state in arms.items()}
     tps = {name: throughput(served) for name, served in window.items()}
+    accepted = {name: accept_length(served) for name, served in window.items()}
     rows = {}
     for name, state in arms.items():
         row: dict[str, Any] = {
             "decode_tokens_per_s": tps[name],
             "accept_length_before_shift": accept_length(state.served[:shift]),
             "accept_length_after_shift": accept_length(state.served[shift:n]),
-            "accept_length_window": accept_length(window[name]),
+            "accept_length_window": accepted[name],
             "swaps": len(state.swaps),
         }
         for key, other in (("plain", "plain"), ("static", state.arm.static)):
             if other in tps and tps[name] is not None and tps[other]:
                 row[f"throughput_ratio_vs_{key}"] = tps[name] / tps[other]  # type: ignore[operator]
-        static = state.arm.static
-        if static in window and name != static:
-            mine, theirs = accept_length(window[name]), accept_length(window[static])
-            if mine is not None and theirs:
-                # What the throughput ratio would be if a verify cost the same at any
-                # draft length and drafting cost nothing (the GPU regime's bound).
-                row["accept_length_ratio_vs_static"] = mine / theirs
+        if state.arm.static in accepted and name != state.arm.static:
+            # What the throughput ratio would be if a verify cost the same at any draft
+            # length and drafting cost nothing (the GPU regime's bound); never 0 (plain is 1).
+            row["accept_length_ratio_vs_static"] = accepted[name] / accepted[state.arm.static]
         if state.curve:
             row["traces_to_accept_length"] = {
                 f"{level:.1f}": traces_to(state.curve, level) for level in config.levels
@@ -460,11 +458,11 @@ def goals(arms: Mapping[str, Mapping[str, Any]], levels: Sequence[float]) -> dic
 
     def rank(name: str) -> tuple[float, float]:
         """By the ratio to static, then (no static arm, or a tie) by the ratio to plain."""
-        figures = arms[name]
-        return tuple(  # type: ignore[return-value]
-            figures.get(key, {}).get("mean") or 0.0
-            for key in ("throughput_ratio_vs_static", "throughput_ratio_vs_plain")
-        )
+
+        def mean(key: str) -> float:
+            return arms[name].get(key, {}).get("mean") or 0.0
+
+        return mean("throughput_ratio_vs_static"), mean("throughput_ratio_vs_plain")
 
     best = max(online, key=rank, default=None)
     out: dict[str, Any] = {"best_online_arm_by_throughput": best}

@@ -281,8 +281,12 @@ def pull(alias: str, *, force: bool = False) -> Path:
     return final
 
 
-def load_target(spec: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from an alias, path or Hugging Face id."""
+def load_target(
+    spec: str, *, device: str = "cpu", dtype: str = "float32", serves: bool = True
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from an alias, path or Hugging Face id.
+    ``serves=False`` (a trainer: its forwards are whole sequences, never a few-token
+    verify) skips the prepacked weights and their extra memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -297,6 +301,6 @@ def load_target(spec: str, *, device: str = "cpu", dtype: str = "float32") -> tu
     model = model.to(torch.device(device))
     model.eval()
     model.requires_grad_(False)
-    if packed.wanted(device, dtype):
+    if serves and packed.wanted(device, dtype):
         packed.pack_linears(model)  # cheaper few-token verify forwards (see aurora.runtime.packed)
     return model, tokenizer

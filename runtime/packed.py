@@ -145,14 +145,13 @@ def pack_linears(model: nn.Module, rows: Iterable[int] | None = None) -> list[in
 def calibrate(model: nn.Module) -> list[int]:
     """The row counts (of ``CANDIDATE_ROWS``) where packing is faster on this machine,
     measured on ``model``'s first decoder layer (~0.3 s for a 135M model)."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    plain, fast = measure([m.weight.detach() for m in _first_layer(model, linears)], CANDIDATE_ROWS)
+    plain, fast = measure([m.weight.detach() for m in _first_layer(model)], CANDIDATE_ROWS)
     rows = faster_rows(plain, fast)
     log.info("packed fp32 weights for %s-row forwards (%s)", rows or "no", _ratios(plain, fast))
     return rows
 
 
-def _first_layer(model: nn.Module, linears: list[nn.Linear]) -> list[nn.Linear]:
+def _first_layer(model: nn.Module) -> list[nn.Linear]:
     """The linears of the first decoder layer (a Llama-like ``model.model.layers``),
     else every linear but the largest (an LM head dominates and would drown the rest)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -160,7 +159,9 @@ def _first_layer(model: nn.Module, linears: list[nn.Linear]) -> list[nn.Linear]:
         found = [m for m in layers[0].modules() if type(m) is nn.Linear]
         if found:
             return found
-    by_size = sorted(linears, key=lambda m: m.weight.numel())
+    by_size = sorted(
+        (m for m in model.modules() if type(m) is nn.Linear), key=lambda m: m.weight.numel()
+    )
     return by_size[:-1] or by_size
 
 

@@ -103,7 +103,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.redis: Any = protocol.connect(config.redis_url, timeout=None)
         if target is None:
-            target, tokenizer = load_target(config.model, device=config.device)
+            target, tokenizer = load_target(config.model, device=config.device, serves=False)
         self.target, self.tokenizer = target, tokenizer
         self.draft_config = DraftConfig.for_target(
             target.config,
